@@ -1,0 +1,213 @@
+"""Backend choice: the one dispatch mechanism of attnpool.
+
+A backend is asked for by (first match wins) the ``backend=`` argument of a
+module or functional op, the innermost :func:`use_backend` context, the
+``ATTNPOOL_BACKEND`` environment variable, or else ``"auto"``. It is resolved
+to a concrete backend per call, before any kernel runs, by :func:`resolve`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+import threading
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+BACKENDS = ("reference", "cpp", "cuda", "triton")
+CHOICES = ("auto",) + BACKENDS
+
+# auto's order of preference per device type; the first that can serve wins.
+# cpu: cpp beats eager and torch.compile at every benchmarked shape
+#   (benchmarks/NOTES.md, benchmarks/results/cpu.csv); the Triton interpreter
+#   is a test vehicle, never a speed choice.
+# cuda: not yet measured on a GPU (the GPU issue measures cuda vs triton and
+#   reorders this per op); cuda first because it needs no JIT warm-up.
+AUTO_ORDER = {"cpu": ("cpp", "reference"), "cuda": ("cuda", "triton", "reference")}
+
+
+class BackendUnavailableError(RuntimeError):
+    """An explicitly requested backend cannot serve the input."""
+
+
+# ---------------------------------------------------------------- extension
+def _load_extension():
+    try:
+        ext = importlib.import_module("attnpool._C")
+    except ImportError as e:  # no compiler at install time, or an isolated build
+        warnings.warn(
+            "attnpool: compiled extension attnpool._C is not available "
+            f"({e}); the cpp and cuda backends are off, auto uses Triton / reference. "
+            "Reinstall with `pip install --no-build-isolation .` to build it.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return None, f"attnpool._C is not built ({e})"
+    return ext, None
+
+
+_C, _C_ERROR = _load_extension()
+
+
+def extension():
+    """The compiled module ``attnpool._C``, or None."""
+    return _C
+
+
+# ---------------------------------------------------------------- triton
+_triton_state: tuple[object | None, str | None] | None = None
+
+
+def _triton():
+    """(triton module, None) or (None, why not)."""
+    global _triton_state
+    if _triton_state is None:
+        try:
+            triton = importlib.import_module("triton")
+        except ImportError as e:
+            _triton_state = (None, f"triton is not installed ({e})")
+        else:
+            major, minor = (int(p) for p in triton.__version__.split(".")[:2])
+            if (major, minor) < (3, 2):
+                _triton_state = (None, f"triton {triton.__version__} < 3.2")
+            else:
+                _triton_state = (triton, None)
+    return _triton_state
+
+
+def triton_interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# ---------------------------------------------------------------- choice
+_local = threading.local()
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Run the enclosed attnpool calls on backend ``name`` (unless a call names its own)."""
+    if name not in CHOICES:
+        raise ValueError(f"backend must be one of {CHOICES}, got {name!r}")
+    stack = getattr(_local, "stack", None)
+    if stack is None:
+        stack = _local.stack = []
+    stack.append(name)
+    try:
+        yield
+    finally:
+        stack.pop()
+
+
+def requested(backend: str | None) -> str:
+    """The backend asked for: argument, then context, then ATTNPOOL_BACKEND, then auto."""
+    source = "backend"
+    if backend is None:
+        stack = getattr(_local, "stack", None)
+        if stack:
+            backend = stack[-1]
+        else:
+            source = "ATTNPOOL_BACKEND"
+            backend = os.environ.get(source, "auto") or "auto"
+    if backend not in CHOICES:
+        raise ValueError(f"{source} must be one of {CHOICES}, got {backend!r}")
+    return backend
+
+
+@dataclass(frozen=True)
+class Implementation:
+    """One backend's kernels for one op: forward(...) and backward(...)."""
+
+    forward: Callable
+    backward: Callable
+
+
+# op name -> backend -> zero-argument loader of its Implementation
+_REGISTRY: dict[str, dict[str, Callable[[], Implementation]]] = {}
+
+
+def register(op: str, backend: str, loader: Callable[[], Implementation]) -> None:
+    _REGISTRY.setdefault(op, {})[backend] = loader
+
+
+_loaded: dict[tuple[str, str], Implementation | str] = {}
+
+
+def _load(op: str, backend: str) -> Implementation | str:
+    """The Implementation, or why it failed to load (cached)."""
+    key = (op, backend)
+    if key not in _loaded:
+        try:
+            _loaded[key] = _REGISTRY[op][backend]()
+        except (ImportError, AttributeError) as e:
+            _loaded[key] = f"{backend} kernels of {op} failed to load ({e})"
+    return _loaded[key]
+
+
+def implementation(op: str, backend: str) -> Implementation:
+    impl = _load(op, backend)
+    if isinstance(impl, str):
+        raise BackendUnavailableError(impl)
+    return impl
+
+
+def why_not(op: str, backend: str, device: torch.device, dtype: torch.dtype) -> str | None:
+    """None if ``backend`` can run ``op`` on tensors of this device and dtype, else the reason."""
+    if backend == "reference":
+        return None
+    if backend not in _REGISTRY.get(op, {}):
+        return f"{op} has no {backend} implementation"
+    if backend == "cpp":
+        if _C is None:
+            return _C_ERROR
+        if device.type != "cpu":
+            return f"cpp runs on CPU tensors, got {device.type}"
+    elif backend == "cuda":
+        if _C is None:
+            return _C_ERROR
+        if not getattr(_C, "with_cuda", False):
+            return "attnpool._C was built without CUDA"
+        if device.type != "cuda":
+            return f"cuda runs on CUDA tensors, got {device.type}"
+    elif backend == "triton":
+        triton, err = _triton()
+        if triton is None:
+            return err
+        if device.type == "cpu":
+            if not triton_interpreted():
+                return "triton on CPU tensors needs TRITON_INTERPRET=1 set before import"
+            if dtype == torch.bfloat16:
+                return "the Triton interpreter has no bfloat16"
+        elif device.type != "cuda":
+            return f"triton runs on CUDA tensors, got {device.type}"
+    impl = _load(op, backend)
+    return impl if isinstance(impl, str) else None
+
+
+def resolve(op: str, backend: str | None, device: torch.device, dtype: torch.dtype) -> str:
+    """The concrete backend that runs ``op``; raises if an explicit choice cannot."""
+    choice = requested(backend)
+    if choice == "auto":
+        for candidate in AUTO_ORDER.get(device.type, ("reference",)):
+            if why_not(op, candidate, device, dtype) is None:
+                return candidate
+        return "reference"
+    reason = why_not(op, choice, device, dtype)
+    if reason is None:
+        return choice
+    reasons = "\n".join(
+        f"  {b}: {why_not(op, b, device, dtype) or 'available'}" for b in BACKENDS
+    )
+    raise BackendUnavailableError(
+        f"attnpool backend {choice!r} cannot run {op} on {device.type} {dtype}: {reason}\n"
+        f"backends for this input:\n{reasons}"
+    )
+
+
+def available(op: str, device: torch.device, dtype: torch.dtype = torch.float32) -> dict:
+    """{backend: None if it can serve, else why not} for ``op`` on this device and dtype."""
+    return {b: why_not(op, b, device, dtype) for b in BACKENDS}

@@ -1,0 +1,144 @@
+"""Functional API: input checks, autocast, backend choice, then one op call.
+
+Every function accepts ``backend=`` (None: the :func:`attnpool.use_backend`
+context, then ``ATTNPOOL_BACKEND``, then ``"auto"``). ``"reference"`` runs the
+plain-PyTorch reference of :mod:`attnpool.reference`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from attnpool import backends, ops, reference
+
+__all__ = ["attention_cluster"]
+
+
+# ---------------------------------------------------------------- input checks
+def _check_float(name: str, t: Tensor, shape: str) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a Tensor of shape {shape}, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor of shape {shape}, got {t.dtype}")
+
+
+def _check_like(name: str, t: Tensor | None, ref: Tensor, shape: tuple[int, ...]) -> None:
+    """``t`` has exactly ``shape`` and the device and dtype of ``ref`` (x)."""
+    if t is None:
+        return
+    want = "[" + ", ".join(map(str, shape)) + "]"
+    _check_float(name, t, want)
+    if tuple(t.shape) != shape:
+        raise ValueError(f"{name} must have shape {want}, got {list(t.shape)}")
+    if t.device != ref.device:
+        raise ValueError(f"{name} is on {t.device} but x is on {ref.device}")
+    if t.dtype != ref.dtype:
+        raise TypeError(f"{name} has dtype {t.dtype} but x has {ref.dtype}; use one dtype "
+                        "(or torch.autocast)")
+
+
+def _autocast(*tensors: Tensor | None) -> list[Tensor | None]:
+    """Under torch.autocast, run in the autocast dtype (kernels accumulate in fp32)."""
+    x = tensors[0]
+    dev = x.device.type
+    if dev in ("cpu", "cuda") and torch.is_autocast_enabled(dev):
+        dtype = torch.get_autocast_dtype(dev)
+        return [None if t is None else t.to(dtype) for t in tensors]
+    return list(tensors)
+
+
+# ========================================================== attention clusters
+def attention_cluster(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    alpha: Tensor,
+    beta: Tensor,
+    lengths: Tensor | None = None,
+    *,
+    attention: str = "fc1",
+    weight1: Tensor | None = None,
+    bias1: Tensor | None = None,
+    shift: bool = True,
+    eps: float = 1e-12,
+    backend: str | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Attention clusters (Long et al. 2018): N attention units pool the frames of ``x``.
+
+    Args:
+        x: frame features ``[B, L, F]``.
+        weight: unit weights ``[N, F]`` (``[N, H]`` for ``attention="fc2"``; None for "average").
+        bias: ``[N]`` or None. The softmax cancels it (its gradient is zero).
+        alpha, beta: shifting-operation scale and offset ``[N]``.
+        lengths: optional integer ``[B]``; sample b uses its first ``lengths[b]`` frames.
+        attention: "fc1" (linear scores), "fc2" (tanh hidden layer ``weight1 [H, F]``,
+            ``bias1 [H]``) or "average" (uniform weights).
+        shift: apply the shifting operation and L2 norm (``o = (αv+β) / (√N·‖αv+β‖)``).
+        eps: lower bound of the norm.
+        backend: "auto", "reference", "cpp", "cuda" or "triton".
+
+    Returns:
+        ``(out [B, N*F], attention [B, N, L])``, unit-major output.
+    """
+    _check_float("x", x, "[B, L, F]")
+    if x.dim() != 3:
+        raise ValueError(f"x must have shape [B, L, F], got {list(x.shape)}")
+    B, L, Fx = x.shape
+    if L < 1 or Fx < 1:
+        raise ValueError(f"x must have L >= 1 frames and F >= 1 features, got {list(x.shape)}")
+    if attention not in ("fc1", "fc2", "average"):
+        raise ValueError(f"attention must be 'fc1', 'fc2' or 'average', got {attention!r}")
+    _check_float("alpha", alpha, "[N]")
+    if alpha.dim() != 1:
+        raise ValueError(f"alpha must have shape [N], got {list(alpha.shape)}")
+    N = alpha.shape[0]
+    _check_like("alpha", alpha, x, (N,))
+    _check_like("beta", beta, x, (N,))
+    key_weight = weight1 if attention == "fc2" else weight
+    if isinstance(key_weight, Tensor) and key_weight.dim() == 2 and key_weight.shape[1] != Fx:
+        raise ValueError(f"x must have shape [B, L, {key_weight.shape[1]}] (the features the "
+                         f"weights expect), got {list(x.shape)}")
+    if attention == "fc2":
+        if weight1 is None:
+            raise ValueError("attention='fc2' needs weight1 [H, F] and bias1 [H]")
+        H = weight1.shape[0] if weight1.dim() == 2 else -1
+        _check_like("weight1", weight1, x, (H, Fx))
+        _check_like("bias1", bias1, x, (H,))
+        _check_like("weight", weight, x, (N, H))
+    elif attention == "fc1":
+        if weight is None:
+            raise ValueError(f"attention='fc1' needs weight [N={N}, F={Fx}]")
+        _check_like("weight", weight, x, (N, Fx))
+    if attention != "average":
+        _check_like("bias", bias, x, (N,))
+    if lengths is not None:
+        if not isinstance(lengths, Tensor) or lengths.is_floating_point() or lengths.is_complex() \
+                or lengths.dtype == torch.bool:
+            raise TypeError(f"lengths must be an integer Tensor of shape [B={B}]")
+        if tuple(lengths.shape) != (B,):
+            raise ValueError(f"lengths must have shape [B={B}], got {list(lengths.shape)}")
+        if lengths.device != x.device and lengths.device.type != "cpu":
+            raise ValueError(f"lengths is on {lengths.device} but x is on {x.device}")
+
+    x, weight, bias, alpha, beta, weight1, bias1 = _autocast(
+        x, weight, bias, alpha, beta, weight1, bias1)
+    name = backends.resolve("attention_cluster", backend, x.device, x.dtype)
+    if lengths is not None and (name == "reference" or lengths.device != x.device):
+        # kernel backends check inside the op; here the check is free (CPU lengths)
+        if lengths.device.type == "cpu" and not torch.compiler.is_compiling():
+            ops.check_lengths(lengths, L)
+        lengths = lengths.to(x.device, non_blocking=True)
+    if name == "reference":
+        return reference.attention_cluster(
+            x, weight, bias, alpha, beta, lengths, attention=attention,
+            weight1=weight1, bias1=bias1, shift=shift, eps=eps)
+
+    if attention == "average":
+        scores = x.new_zeros(B, L, N)
+    else:
+        keys = torch.tanh(F.linear(x, weight1, bias1)) if attention == "fc2" else x
+        scores = F.linear(keys, weight, bias)
+    out, attn, _ = ops.cluster_pool(x, scores, lengths, alpha, beta, shift, eps, name)
+    return out, attn.to(x.dtype)

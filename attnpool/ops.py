@@ -1,0 +1,155 @@
+"""torch.library custom ops of attnpool: fake kernels, autograd, backend dispatch.
+
+Every op takes the concrete backend as its last argument (resolved by
+attnpool.backends before the call), so the choice survives torch.compile.
+Forward ops return only small statistics for the backward (softmax weights,
+norms); the backward op recomputes the rest from the saved inputs.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import torch
+from torch import Tensor
+
+from attnpool import backends
+
+
+def _opmath(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _cpp(op: str) -> backends.Implementation:
+    ext = backends.extension()
+    return backends.Implementation(getattr(ext, f"{op}_forward_cpu"), getattr(ext, f"{op}_backward_cpu"))
+
+
+def _cuda(op: str) -> backends.Implementation:
+    ext = backends.extension()
+    return backends.Implementation(getattr(ext, f"{op}_forward_cuda"), getattr(ext, f"{op}_backward_cuda"))
+
+
+def _triton(module: str, op: str) -> backends.Implementation:
+    mod = importlib.import_module(f"attnpool.kernels.{module}")
+    return backends.Implementation(getattr(mod, f"{op}_forward"), getattr(mod, f"{op}_backward"))
+
+
+def _register_kernels(op: str, module: str, kernel: str) -> None:
+    backends.register(op, "cpp", lambda: _cpp(kernel))
+    backends.register(op, "cuda", lambda: _cuda(kernel))
+    backends.register(op, "triton", lambda: _triton(module, kernel))
+
+
+def _no_double_backward(name: str):
+    def backward(ctx, *grads):
+        raise RuntimeError(f"attnpool: double backward through {name} is not supported")
+
+    return backward
+
+
+# =========================================================== attention clusters
+_register_kernels("attention_cluster", "attention_cluster", "cluster_pool")
+
+
+def check_lengths(lengths: Tensor, L: int) -> None:
+    # Value checks cost no sync on the CPU; on a GPU they run as a device-side assert.
+    if lengths.device.type == "cpu":
+        bad = (lengths < 1) | (lengths > L)
+        if bool(bad.any()):
+            raise ValueError(f"lengths must lie in [1, L={L}], got {lengths.tolist()}")
+    else:
+        torch._assert_async(((lengths >= 1) & (lengths <= L)).all(), "lengths must lie in [1, L]")
+
+
+@torch.library.custom_op("attnpool::cluster_pool", mutates_args=())
+def cluster_pool(
+    x: Tensor,
+    scores: Tensor,
+    lengths: Tensor | None,
+    alpha: Tensor,
+    beta: Tensor,
+    shift: bool,
+    eps: float,
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Fused softmax pooling + shift + L2 norm of attention clusters.
+
+    x [B, L, F], scores [B, L, N] -> out [B, N*F], attn [B, N, L], norm [B, N].
+    """
+    B, L, F = x.shape
+    N = scores.shape[-1]
+    if lengths is not None:
+        check_lengths(lengths, L)
+        lengths = lengths.to(torch.int64).contiguous()
+    if B == 0:
+        stat = _opmath(x.dtype)
+        return (x.new_empty(0, N * F), x.new_empty(0, N, L, dtype=stat),
+                x.new_empty(0, N, dtype=stat))
+    impl = backends.implementation("attention_cluster", backend)
+    return impl.forward(x.contiguous(), scores.contiguous(), lengths, alpha.contiguous(),
+                        beta.contiguous(), shift, eps)
+
+
+@cluster_pool.register_fake
+def _(x, scores, lengths, alpha, beta, shift, eps, backend):
+    B, L, F = x.shape
+    N = scores.shape[-1]
+    stat = _opmath(x.dtype)
+    return (x.new_empty(B, N * F), x.new_empty(B, N, L, dtype=stat), x.new_empty(B, N, dtype=stat))
+
+
+@torch.library.custom_op("attnpool::cluster_pool_backward", mutates_args=())
+def cluster_pool_backward(
+    grad_out: Tensor,
+    x: Tensor,
+    attn: Tensor,
+    norm: Tensor,
+    alpha: Tensor,
+    beta: Tensor,
+    shift: bool,
+    eps: float,
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Gradients of cluster_pool w.r.t. x, scores, alpha, beta (recomputes v from attn, x)."""
+    if x.shape[0] == 0:
+        B, L, F = x.shape
+        return x.new_zeros(x.shape), x.new_zeros(B, L, attn.shape[1]), alpha.new_zeros(
+            alpha.shape), beta.new_zeros(beta.shape)
+    impl = backends.implementation("attention_cluster", backend)
+    return impl.backward(grad_out.contiguous(), x.contiguous(), attn.contiguous(),
+                         norm.contiguous(), alpha.contiguous(), beta.contiguous(), shift, eps)
+
+
+@cluster_pool_backward.register_fake
+def _(grad_out, x, attn, norm, alpha, beta, shift, eps, backend):
+    B, L, _ = x.shape
+    return (torch.empty_like(x), x.new_empty(B, L, attn.shape[1]), torch.empty_like(alpha),
+            torch.empty_like(beta))
+
+
+def _cluster_setup(ctx, inputs, output):
+    x, _, _, alpha, beta, shift, eps, backend = inputs
+    _, attn, norm = output
+    ctx.save_for_backward(x, attn, norm, alpha, beta)
+    ctx.shift, ctx.eps, ctx.backend = shift, eps, backend
+    ctx.mark_non_differentiable(norm)
+
+
+def _cluster_backward(ctx, grad_out, grad_attn, grad_norm):
+    x, attn, norm, alpha, beta = ctx.saved_tensors
+    if grad_out is None:
+        grad_out = x.new_zeros(x.shape[0], attn.shape[1] * x.shape[2])
+    grad_x, grad_scores, grad_alpha, grad_beta = cluster_pool_backward(
+        grad_out, x, attn, norm, alpha, beta, ctx.shift, ctx.eps, ctx.backend
+    )
+    if grad_attn is not None:  # the caller also used the returned attention
+        g = attn * (grad_attn - (attn * grad_attn).sum(-1, keepdim=True))
+        grad_scores = grad_scores + g.transpose(1, 2).to(grad_scores.dtype)
+    return grad_x, grad_scores, None, grad_alpha, grad_beta, None, None, None
+
+
+cluster_pool.register_autograd(_cluster_backward, setup_context=_cluster_setup)
+cluster_pool_backward.register_autograd(
+    _no_double_backward("cluster_pool"), setup_context=lambda ctx, inputs, output: None
+)

@@ -1,0 +1,216 @@
+"""Plain-PyTorch reference of every op: the executable spec.
+
+Written the way the papers and their official code write them, not the way the
+fused kernels compute them. Autograd is PyTorch's. Tests compare every backend
+with these functions evaluated in float64.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = [
+    "AttentionCluster",
+    "MultimodalAttentionClusters",
+    "attention_cluster",
+    "attention_scores",
+    "cluster_pool",
+    "init_attention_cluster_",
+]
+
+
+# --------------------------------------------------------------------------
+# Attention clusters (Long et al., CVPR 2018), DESIGN 3.1
+# --------------------------------------------------------------------------
+def attention_scores(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    attention: str = "fc1",
+    weight1: Tensor | None = None,
+    bias1: Tensor | None = None,
+    num_units: int | None = None,
+) -> Tensor:
+    """Unnormalised attention scores ``[B, L, N]`` of every unit for every frame.
+
+    ``attention="average"`` has no weights: every frame scores 0 (``num_units`` says N).
+    """
+    if attention == "average":
+        return x.new_zeros(x.shape[0], x.shape[1], num_units)
+    keys = x
+    if attention == "fc2":
+        keys = torch.tanh(F.linear(x, weight1, bias1))
+    return F.linear(keys, weight, bias)
+
+
+def cluster_pool(
+    x: Tensor,
+    scores: Tensor,
+    lengths: Tensor | None,
+    alpha: Tensor,
+    beta: Tensor,
+    shift: bool = True,
+    eps: float = 1e-12,
+) -> tuple[Tensor, Tensor]:
+    """Softmax over valid frames, weighted sum, shifting operation and L2 norm.
+
+    x ``[B, L, F]``, scores ``[B, L, N]`` -> (out ``[B, N*F]``, attention ``[B, N, L]``).
+    """
+    B, L, _ = x.shape
+    N = scores.shape[-1]
+    scores = scores.transpose(1, 2)  # [B, N, L]
+    if lengths is not None:
+        frame = torch.arange(L, device=x.device)
+        valid = frame[None, :] < lengths.to(x.device)[:, None]  # [B, L]
+        scores = scores.masked_fill(~valid[:, None, :], float("-inf"))
+    a = torch.softmax(scores, dim=-1)
+    v = torch.bmm(a, x)  # [B, N, F]
+    if shift:
+        u = alpha[:, None] * v + beta[:, None]
+        norm = torch.linalg.vector_norm(u, dim=-1, keepdim=True).clamp_min(eps)
+        v = u / (math.sqrt(N) * norm)
+    return v.reshape(B, N * x.shape[2]), a
+
+
+def attention_cluster(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    alpha: Tensor,
+    beta: Tensor,
+    lengths: Tensor | None = None,
+    *,
+    attention: str = "fc1",
+    weight1: Tensor | None = None,
+    bias1: Tensor | None = None,
+    shift: bool = True,
+    eps: float = 1e-12,
+) -> tuple[Tensor, Tensor]:
+    """Attention cluster of N units over the frames of ``x``.
+
+    Returns (out ``[B, N*F]``, attention ``[B, N, L]``).
+    """
+    scores = attention_scores(x, weight, bias, attention, weight1, bias1, alpha.shape[0])
+    return cluster_pool(x, scores, lengths, alpha, beta, shift, eps)
+
+
+def init_attention_cluster_(module: nn.Module) -> None:
+    """Initialisation of the official code: alpha, beta ~ N(0, N^-1/4), Kaiming weights."""
+    n = module.num_units
+    with torch.no_grad():
+        std = n ** -0.25
+        module.alpha.normal_(0.0, std)
+        module.beta.normal_(0.0, std)
+        if module.weight is not None:
+            nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+            module.bias.uniform_(-0.01, 0.01)
+        if module.weight1 is not None:
+            nn.init.kaiming_normal_(module.weight1, nonlinearity="relu")
+            module.bias1.uniform_(-0.01, 0.01)
+
+
+class AttentionCluster(nn.Module):
+    """Reference attention cluster; same parameters and state_dict keys as
+    :class:`attnpool.AttentionCluster`."""
+
+    ATTENTIONS = ("fc1", "fc2", "average")
+
+    def __init__(
+        self,
+        in_features: int,
+        num_units: int,
+        *,
+        attention: str = "fc1",
+        hidden_features: int | None = None,
+        shift: bool = True,
+        eps: float = 1e-12,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        if attention not in self.ATTENTIONS:
+            raise ValueError(f"attention must be one of {self.ATTENTIONS}, got {attention!r}")
+        if in_features < 1 or num_units < 1:
+            raise ValueError(
+                f"in_features and num_units must be >= 1, got {in_features}, {num_units}"
+            )
+        kw = {"device": device, "dtype": dtype}
+        self.in_features = in_features
+        self.num_units = num_units
+        self.attention = attention
+        self.shift = shift
+        self.eps = eps
+        self.hidden_features = None
+        self.weight1 = self.bias1 = None
+        key_features = in_features
+        if attention == "fc2":
+            self.hidden_features = hidden_features or in_features
+            key_features = self.hidden_features
+            self.weight1 = nn.Parameter(torch.empty(self.hidden_features, in_features, **kw))
+            self.bias1 = nn.Parameter(torch.empty(self.hidden_features, **kw))
+        self.weight = self.bias = None
+        if attention != "average":
+            self.weight = nn.Parameter(torch.empty(num_units, key_features, **kw))
+            # Shifts every frame's score of a unit alike, so the softmax cancels
+            # it: kept for checkpoint compatibility with the official code.
+            self.bias = nn.Parameter(torch.empty(num_units, **kw))
+        self.alpha = nn.Parameter(torch.empty(num_units, **kw))
+        self.beta = nn.Parameter(torch.empty(num_units, **kw))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        init_attention_cluster_(self)
+
+    @property
+    def out_features(self) -> int:
+        return self.num_units * self.in_features
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, num_units={self.num_units}, "
+            f"attention={self.attention!r}, shift={self.shift}"
+        )
+
+    def forward(self, x: Tensor, lengths: Tensor | None = None, return_attention: bool = False):
+        out, a = attention_cluster(
+            x, self.weight, self.bias, self.alpha, self.beta, lengths,
+            attention=self.attention, weight1=self.weight1, bias1=self.bias1,
+            shift=self.shift, eps=self.eps,
+        )
+        return (out, a) if return_attention else out
+
+
+class MultimodalAttentionClusters(nn.Module):
+    """One attention cluster per modality; outputs concatenated in the dict's order.
+
+    ``modalities`` maps a name to ``(in_features, num_units)``; keyword arguments go
+    to every cluster. ``forward(inputs, lengths=None)`` takes a dict of ``[B, L_m, F_m]``
+    tensors (and optionally a dict of lengths) and returns ``[B, Σ_m N_m·F_m]``.
+    """
+
+    cluster_class = AttentionCluster
+
+    def __init__(self, modalities: dict[str, tuple[int, int]], **cluster_kwargs) -> None:
+        super().__init__()
+        if not modalities:
+            raise ValueError("modalities must name at least one (in_features, num_units) pair")
+        self.clusters = nn.ModuleDict(
+            {name: self.cluster_class(f, n, **cluster_kwargs) for name, (f, n) in modalities.items()}
+        )
+
+    @property
+    def out_features(self) -> int:
+        return sum(c.out_features for c in self.clusters.values())
+
+    def forward(self, inputs: dict[str, Tensor], lengths: dict[str, Tensor] | None = None) -> Tensor:
+        missing = set(self.clusters) - set(inputs)
+        if missing:
+            raise ValueError(f"inputs lacks modalities {sorted(missing)}; expected {list(self.clusters)}")
+        lengths = lengths or {}
+        return torch.cat(
+            [c(inputs[name], lengths.get(name)) for name, c in self.clusters.items()], dim=-1
+        )

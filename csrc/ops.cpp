@@ -1,0 +1,17 @@
+// Module init of attnpool._C: binds the fused kernels' entry points.
+// Registration as torch.library custom ops (fake kernels, autograd, backend
+// choice) lives in attnpool/ops.py; these are the raw kernels it calls.
+#include "attnpool.h"
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "attnpool fused kernels (CPU, and CUDA when built with it)";
+  m.def("cluster_pool_forward_cpu", &attnpool::cluster_pool_forward_cpu);
+  m.def("cluster_pool_backward_cpu", &attnpool::cluster_pool_backward_cpu);
+#ifdef ATTNPOOL_WITH_CUDA
+  m.def("cluster_pool_forward_cuda", &attnpool::cluster_pool_forward_cuda);
+  m.def("cluster_pool_backward_cuda", &attnpool::cluster_pool_backward_cuda);
+  m.attr("with_cuda") = true;
+#else
+  m.attr("with_cuda") = false;
+#endif
+}

@@ -1,0 +1,45 @@
+"""Shared test utilities: which backends run here, and the tolerance rules of DESIGN §4."""
+
+from __future__ import annotations
+
+import torch
+
+from attnpool import backends
+
+KERNEL_BACKENDS = ("cpp", "triton", "cuda")
+
+
+def backends_for(op: str, device: str, dtype: torch.dtype = torch.float32) -> list[str]:
+    """Kernel backends that can serve ``op`` on this machine for this device and dtype."""
+    dev = torch.device(device)
+    return [b for b in KERNEL_BACKENDS if backends.why_not(op, b, dev, dtype) is None]
+
+
+def max_err(actual: torch.Tensor, ref: torch.Tensor) -> float:
+    if actual.numel() == 0:
+        return 0.0
+    return (actual.double() - ref.double()).abs().max().item()
+
+
+def assert_close(actual: torch.Tensor, ref64: torch.Tensor, name: str,
+                 ref_lowp: torch.Tensor | None = None) -> None:
+    """fp32 / fp64: ‖actual − ref‖∞ ≤ tol·‖ref‖∞ against the float64 reference.
+    fp16 / bf16: the error is at most twice the reference's own error at that dtype."""
+    assert actual.shape == ref64.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(ref64.shape)}"
+    if actual.numel() == 0:
+        return
+    # NaN / Inf must sit where the reference has them.
+    finite = torch.isfinite(ref64)
+    assert torch.equal(torch.isfinite(actual), finite), f"{name}: non-finite pattern differs"
+    assert torch.equal(torch.isnan(actual), torch.isnan(ref64)), f"{name}: NaN pattern differs"
+    actual, ref64 = actual[finite], ref64[finite]
+    if actual.numel() == 0:
+        return
+    scale = max(ref64.abs().max().item(), 1e-30)
+    err = max_err(actual, ref64)
+    if actual.dtype in (torch.float16, torch.bfloat16):
+        assert ref_lowp is not None, f"{name}: low precision needs the reference at that dtype"
+        bound = 2 * max_err(ref_lowp[finite], ref64) + 1e-6 * scale
+    else:
+        bound = (1e-12 if actual.dtype == torch.float64 else 1e-5) * scale
+    assert err <= bound, f"{name}: max error {err:.3e} > bound {bound:.3e} (scale {scale:.3e})"

@@ -1,0 +1,368 @@
+"""Attention clusters: every backend against the float64 reference (DESIGN §3.1, §4, §6)."""
+
+from __future__ import annotations
+
+import copy
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from helpers import assert_close, backends_for
+from hypothesis import given
+from hypothesis import strategies as st
+
+import attnpool
+from attnpool import functional as AF
+from attnpool import reference
+
+OP = "attention_cluster"
+CPU_BACKENDS = backends_for(OP, "cpu", torch.float64)
+
+
+def make_case(B, L, F, N, *, attention="fc1", shift=True, lengths=False, strided=False,
+              dtype=torch.float64, device="cpu", seed=0, hidden=None):
+    """A reference module with random (non-zero) parameters, inputs, and output grads."""
+    g = torch.Generator().manual_seed(seed)
+    mod = reference.AttentionCluster(F, N, attention=attention, shift=shift,
+                                     hidden_features=hidden, dtype=torch.float64)
+    with torch.no_grad():
+        for p in mod.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64))
+    if strided:  # a non-contiguous x: every other frame of a wider tensor, transposed
+        x = torch.randn(B, F, 2 * L, generator=g, dtype=torch.float64)[:, :, ::2].transpose(1, 2)
+    else:
+        x = torch.randn(B, L, F, generator=g, dtype=torch.float64)
+    lens = torch.randint(1, L + 1, (B,), generator=g) if lengths else None
+    grad_out = torch.randn(B, N * F, generator=g, dtype=torch.float64)
+    grad_attn = torch.randn(B, N, L, generator=g, dtype=torch.float64)
+    return mod, x, lens, grad_out, grad_attn
+
+
+def run(mod, x, lens, grad_out, grad_attn, *, backend, dtype, device="cpu"):
+    """Forward + backward of the functional op; returns outputs and every gradient."""
+    mod = copy.deepcopy(mod).to(device=device, dtype=dtype)
+    x = x.to(device=device, dtype=dtype).requires_grad_()
+    params = dict(mod.named_parameters())
+    out, attn = AF.attention_cluster(
+        x, mod.weight, mod.bias, mod.alpha, mod.beta,
+        None if lens is None else lens.to(device),
+        attention=mod.attention, weight1=mod.weight1, bias1=mod.bias1, shift=mod.shift,
+        backend=backend)
+    inputs = [x] + list(params.values())
+    grads = torch.autograd.grad(
+        [out, attn], inputs, [grad_out.to(device, dtype), grad_attn.to(device, dtype)],
+        allow_unused=True)
+    result = {"out": out, "attention": attn, "grad_x": grads[0]}
+    for (name, p), gp in zip(params.items(), grads[1:]):
+        result[f"grad_{name}"] = torch.zeros_like(p) if gp is None else gp
+    return {k: v.detach().cpu() for k, v in result.items()}
+
+
+def check_backend(case, backend, dtype, device="cpu"):
+    ref64 = run(*case, backend="reference", dtype=torch.float64)
+    lowp = dtype in (torch.float16, torch.bfloat16)
+    ref_lowp = run(*case, backend="reference", dtype=dtype, device=device) if lowp else {}
+    got = run(*case, backend=backend, dtype=dtype, device=device)
+    for name, ref in ref64.items():
+        if name == "grad_bias":  # the softmax cancels bias: its true gradient is 0
+            assert got[name].abs().max() <= 1e-5 * max(1.0, got["grad_weight"].abs().max())
+            continue
+        assert got[name].dtype == dtype, name
+        assert_close(got[name], ref, f"{backend}/{dtype}/{name}", ref_lowp.get(name))
+
+
+def test_expected_backends_are_here():
+    """CI names the backends it built (ATTNPOOL_EXPECT_BACKENDS=cpp,triton): none may
+    silently drop out of the parametrised tests below."""
+    expected = [b for b in os.environ.get("ATTNPOOL_EXPECT_BACKENDS", "").split(",") if b]
+    for b in expected:
+        reason = attnpool.available(OP, torch.device("cpu"), torch.float64)[b]
+        assert reason is None, f"{b}: {reason}"
+
+
+# ------------------------------------------------------------------ properties
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@given(
+    B=st.integers(0, 3), L=st.integers(1, 7), F=st.integers(1, 9), N=st.integers(1, 4),
+    attention=st.sampled_from(["fc1", "fc2", "average"]), shift=st.booleans(),
+    lengths=st.booleans(), strided=st.booleans(), dtype=st.sampled_from([torch.float32,
+                                                                          torch.float64]),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_matches_reference(backend, B, L, F, N, attention, shift, lengths, strided, dtype, seed):
+    case = make_case(B, L, F, N, attention=attention, shift=shift, lengths=lengths,
+                     strided=strided, seed=seed, hidden=3)
+    check_backend(case, backend, dtype)
+
+
+@pytest.mark.parametrize("backend", [b for b in CPU_BACKENDS if b != "triton"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_cpu(backend, dtype):
+    case = make_case(3, 9, 33, 5, lengths=True, seed=7)
+    check_backend(case, backend, dtype)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_larger_than_one_tile(backend):
+    """F, L and N beyond one block of the kernels, with padding."""
+    case = make_case(2, 37, 300, 20, lengths=True, seed=3)
+    check_backend(case, backend, torch.float32)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_clamped_norm(backend):
+    """alpha = beta = 0 makes the norm 0 < eps: the clamped branch."""
+    mod, x, lens, go, ga = make_case(2, 4, 5, 3, seed=1)
+    with torch.no_grad():
+        mod.alpha[1] = 0.0
+        mod.beta[1] = 0.0
+    check_backend((mod, x, lens, go, ga), backend, torch.float64)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_nan_propagates(backend):
+    mod, x, lens, go, ga = make_case(3, 4, 6, 2, seed=2)
+    x[1, 2, 3] = float("nan")
+    x[2, 0, 0] = float("inf")
+    ref = run(mod, x, lens, go, ga, backend="reference", dtype=torch.float64)
+    got = run(mod, x, lens, go, ga, backend=backend, dtype=torch.float64)
+    for name in ("out", "attention"):
+        assert torch.equal(torch.isnan(got[name]), torch.isnan(ref[name])), name
+    assert torch.isfinite(got["out"][0]).all()  # the clean sample stays clean
+
+
+# ------------------------------------------------------------------ gradcheck
+@pytest.mark.parametrize("backend", ["reference"] + CPU_BACKENDS)
+@pytest.mark.parametrize("shift", [True, False])
+def test_gradcheck(backend, shift):
+    mod, x, lens, _, _ = make_case(2, 4, 5, 3, attention="fc2", shift=shift, lengths=True,
+                                   seed=4, hidden=3)
+    x.requires_grad_()
+    params = [mod.weight, mod.alpha, mod.beta, mod.weight1, mod.bias1]
+
+    def f(x, weight, alpha, beta, weight1, bias1):
+        return AF.attention_cluster(x, weight, mod.bias, alpha, beta, lens, attention="fc2",
+                                    weight1=weight1, bias1=bias1, shift=shift, backend=backend)
+
+    assert torch.autograd.gradcheck(f, (x, *params))
+
+
+# ------------------------------------------------------------------ opcheck
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("lengths", [False, True])
+def test_opcheck(backend, lengths):
+    g = torch.Generator().manual_seed(5)
+    B, L, F, N = 2, 5, 7, 3
+    x = torch.randn(B, L, F, generator=g, dtype=torch.float64, requires_grad=True)
+    scores = torch.randn(B, L, N, generator=g, dtype=torch.float64, requires_grad=True)
+    alpha = torch.randn(N, generator=g, dtype=torch.float64, requires_grad=True)
+    beta = torch.randn(N, generator=g, dtype=torch.float64, requires_grad=True)
+    lens = torch.tensor([5, 2]) if lengths else None
+    torch.library.opcheck(torch.ops.attnpool.cluster_pool.default,
+                          (x, scores, lens, alpha, beta, True, 1e-12, backend))
+    out, attn, norm = torch.ops.attnpool.cluster_pool(x, scores, lens, alpha, beta, True, 1e-12,
+                                                      backend)
+    grad_out = torch.randn(B, N * F, generator=g, dtype=torch.float64)
+    torch.library.opcheck(
+        torch.ops.attnpool.cluster_pool_backward.default,
+        (grad_out, x.detach(), attn.detach(), norm, alpha.detach(), beta.detach(), True, 1e-12,
+         backend))
+
+
+# ------------------------------------------------------------------ compile
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_compile_fullgraph(backend):
+    torch._dynamo.reset()
+    m = attnpool.AttentionCluster(6, 3, attention="fc2", hidden_features=4, backend=backend)
+    x = torch.randn(2, 5, 6, requires_grad=True)
+    lens = torch.tensor([5, 3])
+    compiled = torch.compile(m, fullgraph=True, backend="aot_eager")
+    out = compiled(x, lens)
+    ref = m(x, lens)
+    torch.testing.assert_close(out, ref)
+    (gc,) = torch.autograd.grad(out.square().sum(), x)
+    (gr,) = torch.autograd.grad(ref.square().sum(), x)
+    torch.testing.assert_close(gc, gr)
+
+
+def test_compile_inductor():
+    backend = CPU_BACKENDS[0] if CPU_BACKENDS else "reference"
+    torch._dynamo.reset()
+    m = attnpool.AttentionCluster(8, 4, backend=backend)
+    x = torch.randn(3, 5, 8)
+    torch.testing.assert_close(torch.compile(m, fullgraph=True)(x), m(x))
+
+
+# ------------------------------------------------------------------ module API
+def test_state_dict_matches_reference():
+    for attention in ("fc1", "fc2", "average"):
+        fused = attnpool.AttentionCluster(16, 4, attention=attention, hidden_features=8)
+        ref = reference.AttentionCluster(16, 4, attention=attention, hidden_features=8)
+        assert fused.state_dict().keys() == ref.state_dict().keys()
+        ref.load_state_dict(fused.state_dict())
+        x = torch.randn(2, 3, 16)
+        torch.testing.assert_close(fused(x), ref(x), rtol=1e-5, atol=1e-6)
+
+
+def test_initialisation_follows_official_code():
+    torch.manual_seed(0)
+    m = attnpool.AttentionCluster(512, 256)
+    std = 256 ** -0.25
+    assert abs(m.alpha.std().item() - std) < 0.15 * std
+    assert abs(m.beta.std().item() - std) < 0.15 * std
+    assert abs(m.weight.std().item() - (2 / 512) ** 0.5) < 0.05 * (2 / 512) ** 0.5
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_multimodal(backend):
+    torch.manual_seed(1)
+    mm = attnpool.MultimodalAttentionClusters({"rgb": (8, 3), "audio": (4, 2)}, backend=backend)
+    rgb, audio = torch.randn(2, 5, 8), torch.randn(2, 7, 4)
+    lens = {"audio": torch.tensor([7, 3])}
+    out = mm({"rgb": rgb, "audio": audio}, lens)
+    assert out.shape == (2, 3 * 8 + 2 * 4)
+    expect = torch.cat([mm.clusters["rgb"](rgb), mm.clusters["audio"](audio, lens["audio"])], -1)
+    torch.testing.assert_close(out, expect)
+    ref = reference.MultimodalAttentionClusters({"rgb": (8, 3), "audio": (4, 2)})
+    ref.load_state_dict(mm.state_dict())
+    torch.testing.assert_close(out, ref({"rgb": rgb, "audio": audio}, lens), rtol=1e-5,
+                               atol=1e-6)
+
+
+def test_return_attention_sums_to_one_over_valid_frames():
+    m = attnpool.AttentionCluster(6, 3)
+    out, attn = m(torch.randn(2, 5, 6), torch.tensor([5, 2]), return_attention=True)
+    torch.testing.assert_close(attn.sum(-1), torch.ones(2, 3))
+    assert attn[1, :, 2:].abs().max() == 0
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_deterministic(backend):
+    mod, x, lens, go, ga = make_case(3, 9, 40, 6, lengths=True, seed=9)
+    a = run(mod, x, lens, go, ga, backend=backend, dtype=torch.float32)
+    b = run(mod, x, lens, go, ga, backend=backend, dtype=torch.float32)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_double_backward_raises(backend):
+    m = attnpool.AttentionCluster(4, 2, backend=backend).double()
+    x = torch.randn(2, 3, 4, dtype=torch.float64, requires_grad=True)
+    (g,) = torch.autograd.grad(m(x).square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward"):
+        g.sum().backward()
+
+
+def test_autocast_cpu_bf16():
+    m = attnpool.AttentionCluster(8, 3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = m(torch.randn(2, 4, 8))
+    assert out.dtype == torch.bfloat16
+
+
+# ------------------------------------------------------------------ backends
+def test_backend_choice_and_errors(monkeypatch):
+    m = attnpool.AttentionCluster(4, 2)
+    x = torch.randn(2, 3, 4)
+    with pytest.raises(attnpool.BackendUnavailableError, match="cuda: "):
+        AF.attention_cluster(x, m.weight, m.bias, m.alpha, m.beta, backend="cuda")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        attnpool.AttentionCluster(4, 2, backend="fast")(x)
+    with attnpool.use_backend("reference"):
+        torch.testing.assert_close(m(x), reference.AttentionCluster.forward(m, x))
+    monkeypatch.setenv("ATTNPOOL_BACKEND", "nonsense")
+    with pytest.raises(ValueError, match="ATTNPOOL_BACKEND"):
+        m(x)
+
+
+def test_import_without_extension_warns_and_falls_back():
+    code = (
+        "import sys, warnings\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'attnpool._C': raise ImportError('blocked for the test')\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "with warnings.catch_warnings(record=True) as w:\n"
+        "    warnings.simplefilter('always')\n"
+        "    import torch, attnpool\n"
+        "assert any('attnpool._C' in str(x.message) for x in w), [str(x.message) for x in w]\n"
+        "from attnpool import backends\n"
+        "assert backends.resolve('attention_cluster', None, torch.device('cpu'), torch.float32)"
+        " == 'reference'\n"
+        "print(attnpool.AttentionCluster(4, 2)(torch.randn(1, 3, 4)).shape)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("ATTNPOOL_BACKEND", "TRITON_INTERPRET")}
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                         timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert "torch.Size([1, 8])" in res.stdout
+
+
+# ------------------------------------------------------------------ bad input
+@pytest.mark.parametrize("backend", ["reference"] + CPU_BACKENDS)
+def test_bad_input(backend):
+    m = attnpool.AttentionCluster(4, 2, backend=backend)
+    x = torch.randn(2, 3, 4)
+    with pytest.raises(ValueError, match=r"x must have shape \[B, L, F\]"):
+        m(torch.randn(3, 4))
+    with pytest.raises(ValueError, match=r"x must have shape \[B, L, 4\]"):
+        m(torch.randn(2, 3, 5))
+    with pytest.raises(ValueError, match=r"alpha must have shape \[N\]"):
+        AF.attention_cluster(x, m.weight, m.bias, m.alpha[None], m.beta)
+    with pytest.raises(ValueError, match=r"beta must have shape \[2\]"):
+        AF.attention_cluster(x, m.weight, m.bias, m.alpha, m.beta[:1])
+    with pytest.raises(TypeError, match="x must be a floating-point"):
+        m(torch.ones(2, 3, 4, dtype=torch.int64))
+    with pytest.raises(TypeError, match="dtype"):
+        m(x.double())
+    with pytest.raises(TypeError, match="lengths must be an integer"):
+        m(x, torch.tensor([1.0, 2.0]))
+    with pytest.raises(ValueError, match=r"lengths must have shape \[B=2\]"):
+        m(x, torch.tensor([1, 2, 3]))
+    for bad in ([0, 2], [1, 4]):
+        with pytest.raises(ValueError, match=r"lengths must lie in \[1, L=3\]"):
+            m(x, torch.tensor(bad))
+    with pytest.raises(ValueError, match="on meta"):
+        m(x.to("meta"))
+    with pytest.raises(ValueError, match="L >= 1"):
+        m(torch.randn(2, 0, 4))
+    with pytest.raises(ValueError, match="attention must be one of"):
+        attnpool.AttentionCluster(4, 2, attention="fc3")
+
+
+@pytest.mark.parametrize("backend", ["reference"] + CPU_BACKENDS)
+def test_empty_batch(backend):
+    m = attnpool.AttentionCluster(4, 2, backend=backend)
+    x = torch.randn(0, 3, 4, requires_grad=True)
+    out, attn = m(x, return_attention=True)
+    assert out.shape == (0, 8) and attn.shape == (0, 2, 3)
+    out.sum().backward()
+    assert x.grad.shape == x.shape
+
+
+# ------------------------------------------------------------------ GPU
+GPU_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+@pytest.mark.parametrize("shape", [(1, 1, 1, 1), (3, 25, 129, 7), (4, 300, 2048, 64)])
+def test_gpu_matches_reference(backend, dtype, shape):
+    if backends_for(OP, "cuda", dtype).count(backend) == 0:
+        pytest.skip(f"{backend} not available on this GPU build")
+    case = make_case(*shape, lengths=True, seed=11)
+    check_backend(case, backend, dtype, device="cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_gpu_deterministic(backend):
+    mod, x, lens, go, ga = make_case(8, 25, 512, 16, lengths=True, seed=12)
+    a = run(mod, x, lens, go, ga, backend=backend, dtype=torch.float32, device="cuda")
+    b = run(mod, x, lens, go, ga, backend=backend, dtype=torch.float32, device="cuda")
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
