@@ -31,7 +31,8 @@ def extension_setup() -> dict:
     except ImportError:
         # An isolated build has no torch: install the pure-Python package; at
         # import time attnpool warns once and uses the Triton / reference backends.
-        warnings.warn("attnpool: torch not importable at build time; building without attnpool._C")
+        warnings.warn("attnpool: torch not importable at build time; building without attnpool._C",
+                      stacklevel=1)
         return {}
 
     sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
@@ -44,7 +45,7 @@ def extension_setup() -> dict:
     )
     if want_cuda and (torch.version.cuda is None or not nvcc_found):
         warnings.warn("attnpool: CUDA build requested but torch has no CUDA or nvcc is missing; "
-                      "building the CPU kernels only")
+                      "building the CPU kernels only", stacklevel=1)
         want_cuda = False
 
     include_dirs = [os.path.join(ROOT, "csrc")]

@@ -1,0 +1,125 @@
+"""``python -m attnpool``: the self-check report.
+
+Versions, which backends can run here (and why not), and for every op a parity
+check of each available backend against the float64 reference plus a short
+timing (forward + backward) against the eager reference on this device.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import time
+
+import torch
+
+import attnpool
+from attnpool import backends, functional, reference
+
+
+def _cluster_case(device, dtype, B=4, L=9, F=33, N=5):
+    g = torch.Generator().manual_seed(0)
+    m = reference.AttentionCluster(F, N, dtype=torch.float64)
+    x = torch.randn(B, L, F, generator=g, dtype=torch.float64)
+    lengths = torch.randint(1, L + 1, (B,), generator=g)
+    grad = torch.randn(B, N * F, generator=g, dtype=torch.float64)
+
+    def run(backend, dtype=dtype, device=device, m=m, x=x, grad=grad):
+        mm = reference.AttentionCluster(F, N).to(device, dtype)
+        mm.load_state_dict(m.state_dict())
+        xx = x.to(device, dtype).requires_grad_()
+        out, _ = functional.attention_cluster(xx, mm.weight, mm.bias, mm.alpha, mm.beta,
+                                              lengths.to(device), backend=backend)
+        out.backward(grad.to(device, dtype))
+        return [out.detach(), xx.grad, mm.weight.grad, mm.alpha.grad, mm.beta.grad]
+
+    return run
+
+
+# op name -> (parity case builder, timing shape description, timing-case builder)
+CHECKS = {
+    "attention_cluster": (_cluster_case, "B=16,L=25,F=512,N=32",
+                          lambda d, t: _cluster_case(d, t, 16, 25, 512, 32)),
+}
+
+
+def _time(fn, device, reps=10):
+    fn()
+    samples = []
+    for _ in range(reps):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        samples.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(samples)
+
+
+def _rel_err(got, ref):
+    num = max((g.double().cpu() - r.double().cpu()).abs().max().item() for g, r in zip(got, ref))
+    den = max(r.abs().max().item() for r in ref)
+    return num / max(den, 1e-30)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(prog="python -m attnpool", description=__doc__)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--no-timing", action="store_true")
+    args = p.parse_args()
+    device = torch.device(args.device)
+
+    ext = backends.extension()
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "not installed"
+    print(f"attnpool {attnpool.__version__}  torch {torch.__version__}  triton {triton_version}  "
+          f"python {platform.python_version()}")
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.machine()
+    interp = os.environ.get("TRITON_INTERPRET", "0")
+    print(f"device: {device} ({name}), threads={torch.get_num_threads()}, TRITON_INTERPRET={interp}")
+    if ext is None:
+        print("attnpool._C: missing")
+    else:
+        print(f"attnpool._C: built {'with CUDA' if ext.with_cuda else '(CPU only)'}")
+
+    failures = 0
+    for op, (make_case, timing_shape, make_timing) in CHECKS.items():
+        print(f"\n== {op}")
+        reasons = backends.available(op, device, torch.float32)
+        auto = backends.resolve(op, "auto", device, torch.float32)
+        for b, why in reasons.items():
+            print(f"  {b:<10} {'available' if why is None else 'unavailable: ' + why}"
+                  f"{'   <- auto' if b == auto else ''}")
+        ref = make_case(torch.device("cpu"), torch.float64)("reference")
+        usable = [b for b, why in reasons.items() if why is None and b != "reference"]
+        for b in usable:
+            for dtype in (torch.float64, torch.float32):
+                if backends.why_not(op, b, device, dtype):
+                    continue
+                err = _rel_err(make_case(device, dtype)(b), ref)
+                tol = 1e-10 if dtype == torch.float64 else 1e-5
+                ok = err <= tol
+                failures += not ok
+                print(f"  parity {b:<8} {str(dtype):<14} rel err {err:.2e}  "
+                      f"{'ok' if ok else f'FAIL (> {tol:.0e})'}")
+        if args.no_timing:
+            continue
+        timing = make_timing(device, torch.float32)
+        base = _time(lambda timing=timing: timing("reference"), device)
+        print(f"  time fwd+bwd at {timing_shape} fp32: eager {base:.2f} ms")
+        for b in usable:
+            t = _time(lambda b=b, timing=timing: timing(b), device)
+            print(f"  time fwd+bwd at {timing_shape} fp32: {b} {t:.2f} ms ({base / t:.2f}x eager)")
+    print(f"\n{'all parity checks passed' if failures == 0 else f'{failures} parity checks FAILED'}")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

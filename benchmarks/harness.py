@@ -1,0 +1,164 @@
+"""The one benchmark harness: timing, peak memory, and the results CSV (DESIGN §5).
+
+A benchmark script describes, per provider, a callable that builds its inputs and
+returns ``(forward, backward)`` closures; ``measure`` times forward, backward and
+forward + backward and (on CUDA) peak memory, and ``write_rows`` merges the rows
+into ``benchmarks/results/<device>.csv``.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import statistics
+import subprocess
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+COLUMNS = ["op", "provider", "mode", "metric", "shape", "p50", "p20", "p80", "device", "torch",
+           "triton", "commit"]
+KEY = ("op", "provider", "mode", "metric", "shape")
+
+
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def results_path(device: torch.device) -> str:
+    return os.path.join(RESULTS, device_name(device).replace(" ", "_") + ".csv")
+
+
+def _versions() -> tuple[str, str, str]:
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = ""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True, cwd=os.path.dirname(RESULTS)).stdout.strip()
+    except OSError:
+        commit = ""
+    return torch.__version__, triton_version, commit
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_ms(fn: Callable[[], object], device: torch.device, *, warmup: int = 3,
+            rep: int = 20, min_time_s: float = 0.5) -> tuple[float, float, float]:
+    """(p50, p20, p80) milliseconds of ``fn`` after warm-up; CUDA events on a GPU."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    samples: list[float] = []
+    start = time.perf_counter()
+    while len(samples) < rep or (time.perf_counter() - start < min_time_s and len(samples) < 1000):
+        if device.type == "cuda":
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin.record()
+            fn()
+            end.record()
+            end.synchronize()
+            samples.append(begin.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            samples.append((time.perf_counter() - t0) * 1e3)
+    q = statistics.quantiles(samples, n=10)
+    return statistics.median(samples), q[1], q[7]
+
+
+def peak_mb(fn: Callable[[], object], device: torch.device) -> float | None:
+    """Peak memory allocated by ``fn`` beyond what was live before it (CUDA only)."""
+    if device.type != "cuda":
+        return None
+    _sync(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    fn()
+    _sync(device)
+    return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+
+
+@dataclass
+class Case:
+    """One provider at one shape: ``setup()`` returns (forward, backward) closures;
+    backward reuses the graph of the latest forward (retain_graph)."""
+
+    op: str
+    provider: str
+    shape: str
+    setup: Callable[[], tuple[Callable[[], object], Callable[[], object]]]
+
+
+def measure(case: Case, device: torch.device, modes: Iterable[str] = ("forward", "backward",
+                                                                       "full")) -> list[dict]:
+    forward, backward = case.setup()
+    full = lambda: (forward(), backward())  # noqa: E731
+    fns = {"forward": forward, "backward": backward, "full": full}
+    forward()  # a graph for the first timed backward
+    rows = []
+    for mode in modes:
+        p50, p20, p80 = time_ms(fns[mode], device)
+        rows.append(_row(case, mode, "time_ms", p50, p20, p80, device))
+        mem = peak_mb(fns[mode], device)
+        if mem is not None:
+            rows.append(_row(case, mode, "peak_mb", mem, mem, mem, device))
+    return rows
+
+
+def _row(case: Case, mode: str, metric: str, p50: float, p20: float, p80: float,
+         device: torch.device) -> dict:
+    torch_v, triton_v, commit = _versions()
+    return {"op": case.op, "provider": case.provider, "mode": mode, "metric": metric,
+            "shape": case.shape, "p50": f"{p50:.4f}", "p20": f"{p20:.4f}", "p80": f"{p80:.4f}",
+            "device": device_name(device), "torch": torch_v, "triton": triton_v,
+            "commit": commit}
+
+
+def write_rows(rows: list[dict], device: torch.device) -> str:
+    """Merge ``rows`` into the device's CSV (a new row replaces one with the same key)."""
+    path = results_path(device)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    merged: dict[tuple, dict] = {}
+    if os.path.exists(path):
+        with open(path, newline="") as f:
+            for r in csv.DictReader(f):
+                merged[tuple(r[k] for k in KEY)] = r
+    for r in rows:
+        merged[tuple(r[k] for k in KEY)] = r
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=COLUMNS)
+        w.writeheader()
+        w.writerows(sorted(merged.values(), key=lambda r: tuple(r[k] for k in KEY)))
+    return path
+
+
+def print_rows(rows: list[dict]) -> None:
+    for r in rows:
+        print(f"{r['op']:<20} {r['provider']:<16} {r['mode']:<8} {r['metric']:<8} "
+              f"{r['shape']:<28} p50={float(r['p50']):9.3f}  [{float(r['p20']):.3f}, "
+              f"{float(r['p80']):.3f}]", flush=True)
+
+
+def speedups(rows: list[dict], ours: str) -> list[str]:
+    """Lines 'shape mode: ours is X× the better of eager and compile'."""
+    t = {(r["shape"], r["mode"], r["provider"]): float(r["p50"]) for r in rows
+         if r["metric"] == "time_ms"}
+    lines = []
+    for shape, mode, provider in sorted(t):
+        if provider != ours:
+            continue
+        base = [t[(shape, mode, p)] for p in ("eager", "compile") if (shape, mode, p) in t]
+        if base:
+            lines.append(f"{shape} {mode}: {ours} {t[(shape, mode, ours)]:.3f} ms, "
+                         f"{min(base) / t[(shape, mode, ours)]:.2f}x the better of eager/compile")
+    return lines
