@@ -15,6 +15,9 @@ from torch import Tensor, nn
 
 __all__ = [
     "AttentionCluster",
+    "AttentionalPooling",
+    "attentional_pool",
+    "attentional_pooling",
     "MultimodalAttentionClusters",
     "attention_cluster",
     "attention_scores",
@@ -214,3 +217,85 @@ class MultimodalAttentionClusters(nn.Module):
         return torch.cat(
             [c(inputs[name], lengths.get(name)) for name, c in self.clusters.items()], dim=-1
         )
+
+
+# --------------------------------------------------------------------------
+# Attentional pooling (Girdhar & Ramanan, NeurIPS 2017), DESIGN 3.2
+# --------------------------------------------------------------------------
+def attentional_pooling(
+    x: Tensor,
+    weight_bottom_up: Tensor,
+    bias_bottom_up: Tensor | None,
+    weight_top_down: Tensor,
+    bias_top_down: Tensor | None,
+) -> tuple[Tensor, Tensor]:
+    """Rank-P attentional pooling in the paper's form (materialises the top-down maps).
+
+    x ``[B, C, H, W]`` or a clip ``[B, T, C, H, W]`` (per-frame scores averaged over T).
+    Returns (logits ``[B, K]``, bottom-up maps ``[B, (T,) P, H, W]``).
+    """
+    clip = x.dim() == 5
+    lead = x.shape[:-3]
+    C, H, W = x.shape[-3:]
+    feats = x.reshape(-1, C, H * W)  # [B', C, n]
+    h = torch.einsum("pc,bcn->bpn", weight_bottom_up, feats)  # bottom-up, class-agnostic
+    t = torch.einsum("pkc,bcn->bpkn", weight_top_down, feats)  # top-down, one map per class
+    if bias_bottom_up is not None:
+        h = h + bias_bottom_up[:, None]
+    if bias_top_down is not None:
+        t = t + bias_top_down[..., None]
+    logits = (h[:, :, None, :] * t).mean(-1).sum(1)  # mean over positions, ranks summed
+    maps = h.reshape(*lead, -1, H, W)
+    if clip:
+        logits = logits.reshape(*lead, -1).mean(1)
+    return logits, maps
+
+
+def attentional_pool(x: Tensor, weight_bottom_up: Tensor, bias_bottom_up: Tensor | None
+                     ) -> tuple[Tensor, Tensor]:
+    """The factored core the fused kernels compute: x ``[B, C, n]`` ->
+    (z ``[B, P, C]`` = (1/n) Σ_i h[p,i]·x_i, bottom-up maps h ``[B, P, n]``)."""
+    h = torch.einsum("pc,bcn->bpn", weight_bottom_up, x)
+    if bias_bottom_up is not None:
+        h = h + bias_bottom_up[:, None]
+    z = torch.einsum("bpn,bcn->bpc", h, x) / x.shape[-1]
+    return z, h
+
+
+class AttentionalPooling(nn.Module):
+    """Reference attentional pooling; same parameters and state_dict keys as
+    :class:`attnpool.AttentionalPooling`. A drop-in for avgpool + flatten + Linear."""
+
+    def __init__(self, in_channels: int, num_classes: int, *, rank: int = 1, bias: bool = True,
+                 device=None, dtype=None) -> None:
+        super().__init__()
+        if min(in_channels, num_classes, rank) < 1:
+            raise ValueError(f"in_channels, num_classes and rank must be >= 1, got "
+                             f"{in_channels}, {num_classes}, {rank}")
+        kw = {"device": device, "dtype": dtype}
+        self.in_channels, self.num_classes, self.rank = in_channels, num_classes, rank
+        self.weight_bottom_up = nn.Parameter(torch.empty(rank, in_channels, **kw))
+        self.weight_top_down = nn.Parameter(torch.empty(rank, num_classes, in_channels, **kw))
+        self.bias_bottom_up = self.bias_top_down = None
+        if bias:
+            self.bias_bottom_up = nn.Parameter(torch.empty(rank, **kw))
+            self.bias_top_down = nn.Parameter(torch.empty(rank, num_classes, **kw))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Official init: weights N(0, 0.001), biases 0."""
+        with torch.no_grad():
+            self.weight_bottom_up.normal_(0.0, 0.001)
+            self.weight_top_down.normal_(0.0, 0.001)
+            if self.bias_bottom_up is not None:
+                self.bias_bottom_up.zero_()
+                self.bias_top_down.zero_()
+
+    def extra_repr(self) -> str:
+        return (f"in_channels={self.in_channels}, num_classes={self.num_classes}, "
+                f"rank={self.rank}, bias={self.bias_bottom_up is not None}")
+
+    def forward(self, x: Tensor, return_maps: bool = False):
+        logits, maps = attentional_pooling(x, self.weight_bottom_up, self.bias_bottom_up,
+                                           self.weight_top_down, self.bias_top_down)
+        return (logits, maps) if return_maps else logits
