@@ -1,0 +1,666 @@
+// Fused CPU kernels of attention clusters (Long et al. 2018): for every sample b and unit n,
+//   a = softmax of scores[b, :, n] over the valid frames,   v = sum_l a_l x[b, l, :],
+//   out[b, n] = u / (sqrt(N) max(||u||, eps)) with u = alpha[n] v + beta[n]   (v without shift)
+// and its backward (contract: notes/cluster_contract.md).
+//
+// The [B, N, F] intermediate never reaches memory. Three products per sample carry the work:
+//   forward   V = A X          [N, L] x [L, F]       (A: softmax weights, V: rows v)
+//   backward  V = A X (recomputed),  da = DV X^T  [N, F] x [F, L],  grad_x = A^T DV  [L, N] x [N, F]
+// They run as register-blocked tiles over one sample's x, which stays in L2 between them.
+//
+// Forward: a task is (sample, block of units), so a small batch still keeps every core busy.
+// Units go in panels of a few: their v rows wait in a small buffer only until their norms are
+// known, then out is written once.
+// Backward: a task is one sample; its DV [N, F] lives in a per-thread buffer and one thread
+// writes its grad_x (no races). With too few samples to keep the threads busy, the task's two
+// halves (units: dv, grad_scores; frames: grad_x) run as two parallel phases over blocks.
+//
+// Opmath (float, or double for double) throughout; half/bfloat16 x is converted once per task.
+// Deterministic: no atomics, every sum in a fixed order that depends neither on the number of
+// threads nor on the task split (grad_alpha/beta: per-(b, n) partials summed over b in order).
+#include "attnpool.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+// The extension is built for baseline x86-64 (no -march), which leaves AVX2 and AVX-512 idle.
+// So the task loops are compiled once per instruction set (target attributes; every helper is
+// force-inlined into them, hence vectorised for that set) and the one matching torch's CPU
+// capability runs.
+#if defined(__GNUC__) && defined(__x86_64__)
+#define ATTNPOOL_MULTI_ISA 1
+#define ATTNPOOL_INLINE inline __attribute__((always_inline))
+#define ATTNPOOL_TARGET_AVX2 __attribute__((target("avx2,fma,f16c")))
+#define ATTNPOOL_TARGET_AVX512 \
+  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")))
+#else
+#define ATTNPOOL_MULTI_ISA 0
+#define ATTNPOOL_INLINE inline
+#endif
+
+namespace attnpool {
+namespace {
+
+// ---------------------------------------------------------------- tiles
+
+// A kVec-byte SIMD register of T. The tiles below keep arrays of them as accumulators; written
+// as plain loops, GCC leaves such arrays in memory (or adds a round trip through it), so they
+// use the GCC/Clang vector extension. Elementwise loops elsewhere are plain C++ that vectorises.
+#if defined(__GNUC__)
+template <int kVec, typename T>
+struct Simd {
+  typedef T type __attribute__((vector_size(kVec)));
+};
+#else
+template <int kVec, typename T>
+struct Simd {
+  struct type {
+    T v[kVec / sizeof(T)];
+    T operator[](int l) const { return v[l]; }
+    type& operator+=(const type& o) {
+      for (int l = 0; l < kVec / int(sizeof(T)); ++l) v[l] += o.v[l];
+      return *this;
+    }
+    friend type operator*(const type& x, const type& y) {
+      type z;
+      for (int l = 0; l < kVec / int(sizeof(T)); ++l) z.v[l] = x.v[l] * y.v[l];
+      return z;
+    }
+    friend type operator*(T x, const type& y) {
+      type z;
+      for (int l = 0; l < kVec / int(sizeof(T)); ++l) z.v[l] = x * y.v[l];
+      return z;
+    }
+  };
+};
+#endif
+
+// Tile shapes for kVec-byte registers (64: AVX-512 with 32 registers; 32: AVX2 and 16: SSE,
+// with 16). A gemm tile holds kRows x kVecs accumulator registers, a dot tile kRows x kDotCols.
+template <int kVec, typename T>
+struct Tiling {
+  static constexpr int kLanes = kVec / sizeof(T);
+  static constexpr int kRows = kVec == 64 ? 8 : 4;
+  static constexpr int kVecs = 2;
+  static constexpr int kDotRows = kVec == 64 ? 4 : 2;
+  static constexpr int kDotCols = 4;
+};
+
+// Units and frames are split between tasks in multiples of this (the largest kRows).
+constexpr int64_t kRowAlign = 8;
+
+// Pairwise fold of kLanes partial sums.
+template <int kLanes, typename T>
+ATTNPOOL_INLINE T fold(T* acc) {
+  for (int w = kLanes / 2; w > 0; w /= 2)
+    for (int l = 0; l < w; ++l) acc[l] += acc[l + w];
+  return acc[0];
+}
+
+template <int kVec, typename T, typename Out>
+ATTNPOOL_INLINE void store(Out* dst, const typename Simd<kVec, T>::type& v) {
+  if constexpr (std::is_same_v<T, Out>) {
+    std::memcpy(dst, &v, kVec);
+  } else {
+    for (int l = 0; l < kVec / int(sizeof(T)); ++l) dst[l] = static_cast<Out>(v[l]);
+  }
+}
+
+// c(r, w) = sum_{k<K} a(r, k) b[k*ldb + w] for r < R and w < NV registers of lanes, with
+// a(r, k) = a[r*ars + k*aks]; stored converted to Out. Each load of b feeds R FMAs.
+template <int kVec, int R, int NV, typename T, typename Out>
+ATTNPOOL_INLINE void gemm_tile(int64_t K, const T* a, int64_t ars, int64_t aks, const T* b,
+                               int64_t ldb, Out* c, int64_t ldc) {
+  using vec = typename Simd<kVec, T>::type;
+  constexpr int V = kVec / sizeof(T);
+  vec acc[R][NV] = {};
+  for (int64_t k = 0; k < K; ++k) {
+    vec bk[NV];
+    for (int j = 0; j < NV; ++j) std::memcpy(&bk[j], b + k * ldb + j * V, kVec);
+    for (int r = 0; r < R; ++r) {
+      const T ark = a[r * ars + k * aks];
+      for (int j = 0; j < NV; ++j) acc[r][j] += ark * bk[j];
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < NV; ++j) store<kVec, T>(c + r * ldc + j * V, acc[r][j]);
+}
+
+// R rows of c over `cols` columns: tiles of NV registers, then of one, then a scalar rest.
+template <int kVec, int R, int NV, typename T, typename Out>
+ATTNPOOL_INLINE void gemm_panel(int64_t cols, int64_t K, const T* a, int64_t ars, int64_t aks,
+                                const T* b, int64_t ldb, Out* c, int64_t ldc) {
+  constexpr int V = kVec / sizeof(T);
+  int64_t w = 0;
+  for (; w + NV * V <= cols; w += NV * V)
+    gemm_tile<kVec, R, NV>(K, a, ars, aks, b + w, ldb, c + w, ldc);
+  for (; w + V <= cols; w += V) gemm_tile<kVec, R, 1>(K, a, ars, aks, b + w, ldb, c + w, ldc);
+  for (; w < cols; ++w)
+    for (int r = 0; r < R; ++r) {
+      T acc = 0;
+      for (int64_t k = 0; k < K; ++k) acc += a[r * ars + k * aks] * b[k * ldb + w];
+      c[r * ldc + w] = static_cast<Out>(acc);
+    }
+}
+
+// c[rows, cols] = a[rows, K] b[K, cols], by panels of R rows (each streams b once); the
+// remaining rows in panels of R/2, R/4, ...
+template <int kVec, int R, int NV, typename T, typename Out>
+ATTNPOOL_INLINE void gemm(int64_t rows, int64_t cols, int64_t K, const T* a, int64_t ars,
+                          int64_t aks, const T* b, int64_t ldb, Out* c, int64_t ldc) {
+  int64_t r = 0;
+  for (; r + R <= rows; r += R)
+    gemm_panel<kVec, R, NV>(cols, K, a + r * ars, ars, aks, b, ldb, c + r * ldc, ldc);
+  if constexpr (R > 1) {
+    if (r < rows)
+      gemm<kVec, R / 2, NV>(rows - r, cols, K, a + r * ars, ars, aks, b, ldb, c + r * ldc, ldc);
+  }
+}
+
+// d[r*ldd + s] = sum_{k<K} p[r*ldp + k] q[s*ldq + k] for r < R, s < S: R*S dot products that
+// share their loads, one register of partial sums each, folded pairwise at the end.
+template <int kVec, int R, int S, typename T>
+ATTNPOOL_INLINE void dot_tile(int64_t K, const T* p, int64_t ldp, const T* q, int64_t ldq, T* d,
+                              int64_t ldd) {
+  using vec = typename Simd<kVec, T>::type;
+  constexpr int V = kVec / sizeof(T);
+  vec acc[R][S] = {};
+  int64_t k = 0;
+  for (; k + V <= K; k += V) {
+    vec pv[R], qv[S];
+    for (int r = 0; r < R; ++r) std::memcpy(&pv[r], p + r * ldp + k, kVec);
+    for (int s = 0; s < S; ++s) std::memcpy(&qv[s], q + s * ldq + k, kVec);
+    for (int r = 0; r < R; ++r)
+      for (int s = 0; s < S; ++s) acc[r][s] += pv[r] * qv[s];
+  }
+  for (int r = 0; r < R; ++r)
+    for (int s = 0; s < S; ++s) {
+      T lanes[V];
+      for (int l = 0; l < V; ++l) lanes[l] = acc[r][s][l];
+      T tail = 0;
+      for (int64_t j = k; j < K; ++j) tail += p[r * ldp + j] * q[s * ldq + j];
+      d[r * ldd + s] = fold<V>(lanes) + tail;
+    }
+}
+
+template <int kVec, int R, int S, typename T>
+ATTNPOOL_INLINE void dot_panel(int64_t cols, int64_t K, const T* p, int64_t ldp, const T* q,
+                               int64_t ldq, T* d, int64_t ldd) {
+  int64_t s = 0;
+  for (; s + S <= cols; s += S) dot_tile<kVec, R, S>(K, p, ldp, q + s * ldq, ldq, d + s, ldd);
+  if constexpr (S > 1) {
+    if (s < cols) dot_panel<kVec, R, S / 2>(cols - s, K, p, ldp, q + s * ldq, ldq, d + s, ldd);
+  }
+}
+
+// d[rows, cols] = p[rows, K] q[cols, K]^T, by R x S tiles (remainders in halves).
+template <int kVec, int R, int S, typename T>
+ATTNPOOL_INLINE void dots(int64_t rows, int64_t cols, int64_t K, const T* p, int64_t ldp,
+                          const T* q, int64_t ldq, T* d, int64_t ldd) {
+  int64_t r = 0;
+  for (; r + R <= rows; r += R)
+    dot_panel<kVec, R, S>(cols, K, p + r * ldp, ldp, q, ldq, d + r * ldd, ldd);
+  if constexpr (R > 1) {
+    if (r < rows) dots<kVec, R / 2, S>(rows - r, cols, K, p + r * ldp, ldp, q, ldq, d + r * ldd, ldd);
+  }
+}
+
+// ---------------------------------------------------------------- small helpers
+
+// n elements as opmath: the data itself when it already is, else a converted copy in scratch.
+template <typename T, typename scalar_t>
+ATTNPOOL_INLINE const T* as_opmath(const scalar_t* src, int64_t n, T* scratch) {
+  if constexpr (std::is_same_v<scalar_t, T>) {
+    return src;
+  } else {
+    for (int64_t k = 0; k < n; ++k) scratch[k] = static_cast<T>(src[k]);
+    return scratch;
+  }
+}
+
+// Asks for the cache lines of [p, p + bytes) ahead of writing them, so that the writes do not
+// stall on the reads of write-allocate.
+ATTNPOOL_INLINE void prefetch_for_write(const void* p, int64_t bytes) {
+#if defined(__GNUC__)
+  for (int64_t j = 0; j < bytes; j += 64) __builtin_prefetch(static_cast<const char*>(p) + j, 1);
+#endif
+}
+
+ATTNPOOL_INLINE void prefetch(const void* p, int64_t bytes) {
+#if defined(__GNUC__)
+  for (int64_t j = 0; j < bytes; j += 64) __builtin_prefetch(static_cast<const char*>(p) + j, 0);
+#endif
+}
+
+// Valid frames of a sample, clamped so that a bad length can never index out of bounds.
+ATTNPOOL_INLINE int64_t valid_length(const int64_t* lengths, int64_t b, int64_t L) {
+  return lengths == nullptr ? L : std::min(std::max<int64_t>(lengths[b], 0), L);
+}
+
+struct Shape {
+  int64_t B, L, F, N;
+};
+
+// Splits `items` per sample into blocks so that B * blocks gives every thread about two tasks
+// (for load balance) when B alone does not; blocks are whole multiples of `align`.
+struct Split {
+  int64_t block, blocks;
+  Split(int64_t B, int64_t items, int64_t align) {
+    const int64_t want = (2 * at::get_num_threads() + B - 1) / B;
+    const int64_t units = (items + align - 1) / align;
+    const int64_t n = std::max<int64_t>(1, std::min(want, units));
+    block = (units + n - 1) / n * align;
+    blocks = (items + block - 1) / block;
+  }
+};
+
+// ---------------------------------------------------------------- forward
+
+template <typename scalar_t>
+struct ForwardJob {
+  using T = at::opmath_type<scalar_t>;
+  Shape s;
+  Split units;  // tasks are (b, block of units)
+  const scalar_t* x;
+  const scalar_t* scores;
+  const int64_t* lengths;  // or nullptr
+  const T* alpha;
+  const T* beta;
+  bool shift;
+  T eps;
+  scalar_t* out;
+  T* attn;
+  T* norm;
+
+  // Softmax of unit n over the valid frames into a[0, L) and the unit's attn row.
+  ATTNPOOL_INLINE void softmax(const scalar_t* sb, int64_t n, int64_t len, T* a,
+                               T* attn_row) const {
+    const int64_t N = s.N;
+    T mx = -std::numeric_limits<T>::infinity();
+    for (int64_t l = 0; l < len; ++l) mx = std::max(mx, static_cast<T>(sb[l * N + n]));
+    T sum = 0;
+    for (int64_t l = 0; l < len; ++l) {
+      a[l] = std::exp(static_cast<T>(sb[l * N + n]) - mx);
+      sum += a[l];
+    }
+    // Padded frames get 0, or NaN when the valid scores hold a NaN / +Inf (sum is NaN), as
+    // torch's softmax over -inf-masked scores does.
+    const T inv = T(1) / sum;
+    for (int64_t l = 0; l < len; ++l) a[l] *= inv;
+    for (int64_t l = len; l < s.L; ++l) a[l] = T(0) * inv;
+    std::copy_n(a, s.L, attn_row);
+  }
+
+  // u = alpha v + beta in place, its norm, and out = u / (sqrt(N) max(norm, eps)).
+  template <int kLanes>
+  ATTNPOOL_INLINE void finish_unit(int64_t b, int64_t n, T* u) const {
+    const int64_t F = s.F;
+    const T al = shift ? alpha[n] : T(1), be = shift ? beta[n] : T(0);
+    T acc[kLanes] = {};
+    int64_t f = 0;
+    for (; f + kLanes <= F; f += kLanes)
+      for (int l = 0; l < kLanes; ++l) {
+        u[f + l] = al * u[f + l] + be;
+        acc[l] += u[f + l] * u[f + l];
+      }
+    T tail = 0;
+    for (; f < F; ++f) {
+      u[f] = al * u[f] + be;
+      tail += u[f] * u[f];
+    }
+    const T nrm = std::sqrt(fold<kLanes>(acc) + tail);
+    norm[b * s.N + n] = nrm;
+    // max(nrm, eps) written so that a NaN norm stays NaN, as with torch's clamp_min.
+    const T scale = shift ? T(1) / (std::sqrt(static_cast<T>(s.N)) * (nrm < eps ? eps : nrm)) : T(1);
+    scalar_t* o = out + (b * s.N + n) * F;
+    for (int64_t k = 0; k < F; ++k) o[k] = static_cast<scalar_t>(u[k] * scale);
+  }
+
+  template <int kVec>
+  ATTNPOOL_INLINE void run(int64_t t0, int64_t t1) const {
+    using Tile = Tiling<kVec, T>;
+    constexpr int R = Tile::kRows;
+    constexpr int64_t kBlock = 4 * Tile::kVecs * Tile::kLanes;  // columns per prefetch block
+    const int64_t L = s.L, F = s.F, N = s.N;
+    // Per-thread scratch: the opmath copy of a sample's x; weights and v of one unit panel.
+    std::vector<T> xs(std::is_same_v<scalar_t, T> ? 0 : L * F);
+    std::vector<T> a(R * L), v(R * F);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t b = t / units.blocks;
+      const int64_t n0 = (t % units.blocks) * units.block;
+      const int64_t n1 = std::min(N, n0 + units.block);
+      const int64_t len = valid_length(lengths, b, L);
+      const T* xb = as_opmath<T>(x + b * L * F, len * F, xs.data());
+      for (int64_t p = n0; p < n1; p += R) {
+        const int64_t rows = std::min<int64_t>(R, n1 - p);
+        for (int64_t r = 0; r < rows; ++r)
+          softmax(scores + b * L * N, p + r, len, a.data() + r * L, attn + (b * N + p + r) * L);
+        // v by column blocks, each after a prefetch of the lines of out it will fill: the writes
+        // below would otherwise wait on memory, while the gemm has time to spare.
+        scalar_t* o = out + (b * N + p) * F;
+        for (int64_t f0 = 0; f0 < F; f0 += kBlock) {
+          const int64_t cols = std::min<int64_t>(kBlock, F - f0);
+          for (int64_t r = 0; r < rows; ++r)
+            prefetch_for_write(o + r * F + f0, cols * sizeof(scalar_t));
+          gemm<kVec, R, Tile::kVecs>(rows, cols, len, a.data(), L, 1, xb + f0, F, v.data() + f0, F);
+        }
+        for (int64_t r = 0; r < rows; ++r) finish_unit<2 * Tile::kLanes>(b, p + r, v.data() + r * F);
+      }
+    }
+  }
+};
+
+// ---------------------------------------------------------------- backward
+
+// Independent partial sums of the backward's double reductions: two AVX-512 registers, so
+// that the sum order (hence the result) is the same whatever the SIMD width.
+constexpr int kSumLanes = 16;
+
+template <typename scalar_t>
+struct BackwardJob {
+  using T = at::opmath_type<scalar_t>;
+  enum Phase { kSample, kUnits, kFrames };
+  Shape s;
+  Phase phase;
+  Split units, frames;  // task splits of the kUnits and kFrames phases
+  const scalar_t* grad_out;
+  const scalar_t* x;
+  const T* attn;
+  const T* norm;
+  const T* alpha;
+  const T* beta;
+  bool shift;
+  T eps;
+  T* workspace;  // kUnits -> kFrames: DV of every sample [B, N, F]
+  scalar_t* grad_x;
+  scalar_t* grad_scores;
+  double* partials;  // [B, N, 2]: per-sample grad_alpha, grad_beta
+
+  // v of unit (b, n) -> dv = d loss / d v in place; writes the unit's alpha/beta partials.
+  // With r = ||u||, k = (u.g) / r^2:  du = c/r (g - k u),  dv = alpha du  (c = 1/sqrt(N));
+  // clamped norm: du = c/eps g (clamp_min passes no gradient to the norm).
+  // The scalars come from double sums: with beta dominating u, u/r is nearly constant and
+  // grad_beta = c/r (sum g - k sum u) cancels by orders of magnitude. dv itself is in opmath.
+  ATTNPOOL_INLINE void unit_backward(int64_t b, int64_t n, T* vd) const {
+    const int64_t F = s.F;
+    const scalar_t* g = grad_out + (b * s.N + n) * F;
+    double* part = partials + (b * s.N + n) * 2;
+    if (!shift) {
+      for (int64_t f = 0; f < F; ++f) vd[f] = static_cast<T>(g[f]);
+      part[0] = part[1] = 0;
+      return;
+    }
+    const double al = alpha[n], be = beta[n];
+    // The next unit's g row is fetched from memory while this one computes.
+    const scalar_t* g_next = n + 1 < s.N ? g + F : g;
+    // Sums over f of u u, u g, u, g, u v, g v.
+    double acc[6][kSumLanes] = {};
+    double sums[6] = {};
+    int64_t f = 0;
+    for (; f + kSumLanes <= F; f += kSumLanes) {
+      prefetch(g_next + f, kSumLanes * sizeof(scalar_t));
+      for (int l = 0; l < kSumLanes; ++l) {
+        const double v = vd[f + l], gf = static_cast<T>(g[f + l]);
+        const double u = al * v + be;
+        acc[0][l] += u * u;
+        acc[1][l] += u * gf;
+        acc[2][l] += u;
+        acc[3][l] += gf;
+        acc[4][l] += u * v;
+        acc[5][l] += gf * v;
+      }
+    }
+    for (; f < F; ++f) {
+      const double v = vd[f], gf = static_cast<T>(g[f]);
+      const double u = al * v + be;
+      sums[0] += u * u;
+      sums[1] += u * gf;
+      sums[2] += u;
+      sums[3] += gf;
+      sums[4] += u * v;
+      sums[5] += gf * v;
+    }
+    for (int i = 0; i < 6; ++i) sums[i] += fold<kSumLanes>(acc[i]);
+    const bool unclamped = !(norm[b * s.N + n] < eps);  // a NaN norm stays NaN this way
+    const double r = unclamped ? std::sqrt(sums[0]) : static_cast<double>(eps);
+    const double d1 = 1.0 / (std::sqrt(static_cast<double>(s.N)) * r);
+    const double k = unclamped ? sums[1] / r / r : 0.0;
+    part[0] = d1 * (sums[5] - k * sums[4]);  // sum_f du v
+    part[1] = d1 * (sums[3] - k * sums[2]);  // sum_f du
+    const T p = static_cast<T>(al * d1), q = static_cast<T>(al * d1 * k);
+    const T alt = alpha[n], bet = beta[n];
+    if (k == 0.0) {  // g alone: an Inf in v must not turn dv NaN through 0 * Inf
+      for (f = 0; f < F; ++f) vd[f] = p * static_cast<T>(g[f]);
+    } else {
+      for (f = 0; f < F; ++f) vd[f] = p * static_cast<T>(g[f]) - q * (alt * vd[f] + bet);
+    }
+  }
+
+  // Units [n0, n1) of sample b: their dv rows into dv (row n at dv + n*F), grad_scores
+  // columns and alpha/beta partials. da: scratch of (n1 - n0) * L.
+  template <int kVec>
+  ATTNPOOL_INLINE void do_units(int64_t b, int64_t n0, int64_t n1, const T* xb, T* dv,
+                                T* da) const {
+    using Tile = Tiling<kVec, T>;
+    const int64_t L = s.L, F = s.F, N = s.N, rows = n1 - n0;
+    const T* ab = attn + (b * N + n0) * L;
+    T* dvb = dv + n0 * F;
+    // v = A X over all frames (padded ones carry a = 0), then dv in place.
+    gemm<kVec, Tile::kRows, Tile::kVecs>(rows, F, L, ab, L, 1, xb, F, dvb, F);
+    for (int64_t n = n0; n < n1; ++n) unit_backward(b, n, dv + n * F);
+    // da = DV X^T, then the softmax backward grad_scores_l = a_l (da_l - sum_l' a_l' da_l').
+    dots<kVec, Tile::kDotRows, Tile::kDotCols>(rows, L, F, dvb, F, xb, F, da, L);
+    scalar_t* gs = grad_scores + b * L * N;
+    for (int64_t r = 0; r < rows; ++r) {
+      const T* ar = ab + r * L;
+      const T* dr = da + r * L;
+      T ad = 0;
+      for (int64_t l = 0; l < L; ++l) ad += ar[l] * dr[l];
+      for (int64_t l = 0; l < L; ++l)
+        gs[l * N + n0 + r] = static_cast<scalar_t>(ar[l] * (dr[l] - ad));
+    }
+  }
+
+  // grad_x rows [l0, l1) of sample b: A^T DV.
+  template <int kVec>
+  ATTNPOOL_INLINE void do_frames(int64_t b, int64_t l0, int64_t l1, const T* dv) const {
+    using Tile = Tiling<kVec, T>;
+    const int64_t L = s.L, F = s.F, N = s.N;
+    gemm<kVec, Tile::kRows, Tile::kVecs>(l1 - l0, F, N, attn + b * N * L + l0, 1, L, dv, F,
+                                   grad_x + (b * L + l0) * F, F);
+  }
+
+  template <int kVec>
+  ATTNPOOL_INLINE void run(int64_t t0, int64_t t1) const {
+    const int64_t L = s.L, F = s.F, N = s.N;
+    std::vector<T> xs(std::is_same_v<scalar_t, T> || phase == kFrames ? 0 : L * F);
+    std::vector<T> dv(phase == kSample ? N * F : 0);
+    std::vector<T> da(phase == kFrames ? 0 : N * L);
+    for (int64_t t = t0; t < t1; ++t) {
+      if (phase == kSample) {
+        const T* xb = as_opmath<T>(x + t * L * F, L * F, xs.data());
+        do_units<kVec>(t, 0, N, xb, dv.data(), da.data());
+        do_frames<kVec>(t, 0, L, dv.data());
+      } else if (phase == kUnits) {
+        const int64_t b = t / units.blocks, n0 = (t % units.blocks) * units.block;
+        const T* xb = as_opmath<T>(x + b * L * F, L * F, xs.data());
+        do_units<kVec>(b, n0, std::min(N, n0 + units.block), xb, workspace + b * N * F,
+                       da.data());
+      } else {
+        const int64_t b = t / frames.blocks, l0 = (t % frames.blocks) * frames.block;
+        do_frames<kVec>(b, l0, std::min(L, l0 + frames.block), workspace + b * N * F);
+      }
+    }
+  }
+};
+
+// ---------------------------------------------------------------- ISA dispatch
+
+enum class Isa { kDefault, kAvx2, kAvx512 };
+
+Isa runtime_isa() {
+  // torch's choice, so ATEN_CPU_CAPABILITY=default|avx2 also applies here.
+  static const Isa isa = [] {
+    const std::string cap = at::get_cpu_capability();
+    return cap == "AVX512" ? Isa::kAvx512 : cap == "AVX2" ? Isa::kAvx2 : Isa::kDefault;
+  }();
+  return isa;
+}
+
+template <typename Job>
+void run_default(const Job& job, int64_t begin, int64_t end) {
+  job.template run<16>(begin, end);
+}
+#if ATTNPOOL_MULTI_ISA
+template <typename Job>
+ATTNPOOL_TARGET_AVX2 void run_avx2(const Job& job, int64_t begin, int64_t end) {
+  job.template run<32>(begin, end);
+}
+template <typename Job>
+ATTNPOOL_TARGET_AVX512 void run_avx512(const Job& job, int64_t begin, int64_t end) {
+  job.template run<64>(begin, end);
+}
+#endif
+
+// job.run<kVec>(begin, end) over [0, items) on the intra-op threads, for the machine's ISA.
+template <typename Job>
+void parallel_run(int64_t items, const Job& job) {
+  void (*run)(const Job&, int64_t, int64_t) = run_default<Job>;
+#if ATTNPOOL_MULTI_ISA
+  if (runtime_isa() == Isa::kAvx512) run = run_avx512<Job>;
+  if (runtime_isa() == Isa::kAvx2) run = run_avx2<Job>;
+#endif
+  at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) { run(job, begin, end); });
+}
+
+// ---------------------------------------------------------------- checks
+
+at::ScalarType opmath_dtype(at::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+void check_tensor(const at::Tensor& t, at::ScalarType dtype, const char* name) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == dtype && t.is_contiguous(),
+              "cluster_pool cpu: ", name, " must be a contiguous CPU ", dtype, " tensor, got ",
+              t.scalar_type(), " on ", t.device());
+}
+
+void check_common(const at::Tensor& x, const at::Tensor& alpha, const at::Tensor& beta,
+                  int64_t N) {
+  TORCH_CHECK(x.dim() == 3, "cluster_pool cpu: x must be [B, L, F], got ", x.sizes());
+  check_tensor(x, x.scalar_type(), "x");
+  check_tensor(alpha, x.scalar_type(), "alpha");
+  check_tensor(beta, x.scalar_type(), "beta");
+  TORCH_CHECK(alpha.numel() == N && beta.numel() == N,
+              "cluster_pool cpu: alpha and beta must be [N=", N, "]");
+}
+
+}  // namespace
+
+ClusterForward cluster_pool_forward_cpu(const at::Tensor& x, const at::Tensor& scores,
+                                        const c10::optional<at::Tensor>& lengths,
+                                        const at::Tensor& alpha, const at::Tensor& beta,
+                                        bool shift, double eps) {
+  TORCH_CHECK(scores.dim() == 3, "cluster_pool cpu: scores must be [B, L, N]");
+  const Shape s{x.size(0), x.size(1), x.size(2), scores.size(2)};
+  check_common(x, alpha, beta, s.N);
+  check_tensor(scores, x.scalar_type(), "scores");
+  TORCH_CHECK(scores.size(0) == s.B && scores.size(1) == s.L,
+              "cluster_pool cpu: scores must be [B, L, N] with x's B, L, got ", scores.sizes());
+  const int64_t* len = nullptr;
+  if (lengths.has_value()) {
+    check_tensor(*lengths, at::kLong, "lengths");
+    TORCH_CHECK(lengths->numel() == s.B, "cluster_pool cpu: lengths must be [B=", s.B, "]");
+    len = lengths->const_data_ptr<int64_t>();
+  }
+  const auto opmath = opmath_dtype(x.scalar_type());
+  const at::Tensor al = alpha.to(opmath), be = beta.to(opmath);
+  at::Tensor out = at::empty({s.B, s.N * s.F}, x.options());
+  at::Tensor attn = at::empty({s.B, s.N, s.L}, x.options().dtype(opmath));
+  at::Tensor norm = at::empty({s.B, s.N}, x.options().dtype(opmath));
+  if (out.numel() == 0 || attn.numel() == 0) return {out, attn, norm};
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(),
+                                  "cluster_pool_forward_cpu", [&] {
+    using T = at::opmath_type<scalar_t>;
+    const ForwardJob<scalar_t> job{s, Split(s.B, s.N, kRowAlign), x.const_data_ptr<scalar_t>(),
+                                   scores.const_data_ptr<scalar_t>(), len,
+                                   al.const_data_ptr<T>(), be.const_data_ptr<T>(), shift,
+                                   static_cast<T>(eps), out.mutable_data_ptr<scalar_t>(),
+                                   attn.mutable_data_ptr<T>(), norm.mutable_data_ptr<T>()};
+    parallel_run(s.B * job.units.blocks, job);
+  });
+  return {out, attn, norm};
+}
+
+ClusterBackward cluster_pool_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x,
+                                          const at::Tensor& attn, const at::Tensor& norm,
+                                          const at::Tensor& alpha, const at::Tensor& beta,
+                                          bool shift, double eps) {
+  TORCH_CHECK(attn.dim() == 3, "cluster_pool cpu: attn must be [B, N, L]");
+  const Shape s{x.size(0), x.size(1), x.size(2), attn.size(1)};
+  check_common(x, alpha, beta, s.N);
+  check_tensor(grad_out, x.scalar_type(), "grad_out");
+  const auto opmath = opmath_dtype(x.scalar_type());
+  check_tensor(attn, opmath, "attn");
+  check_tensor(norm, opmath, "norm");
+  TORCH_CHECK(grad_out.numel() == s.B * s.N * s.F && attn.size(0) == s.B &&
+                  attn.size(2) == s.L && norm.numel() == s.B * s.N,
+              "cluster_pool cpu: grad_out must be [B, N*F], attn [B, N, L], norm [B, N]");
+  const at::Tensor al = alpha.to(opmath), be = beta.to(opmath);
+  at::Tensor grad_x = at::empty_like(x);
+  at::Tensor grad_scores = at::empty({s.B, s.L, s.N}, x.options());
+  at::Tensor partials = at::empty({s.B, s.N, 2}, x.options().dtype(at::kDouble));
+  if (x.numel() == 0 || attn.numel() == 0)
+    return {grad_x.zero_(), grad_scores.zero_(), at::zeros_like(alpha), at::zeros_like(beta)};
+
+  // With fewer than two samples per thread, one task per sample would idle threads: then the
+  // units of each sample and, after them, its frames are split over the threads, through a
+  // DV workspace of B < 2 * threads samples.
+  const bool split = s.B < 2 * at::get_num_threads();
+  at::Tensor workspace;
+  if (split) workspace = at::empty({s.B, s.N, s.F}, x.options().dtype(opmath));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(),
+                                  "cluster_pool_backward_cpu", [&] {
+    using T = at::opmath_type<scalar_t>;
+    using Job = BackwardJob<scalar_t>;
+    Job job{s, Job::kSample, Split(s.B, s.N, kRowAlign), Split(s.B, s.L, kRowAlign),
+            grad_out.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
+            attn.const_data_ptr<T>(), norm.const_data_ptr<T>(), al.const_data_ptr<T>(),
+            be.const_data_ptr<T>(), shift, static_cast<T>(eps),
+            split ? workspace.mutable_data_ptr<T>() : nullptr,
+            grad_x.mutable_data_ptr<scalar_t>(), grad_scores.mutable_data_ptr<scalar_t>(),
+            partials.mutable_data_ptr<double>()};
+    if (!split) {
+      parallel_run(s.B, job);
+    } else {
+      job.phase = Job::kUnits;
+      parallel_run(s.B * job.units.blocks, job);
+      job.phase = Job::kFrames;
+      parallel_run(s.B * job.frames.blocks, job);
+    }
+  });
+  // Per-sample partials summed over b in order.
+  at::Tensor grad_alpha = at::zeros({s.N}, x.options().dtype(at::kDouble));
+  at::Tensor grad_beta = at::zeros({s.N}, x.options().dtype(at::kDouble));
+  double* ga = grad_alpha.mutable_data_ptr<double>();
+  double* gb = grad_beta.mutable_data_ptr<double>();
+  const double* part = partials.const_data_ptr<double>();
+  for (int64_t b = 0; b < s.B; ++b)
+    for (int64_t n = 0; n < s.N; ++n) {
+      ga[n] += part[(b * s.N + n) * 2];
+      gb[n] += part[(b * s.N + n) * 2 + 1];
+    }
+  return {grad_x, grad_scores, grad_alpha.to(x.scalar_type()), grad_beta.to(x.scalar_type())};
+}
+
+}  // namespace attnpool

@@ -1,0 +1,131 @@
+// Torch glue of the attention-cluster CUDA kernels: checks, device guard, output and
+// scratch allocation, launch on the current stream, deterministic reduction over B.
+// The kernels themselves (attention_cluster.cu) see raw pointers only.
+#include "attnpool.h"
+
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include "cuda/attention_cluster.cuh"
+
+namespace attnpool {
+namespace {
+
+namespace cc = cluster_cuda;
+
+cc::DType kernel_dtype(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return cc::DType::kFloat32;
+    case at::kDouble: return cc::DType::kFloat64;
+    case at::kHalf: return cc::DType::kFloat16;
+    case at::kBFloat16: return cc::DType::kBFloat16;
+    default: TORCH_CHECK(false, "attnpool cuda: unsupported dtype ", t);
+  }
+}
+
+at::ScalarType opmath_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+// A contiguous CUDA tensor on `device` with the given dtype and shape.
+void check_input(const at::Tensor& t, const char* name, const at::Device& device,
+                 at::ScalarType dtype, at::IntArrayRef shape) {
+  TORCH_CHECK(t.is_cuda(), "attnpool cuda: ", name, " must be a CUDA tensor, got ", t.device());
+  TORCH_CHECK(t.device() == device, "attnpool cuda: ", name, " is on ", t.device(),
+              ", expected ", device);
+  TORCH_CHECK(t.scalar_type() == dtype, "attnpool cuda: ", name, " must have dtype ", dtype,
+              ", got ", t.scalar_type());
+  TORCH_CHECK(t.sizes() == shape, "attnpool cuda: ", name, " must have shape ", shape, ", got ",
+              t.sizes());
+  TORCH_CHECK(t.is_contiguous(), "attnpool cuda: ", name, " must be contiguous");
+}
+
+void check_launch(cudaError_t err, const char* what) {
+  TORCH_CHECK(err == cudaSuccess, "attnpool cuda: ", what, " failed: ", cudaGetErrorString(err));
+}
+
+}  // namespace
+
+ClusterForward cluster_pool_forward_cuda(const at::Tensor& x, const at::Tensor& scores,
+                                         const c10::optional<at::Tensor>& lengths,
+                                         const at::Tensor& alpha, const at::Tensor& beta,
+                                         bool shift, double eps) {
+  TORCH_CHECK(x.dim() == 3, "attnpool cuda: x must be [B, L, F], got ", x.sizes());
+  TORCH_CHECK(scores.dim() == 3, "attnpool cuda: scores must be [B, L, N], got ", scores.sizes());
+  const int64_t B = x.size(0), L = x.size(1), F = x.size(2), N = scores.size(2);
+  const at::Device device = x.device();
+  const at::ScalarType dtype = x.scalar_type();
+  const cc::DType kdtype = kernel_dtype(dtype);
+  check_input(x, "x", device, dtype, {B, L, F});
+  check_input(scores, "scores", device, dtype, {B, L, N});
+  check_input(alpha, "alpha", device, dtype, {N});
+  check_input(beta, "beta", device, dtype, {N});
+  if (lengths.has_value()) check_input(*lengths, "lengths", device, at::kLong, {B});
+
+  const c10::cuda::CUDAGuard guard(device);
+  const auto stat = x.options().dtype(opmath_type(dtype));
+  at::Tensor out = at::empty({B, N * F}, x.options());
+  at::Tensor attn = at::empty({B, N, L}, stat);
+  at::Tensor norm = at::empty({B, N}, stat);
+  if (out.numel() == 0 || attn.numel() == 0) {  // the caller short-circuits these already
+    out.zero_();
+    attn.zero_();
+    norm.zero_();
+    return {out, attn, norm};
+  }
+  check_launch(cc::cluster_pool_forward_launch(
+                   kdtype, x.data_ptr(), scores.data_ptr(),
+                   lengths.has_value() ? lengths->data_ptr<int64_t>() : nullptr,
+                   alpha.data_ptr(), beta.data_ptr(), out.data_ptr(), attn.data_ptr(),
+                   norm.data_ptr(), B, L, F, N, shift, eps,
+                   c10::cuda::getCurrentCUDAStream(device.index()).stream()),
+               "cluster_pool_forward");
+  return {out, attn, norm};
+}
+
+ClusterBackward cluster_pool_backward_cuda(const at::Tensor& grad_out, const at::Tensor& x,
+                                           const at::Tensor& attn, const at::Tensor& norm,
+                                           const at::Tensor& alpha, const at::Tensor& beta,
+                                           bool shift, double eps) {
+  TORCH_CHECK(x.dim() == 3, "attnpool cuda: x must be [B, L, F], got ", x.sizes());
+  TORCH_CHECK(attn.dim() == 3, "attnpool cuda: attn must be [B, N, L], got ", attn.sizes());
+  const int64_t B = x.size(0), L = x.size(1), F = x.size(2), N = attn.size(1);
+  const at::Device device = x.device();
+  const at::ScalarType dtype = x.scalar_type();
+  const at::ScalarType stat_type = opmath_type(dtype);
+  const cc::DType kdtype = kernel_dtype(dtype);
+  check_input(grad_out, "grad_out", device, dtype, {B, N * F});
+  check_input(x, "x", device, dtype, {B, L, F});
+  check_input(attn, "attn", device, stat_type, {B, N, L});
+  check_input(norm, "norm", device, stat_type, {B, N});
+  check_input(alpha, "alpha", device, dtype, {N});
+  check_input(beta, "beta", device, dtype, {N});
+
+  const c10::cuda::CUDAGuard guard(device);
+  const auto stat = x.options().dtype(stat_type);
+  at::Tensor grad_x = at::empty({B, L, F}, x.options());
+  at::Tensor grad_scores = at::empty({B, L, N}, x.options());
+  if (grad_x.numel() == 0 || grad_scores.numel() == 0) {  // the caller short-circuits these
+    return {grad_x.zero_(), grad_scores.zero_(), at::zeros({N}, x.options()),
+            at::zeros({N}, x.options())};
+  }
+  // Per-sample grad_alpha/beta terms and per-unit dv coefficients (kernel scratch).
+  at::Tensor alpha_part = at::empty({B, N}, stat);
+  at::Tensor beta_part = at::empty({B, N}, stat);
+  at::Tensor coef = at::empty({B, N, 3}, x.options().dtype(at::kDouble));
+  const int64_t ws_elems = cc::cluster_pool_backward_workspace_elems(kdtype, B, L, N);
+  at::Tensor workspace = ws_elems > 0 ? at::empty({ws_elems}, stat) : at::Tensor();
+  check_launch(cc::cluster_pool_backward_launch(
+                   kdtype, grad_out.data_ptr(), x.data_ptr(), attn.data_ptr(), norm.data_ptr(),
+                   alpha.data_ptr(), beta.data_ptr(), grad_x.data_ptr(), grad_scores.data_ptr(),
+                   alpha_part.data_ptr(), beta_part.data_ptr(), coef.data_ptr(),
+                   workspace.defined() ? workspace.data_ptr() : nullptr, B, L, F, N, shift, eps,
+                   c10::cuda::getCurrentCUDAStream(device.index()).stream()),
+               "cluster_pool_backward");
+  if (!shift) {
+    return {grad_x, grad_scores, at::zeros({N}, x.options()), at::zeros({N}, x.options())};
+  }
+  // Sum over B with torch's reduction (fixed order for a fixed shape: deterministic),
+  // in opmath, then round once to the dtype of x.
+  return {grad_x, grad_scores, alpha_part.sum(0).to(dtype), beta_part.sum(0).to(dtype)};
+}
+
+}  // namespace attnpool
