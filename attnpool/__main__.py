@@ -21,6 +21,7 @@ from attnpool import backends, functional, reference
 
 def _cluster_case(device, dtype, B=4, L=9, F=33, N=5):
     g = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)  # the same parameters for every backend's case
     m = reference.AttentionCluster(F, N, dtype=torch.float64)
     x = torch.randn(B, L, F, generator=g, dtype=torch.float64)
     lengths = torch.randint(1, L + 1, (B,), generator=g)
