@@ -1,21 +1,24 @@
 """attnpool: fused kernels for attention pooling in action recognition.
 
-Modules: :class:`AttentionCluster`, :class:`MultimodalAttentionClusters`.
+Modules: :class:`AttentionCluster`, :class:`MultimodalAttentionClusters`,
+:class:`AttentionalPooling`. Model surgery: :mod:`attnpool.swap`.
 Backends: ``backend=`` argument, :func:`use_backend`, or ``ATTNPOOL_BACKEND``.
 """
 
-from attnpool import functional, reference
+from attnpool import functional, reference, swap
 from attnpool.backends import BackendUnavailableError, available, use_backend
-from attnpool.nn import AttentionCluster, MultimodalAttentionClusters
+from attnpool.nn import AttentionalPooling, AttentionCluster, MultimodalAttentionClusters
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AttentionCluster",
+    "AttentionalPooling",
     "BackendUnavailableError",
     "MultimodalAttentionClusters",
     "available",
     "functional",
     "reference",
+    "swap",
     "use_backend",
 ]

@@ -13,7 +13,7 @@ from torch import Tensor
 
 from attnpool import backends, ops, reference
 
-__all__ = ["attention_cluster"]
+__all__ = ["attention_cluster", "attentional_pooling", "pose_attentional_pooling"]
 
 
 # ---------------------------------------------------------------- input checks
@@ -142,3 +142,95 @@ def attention_cluster(
         scores = F.linear(keys, weight, bias)
     out, attn, _ = ops.cluster_pool(x, scores, lengths, alpha, beta, shift, eps, name)
     return out, attn.to(x.dtype)
+
+
+# ========================================================== attentional pooling
+def attentional_pooling(
+    x: Tensor,
+    weight_bottom_up: Tensor,
+    bias_bottom_up: Tensor | None,
+    weight_top_down: Tensor,
+    bias_top_down: Tensor | None,
+    *,
+    backend: str | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Rank-P attentional pooling (Girdhar & Ramanan, NeurIPS 2017).
+
+    ``score_k = Σ_p mean_i h[p,i]·t[p,k,i]`` with the bottom-up maps
+    ``h[p,i] = x_i·weight_bottom_up[p] + bias_bottom_up[p]`` and the top-down maps
+    ``t[p,k,i] = x_i·weight_top_down[p,k] + bias_top_down[p,k]``. The kernels use the
+    factored form (the ``[n, K]`` top-down maps are never formed):
+    ``z_p = mean_i h[p,i]·x_i``,
+    ``score_k = Σ_p weight_top_down[p,k]·z_p + bias_top_down[p,k]·mean_i h[p,i]``.
+
+    Args:
+        x: features ``[B, C, H, W]`` (NCHW or channels-last) or a clip ``[B, T, C, H, W]``
+            (per-frame scores averaged over T).
+        weight_bottom_up ``[P, C]``, bias_bottom_up ``[P]`` or None,
+        weight_top_down ``[P, K, C]``, bias_top_down ``[P, K]`` or None.
+        backend: "auto", "reference", "cpp", "cuda" or "triton".
+
+    Returns:
+        ``(logits [B, K], bottom-up maps [B, (T,) P, H, W])``.
+    """
+    _check_float("x", x, "[B, C, H, W] or [B, T, C, H, W]")
+    if x.dim() not in (4, 5):
+        raise ValueError(f"x must have shape [B, C, H, W] or [B, T, C, H, W], got {list(x.shape)}")
+    _check_float("weight_bottom_up", weight_bottom_up, "[P, C]")
+    _check_float("weight_top_down", weight_top_down, "[P, K, C]")
+    if weight_bottom_up.dim() != 2 or weight_top_down.dim() != 3:
+        raise ValueError(f"weight_bottom_up must have shape [P, C] and weight_top_down [P, K, C], "
+                         f"got {list(weight_bottom_up.shape)} and {list(weight_top_down.shape)}")
+    P, C = weight_bottom_up.shape
+    K = weight_top_down.shape[1]
+    if x.shape[-3] != C:
+        want = "[B, T, " if x.dim() == 5 else "[B, "
+        raise ValueError(f"x must have shape {want}{C}, H, W] (the channels the weights expect), "
+                         f"got {list(x.shape)}")
+    H, W = x.shape[-2:]
+    if H * W < 1:
+        raise ValueError(f"x must have H, W >= 1, got {list(x.shape)}")
+    _check_like("weight_bottom_up", weight_bottom_up, x, (P, C))
+    _check_like("bias_bottom_up", bias_bottom_up, x, (P,))
+    _check_like("weight_top_down", weight_top_down, x, (P, K, C))
+    _check_like("bias_top_down", bias_top_down, x, (P, K))
+
+    x, weight_bottom_up, bias_bottom_up, weight_top_down, bias_top_down = _autocast(
+        x, weight_bottom_up, bias_bottom_up, weight_top_down, bias_top_down)
+    name = backends.resolve("attentional_pooling", backend, x.device, x.dtype)
+    if name == "reference":
+        return reference.attentional_pooling(x, weight_bottom_up, bias_bottom_up,
+                                             weight_top_down, bias_top_down)
+    lead = x.shape[:-3]
+    feats = x.reshape(-1, C, H * W)  # a view for NCHW and channels-last alike
+    bb = bias_bottom_up if bias_bottom_up is not None else x.new_zeros(P)
+    z, h, m = ops.attentional_pool(feats, weight_bottom_up, bb, name)
+    logits = torch.einsum("bpc,pkc->bk", z, weight_top_down)
+    if bias_top_down is not None:
+        logits = logits + (m @ bias_top_down.to(m.dtype)).to(x.dtype)
+    if x.dim() == 5:
+        logits = logits.reshape(*lead, K).mean(1)
+    return logits, h.reshape(*lead, P, H, W)
+
+
+def pose_attentional_pooling(
+    x: Tensor, q: Tensor, weight_bottom_up: Tensor, bias_bottom_up: Tensor | None,
+    weight_top_down: Tensor, bias_top_down: Tensor | None,
+) -> tuple[Tensor, Tensor]:
+    """Attentional pooling with bottom-up maps from the pose pre-logits q ``[B, (T,) D, H, W]``
+    (weight_bottom_up ``[P, D]``), in the factored form, plain PyTorch (no fused kernel).
+    Returns ``(logits [B, K], bottom-up maps [B, (T,) P, H, W])``."""
+    C, H, W = x.shape[-3:]
+    D = q.shape[-3]
+    lead = x.shape[:-3]
+    feats = x.reshape(-1, C, H * W)
+    h = torch.einsum("pd,bdn->bpn", weight_bottom_up, q.reshape(-1, D, H * W))
+    if bias_bottom_up is not None:
+        h = h + bias_bottom_up[:, None]
+    z = torch.einsum("bpn,bcn->bpc", h, feats) / (H * W)
+    logits = torch.einsum("bpc,pkc->bk", z, weight_top_down)
+    if bias_top_down is not None:
+        logits = logits + h.mean(-1) @ bias_top_down
+    if x.dim() == 5:
+        logits = logits.reshape(*lead, logits.shape[-1]).mean(1)
+    return logits, h.reshape(*lead, h.shape[1], H, W)

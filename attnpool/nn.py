@@ -6,7 +6,7 @@ from torch import Tensor
 
 from attnpool import functional, reference
 
-__all__ = ["AttentionCluster", "MultimodalAttentionClusters"]
+__all__ = ["AttentionCluster", "AttentionalPooling", "MultimodalAttentionClusters"]
 
 
 class AttentionCluster(reference.AttentionCluster):
@@ -48,3 +48,41 @@ class MultimodalAttentionClusters(reference.MultimodalAttentionClusters):
     order of ``modalities``: ``MultimodalAttentionClusters({"rgb": (2048, 64), "audio": (128, 32)})``."""
 
     cluster_class = AttentionCluster
+
+
+class AttentionalPooling(reference.AttentionalPooling):
+    """Rank-P attentional pooling (Girdhar & Ramanan, NeurIPS 2017) with fused kernels.
+
+    A drop-in for ``AdaptiveAvgPool2d(1) + flatten + Linear(C, K)`` on ``[B, C, H, W]``
+    (NCHW or channels-last); clips ``[B, T, C, H, W]`` average the per-frame logits.
+    ``score_k = Σ_p mean_i h[p,i]·t[p,k,i]`` with bottom-up maps ``h`` (class-agnostic)
+    and top-down maps ``t`` (one per class), computed in the factored form that never
+    builds the ``[H·W, K]`` top-down maps.
+
+    Args:
+        in_channels: C. num_classes: K. rank: P. bias: bottom-up and top-down biases.
+        pose_keypoints: J enables the pose-regularised variant: a 1×1 conv + ReLU of
+            ``pose_channels`` "pose pre-logits" feeds the bottom-up maps and a keypoint
+            heatmap head (``forward(..., return_heatmaps=True)``, :meth:`pose_loss`).
+            Its pooling runs the factored form in plain PyTorch (the fused kernel derives
+            the bottom-up maps from x itself).
+        backend: None (context / ``ATTNPOOL_BACKEND`` / auto), "auto", "reference", "cpp",
+            "cuda" or "triton".
+
+    Parameters ``weight_bottom_up [P, C]``, ``bias_bottom_up [P]``, ``weight_top_down [P, K, C]``,
+    ``bias_top_down [P, K]`` match :class:`attnpool.reference.AttentionalPooling`.
+    """
+
+    def __init__(self, in_channels: int, num_classes: int, *, backend: str | None = None, **kwargs):
+        super().__init__(in_channels, num_classes, **kwargs)
+        self.backend = backend
+
+    def _pool(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return functional.attentional_pooling(
+            x, self.weight_bottom_up, self.bias_bottom_up, self.weight_top_down,
+            self.bias_top_down, backend=self.backend)
+
+    def _pose_pool(self, x: Tensor, q: Tensor) -> tuple[Tensor, Tensor]:
+        return functional.pose_attentional_pooling(
+            x, q, self.weight_bottom_up, self.bias_bottom_up, self.weight_top_down,
+            self.bias_top_down)

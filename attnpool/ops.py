@@ -153,3 +153,82 @@ cluster_pool.register_autograd(_cluster_backward, setup_context=_cluster_setup)
 cluster_pool_backward.register_autograd(
     _no_double_backward("cluster_pool"), setup_context=lambda ctx, inputs, output: None
 )
+
+
+# ========================================================== attentional pooling
+_register_kernels("attentional_pooling", "attentional_pool", "attentional_pool")
+
+
+def _dense_bcn(x: Tensor) -> Tensor:
+    """x [B, C, n] as the kernels read it in place: n-contiguous (NCHW) or C-contiguous
+    (channels-last) and dense; anything else is copied to n-contiguous."""
+    B, C, n = x.shape
+    def strided_as(*want):
+        return all(size <= 1 or s == w for size, s, w in zip(x.shape, x.stride(), want))
+    if strided_as(C * n, n, 1) or strided_as(n * C, 1, C):
+        return x
+    return x.contiguous()
+
+
+@torch.library.custom_op("attnpool::attentional_pool", mutates_args=())
+def attentional_pool(x: Tensor, wb: Tensor, bb: Tensor, backend: str
+                     ) -> tuple[Tensor, Tensor, Tensor]:
+    """Factored core of attentional pooling: x [B, C, n], wb [P, C], bb [P] ->
+    z [B, P, C] = (1/n) Σ_i h[:, :, i] x[:, :, i], the bottom-up maps h [B, P, n] = wb x + bb,
+    and their means over positions m [B, P] (opmath: the logits' bias term takes its
+    gradient through m unrounded, not as n equal roundings in h's dtype)."""
+    B, C, n = x.shape
+    P = wb.shape[0]
+    if B == 0:
+        return x.new_empty(0, P, C), x.new_empty(0, P, n), x.new_empty(0, P, dtype=_opmath(x.dtype))
+    impl = backends.implementation("attentional_pooling", backend)
+    z, h = impl.forward(_dense_bcn(x), wb.contiguous(), bb.contiguous())
+    return z, h, h.to(_opmath(x.dtype)).mean(-1)
+
+
+@attentional_pool.register_fake
+def _(x, wb, bb, backend):
+    B, C, n = x.shape
+    P = wb.shape[0]
+    return x.new_empty(B, P, C), x.new_empty(B, P, n), x.new_empty(B, P, dtype=_opmath(x.dtype))
+
+
+@torch.library.custom_op("attnpool::attentional_pool_backward", mutates_args=())
+def attentional_pool_backward(grad_z: Tensor, grad_h: Tensor, x: Tensor, h: Tensor, wb: Tensor,
+                              backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients of attentional_pool w.r.t. x (x's layout), wb and bb; grad_h may be opmath."""
+    if x.shape[0] == 0:
+        return torch.zeros_like(x), torch.zeros_like(wb), wb.new_zeros(wb.shape[0])
+    impl = backends.implementation("attentional_pooling", backend)
+    return impl.backward(grad_z.contiguous(), grad_h.contiguous(), _dense_bcn(x), h.contiguous(),
+                         wb.contiguous())
+
+
+@attentional_pool_backward.register_fake
+def _(grad_z, grad_h, x, h, wb, backend):
+    return torch.empty_like(_dense_bcn(x)), torch.empty_like(wb), wb.new_empty(wb.shape[0])
+
+
+def _attpool_setup(ctx, inputs, output):
+    x, wb, _, backend = inputs
+    ctx.save_for_backward(x, output[1], wb)
+    ctx.backend = backend
+
+
+def _attpool_backward(ctx, grad_z, grad_h, grad_m):
+    x, h, wb = ctx.saved_tensors
+    if grad_z is None:
+        grad_z = x.new_zeros(x.shape[0], wb.shape[0], x.shape[1])
+    # the kernels read grad_h in opmath: the mean's gradient joins it unrounded
+    grad_h = torch.zeros_like(h, dtype=_opmath(x.dtype)) if grad_h is None else \
+        grad_h.to(_opmath(x.dtype))
+    if grad_m is not None:
+        grad_h = grad_h + grad_m[..., None] / x.shape[-1]
+    grad_x, grad_wb, grad_bb = attentional_pool_backward(grad_z, grad_h, x, h, wb, ctx.backend)
+    return grad_x, grad_wb, grad_bb, None
+
+
+attentional_pool.register_autograd(_attpool_backward, setup_context=_attpool_setup)
+attentional_pool_backward.register_autograd(
+    _no_double_backward("attentional_pool"), setup_context=lambda ctx, inputs, output: None
+)

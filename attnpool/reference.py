@@ -245,9 +245,9 @@ def attentional_pooling(
     if bias_top_down is not None:
         t = t + bias_top_down[..., None]
     logits = (h[:, :, None, :] * t).mean(-1).sum(1)  # mean over positions, ranks summed
-    maps = h.reshape(*lead, -1, H, W)
+    maps = h.reshape(*lead, h.shape[1], H, W)
     if clip:
-        logits = logits.reshape(*lead, -1).mean(1)
+        logits = logits.reshape(*lead, logits.shape[-1]).mean(1)
     return logits, maps
 
 
@@ -262,19 +262,63 @@ def attentional_pool(x: Tensor, weight_bottom_up: Tensor, bias_bottom_up: Tensor
     return z, h
 
 
+def pose_prelogits(x: Tensor, pose_weight: Tensor, pose_bias: Tensor) -> Tensor:
+    """The pose-regularised variant's 1×1 conv + ReLU over the channels of x
+    ``[B, (T,) C, H, W]`` -> ``[B, (T,) D, H, W]``."""
+    return torch.relu(torch.einsum("dc,...chw->...dhw", pose_weight, x)
+                      + pose_bias[:, None, None])
+
+
+def keypoint_heatmaps(q: Tensor, heatmap_weight: Tensor, heatmap_bias: Tensor) -> Tensor:
+    """1×1 conv of the pose pre-logits ``[B, (T,) D, H, W]`` -> heatmaps ``[B, (T,) J, H, W]``."""
+    return torch.einsum("jd,...dhw->...jhw", heatmap_weight, q) + heatmap_bias[:, None, None]
+
+
+def pose_attentional_pooling(
+    x: Tensor, q: Tensor, weight_bottom_up: Tensor, bias_bottom_up: Tensor | None,
+    weight_top_down: Tensor, bias_top_down: Tensor | None,
+) -> tuple[Tensor, Tensor]:
+    """Attentional pooling whose bottom-up maps come from the pose pre-logits q
+    ``[B, (T,) D, H, W]`` (weight_bottom_up ``[P, D]``) and top-down maps from x (paper form)."""
+    D, H, W = q.shape[-3:]
+    lead = x.shape[:-3]
+    h = torch.einsum("pd,bdn->bpn", weight_bottom_up, q.reshape(-1, D, H * W))
+    if bias_bottom_up is not None:
+        h = h + bias_bottom_up[:, None]
+    t = torch.einsum("pkc,bcn->bpkn", weight_top_down, x.reshape(-1, x.shape[-3], H * W))
+    if bias_top_down is not None:
+        t = t + bias_top_down[..., None]
+    logits = (h[:, :, None, :] * t).mean(-1).sum(1)
+    if x.dim() == 5:
+        logits = logits.reshape(*lead, logits.shape[-1]).mean(1)
+    return logits, h.reshape(*lead, h.shape[1], H, W)
+
+
 class AttentionalPooling(nn.Module):
     """Reference attentional pooling; same parameters and state_dict keys as
     :class:`attnpool.AttentionalPooling`. A drop-in for avgpool + flatten + Linear."""
 
     def __init__(self, in_channels: int, num_classes: int, *, rank: int = 1, bias: bool = True,
+                 pose_keypoints: int | None = None, pose_channels: int = 256,
                  device=None, dtype=None) -> None:
         super().__init__()
         if min(in_channels, num_classes, rank) < 1:
             raise ValueError(f"in_channels, num_classes and rank must be >= 1, got "
                              f"{in_channels}, {num_classes}, {rank}")
+        if pose_keypoints is not None and min(pose_keypoints, pose_channels) < 1:
+            raise ValueError(f"pose_keypoints and pose_channels must be >= 1, got "
+                             f"{pose_keypoints}, {pose_channels}")
         kw = {"device": device, "dtype": dtype}
         self.in_channels, self.num_classes, self.rank = in_channels, num_classes, rank
-        self.weight_bottom_up = nn.Parameter(torch.empty(rank, in_channels, **kw))
+        self.pose_keypoints = pose_keypoints
+        bottom_up_in = in_channels
+        if pose_keypoints is not None:  # Girdhar's pose-regularised model
+            bottom_up_in = pose_channels
+            self.pose_weight = nn.Parameter(torch.empty(pose_channels, in_channels, **kw))
+            self.pose_bias = nn.Parameter(torch.empty(pose_channels, **kw))
+            self.heatmap_weight = nn.Parameter(torch.empty(pose_keypoints, pose_channels, **kw))
+            self.heatmap_bias = nn.Parameter(torch.empty(pose_keypoints, **kw))
+        self.weight_bottom_up = nn.Parameter(torch.empty(rank, bottom_up_in, **kw))
         self.weight_top_down = nn.Parameter(torch.empty(rank, num_classes, in_channels, **kw))
         self.bias_bottom_up = self.bias_top_down = None
         if bias:
@@ -283,19 +327,55 @@ class AttentionalPooling(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Official init: weights N(0, 0.001), biases 0."""
+        """Official init: weights N(0, 0.001), biases 0 (the pose layers: Kaiming-normal, 0)."""
         with torch.no_grad():
             self.weight_bottom_up.normal_(0.0, 0.001)
             self.weight_top_down.normal_(0.0, 0.001)
             if self.bias_bottom_up is not None:
                 self.bias_bottom_up.zero_()
                 self.bias_top_down.zero_()
+            if self.pose_keypoints is not None:
+                for w, b in ((self.pose_weight, self.pose_bias),
+                             (self.heatmap_weight, self.heatmap_bias)):
+                    nn.init.kaiming_normal_(w)
+                    b.zero_()
 
     def extra_repr(self) -> str:
+        pose = "" if self.pose_keypoints is None else f", pose_keypoints={self.pose_keypoints}"
         return (f"in_channels={self.in_channels}, num_classes={self.num_classes}, "
-                f"rank={self.rank}, bias={self.bias_bottom_up is not None}")
+                f"rank={self.rank}, bias={self.bias_bottom_up is not None}{pose}")
 
-    def forward(self, x: Tensor, return_maps: bool = False):
-        logits, maps = attentional_pooling(x, self.weight_bottom_up, self.bias_bottom_up,
-                                           self.weight_top_down, self.bias_top_down)
-        return (logits, maps) if return_maps else logits
+    def _pool(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return attentional_pooling(x, self.weight_bottom_up, self.bias_bottom_up,
+                                   self.weight_top_down, self.bias_top_down)
+
+    def _pose_pool(self, x: Tensor, q: Tensor) -> tuple[Tensor, Tensor]:
+        return pose_attentional_pooling(x, q, self.weight_bottom_up, self.bias_bottom_up,
+                                        self.weight_top_down, self.bias_top_down)
+
+    def forward(self, x: Tensor, return_maps: bool = False, return_heatmaps: bool = False):
+        """x ``[B, C, H, W]`` or ``[B, T, C, H, W]`` -> logits ``[B, K]``; with return_maps
+        also the bottom-up maps ``[B, (T,) P, H, W]``; with return_heatmaps (pose variant)
+        also the keypoint heatmaps ``[B, (T,) J, H, W]`` (train them with :meth:`pose_loss`)."""
+        if self.pose_keypoints is None:
+            if return_heatmaps:
+                raise ValueError("return_heatmaps needs the pose variant (pose_keypoints=J)")
+            logits, maps = self._pool(x)
+            heatmaps = None
+        else:
+            if x.dim() not in (4, 5) or x.shape[-3] != self.in_channels:
+                raise ValueError(f"x must have shape [B, {self.in_channels}, H, W] or "
+                                 f"[B, T, {self.in_channels}, H, W], got {list(x.shape)}")
+            q = pose_prelogits(x, self.pose_weight, self.pose_bias)
+            logits, maps = self._pose_pool(x, q)
+            heatmaps = keypoint_heatmaps(q, self.heatmap_weight, self.heatmap_bias)
+        out = (logits,) + ((maps,) if return_maps else ()) + ((heatmaps,) if return_heatmaps else ())
+        return out if len(out) > 1 else logits
+
+    @staticmethod
+    def pose_loss(heatmaps: Tensor, target: Tensor) -> Tensor:
+        """MSE between predicted and target keypoint heatmaps (the pose regulariser)."""
+        if heatmaps.shape != target.shape:
+            raise ValueError(f"target must have the heatmaps' shape {list(heatmaps.shape)}, "
+                             f"got {list(target.shape)}")
+        return torch.nn.functional.mse_loss(heatmaps, target)

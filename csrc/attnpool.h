@@ -1,6 +1,6 @@
 // Entry points of attnpool._C. Every kernel entry point receives inputs that
-// attnpool/ops.py has already validated and made contiguous: same floating
-// dtype for x, scores, alpha, beta; lengths int64 [B] or absent; B, L, F, N >= 1.
+// attnpool/ops.py has already validated: one floating dtype for all of an op's
+// float inputs, every size >= 1; layouts as each op says below.
 #pragma once
 #include <torch/extension.h>
 
@@ -27,6 +27,22 @@ ClusterBackward cluster_pool_backward_cpu(const at::Tensor& grad_out, const at::
                                           const at::Tensor& alpha, const at::Tensor& beta,
                                           bool shift, double eps);
 
+// Attentional pooling, factored core (DESIGN 3.2):
+//   x [B, C, n] (n-contiguous, or C-contiguous = channels-last), wb [P, C], bb [P]
+//   -> z [B, P, C] = (1/n) sum_i h[:, :, i] x[:, :, i],  h [B, P, n] = wb x + bb
+//   (both in the dtype of x; sums in float32, or float64 for float64 input).
+using AttpoolForward = std::tuple<at::Tensor, at::Tensor>;
+// grad_z [B, P, C], grad_h [B, P, n] (contiguous; read in opmath, so grad_h may come in
+// float32 / float64 whatever x's dtype), x, h as the forward got / returned them
+//   -> grad_x (x's shape and layout), grad_wb [P, C], grad_bb [P] (dtype of x).
+using AttpoolBackward = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
+
+AttpoolForward attentional_pool_forward_cpu(const at::Tensor& x, const at::Tensor& wb,
+                                            const at::Tensor& bb);
+AttpoolBackward attentional_pool_backward_cpu(const at::Tensor& grad_z, const at::Tensor& grad_h,
+                                              const at::Tensor& x, const at::Tensor& h,
+                                              const at::Tensor& wb);
+
 #ifdef ATTNPOOL_WITH_CUDA
 ClusterForward cluster_pool_forward_cuda(const at::Tensor& x, const at::Tensor& scores,
                                          const c10::optional<at::Tensor>& lengths,
@@ -36,6 +52,11 @@ ClusterBackward cluster_pool_backward_cuda(const at::Tensor& grad_out, const at:
                                            const at::Tensor& attn, const at::Tensor& norm,
                                            const at::Tensor& alpha, const at::Tensor& beta,
                                            bool shift, double eps);
+AttpoolForward attentional_pool_forward_cuda(const at::Tensor& x, const at::Tensor& wb,
+                                             const at::Tensor& bb);
+AttpoolBackward attentional_pool_backward_cuda(const at::Tensor& grad_z, const at::Tensor& grad_h,
+                                               const at::Tensor& x, const at::Tensor& h,
+                                               const at::Tensor& wb);
 #endif
 
 }  // namespace attnpool

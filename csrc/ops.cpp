@@ -7,9 +7,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "attnpool fused kernels (CPU, and CUDA when built with it)";
   m.def("cluster_pool_forward_cpu", &attnpool::cluster_pool_forward_cpu);
   m.def("cluster_pool_backward_cpu", &attnpool::cluster_pool_backward_cpu);
+  m.def("attentional_pool_forward_cpu", &attnpool::attentional_pool_forward_cpu);
+  m.def("attentional_pool_backward_cpu", &attnpool::attentional_pool_backward_cpu);
 #ifdef ATTNPOOL_WITH_CUDA
   m.def("cluster_pool_forward_cuda", &attnpool::cluster_pool_forward_cuda);
   m.def("cluster_pool_backward_cuda", &attnpool::cluster_pool_backward_cuda);
+  m.def("attentional_pool_forward_cuda", &attnpool::attentional_pool_forward_cuda);
+  m.def("attentional_pool_backward_cuda", &attnpool::attentional_pool_backward_cuda);
   m.attr("with_cuda") = true;
 #else
   m.attr("with_cuda") = false;

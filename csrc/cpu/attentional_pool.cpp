@@ -1,0 +1,438 @@
+// Fused CPU kernels of attentional pooling (Girdhar & Ramanan 2017), factored core:
+//   h[b,p,i] = sum_c wb[p,c] x[b,c,i] + bb[p]          z[b,p,c] = (1/n) sum_i h[b,p,i] x[b,c,i]
+// and its backward (contract: notes/attpool_contract.md).
+//
+// Work is split into tasks = (sample, block of positions). A task reads its block of x from
+// memory once and takes the second product (z after h; grad_wb after dh) from cache:
+//   * n-contiguous x (NCHW): the block is [C, ni], channel rows of ni positions. h needs every
+//     channel of a position before z can use it, so the block is sized to stay in cache (a
+//     whole sample when it fits; see positions_per_block).
+//   * C-contiguous x (NHWC): a position is a row of C channels; rows are taken kRows at a time
+//     and both products done while they are in L1. The block is only a unit of work.
+// Everything is computed in opmath (float, or double for double); half/bfloat16 rows are
+// converted once, as they are read. Deterministic: no atomics, every sum in a fixed order, so
+// the results are bitwise reproducible for a given shape and thread count (the thread count
+// sets how a small batch is split, and how many grad_wb/grad_bb partials are summed).
+#include "attnpool.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/Version.h>
+
+#include <algorithm>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+// The extension is built for baseline x86-64 (no -march), which leaves AVX2 and AVX-512 idle.
+// So the task loops are compiled once per instruction set (target attributes; every helper is
+// C10_ALWAYS_INLINE, hence inlined into them and vectorised for that set) and the one matching
+// torch's CPU capability runs. The loops are plain C++ that GCC and Clang vectorise at -O3.
+#if defined(__GNUC__) && defined(__x86_64__)
+#define ATTNPOOL_MULTI_ISA 1
+#define ATTNPOOL_TARGET_AVX2 __attribute__((target("avx2,fma")))
+#define ATTNPOOL_TARGET_AVX512 \
+  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")))
+#else
+#define ATTNPOOL_MULTI_ISA 0
+#endif
+
+namespace attnpool {
+namespace {
+
+// ---------------------------------------------------------------- loop primitives
+
+// sum_k x[k] y[k]. IEEE order forbids vectorising a single running sum, so kLanes independent
+// sums (one cache line) are kept, the tail added lane-wise, and the lanes folded pairwise: the
+// order of operations does not depend on the SIMD width.
+template <typename T>
+C10_ALWAYS_INLINE T dot(int64_t m, const T* C10_RESTRICT x, const T* C10_RESTRICT y) {
+  constexpr int64_t kLanes = 64 / sizeof(T);
+  T acc[kLanes] = {};
+  int64_t k = 0;
+  for (; k + kLanes <= m; k += kLanes)
+    for (int64_t l = 0; l < kLanes; ++l) acc[l] += x[k + l] * y[k + l];
+  for (int64_t l = 0; k < m; ++k, ++l) acc[l] += x[k] * y[k];
+  for (int64_t w = kLanes / 2; w > 0; w /= 2)
+    for (int64_t l = 0; l < w; ++l) acc[l] += acc[l + w];
+  return acc[0];
+}
+
+template <typename T>
+C10_ALWAYS_INLINE T sum(int64_t m, const T* x) {
+  T s = 0;
+  for (int64_t k = 0; k < m; ++k) s += x[k];
+  return s;
+}
+
+// y[k] += sum_{r<R} a[r] x[r*ld + k]: R rows folded into one pass over y.
+template <int R, typename T>
+C10_ALWAYS_INLINE void axpy_rows(int64_t m, const T* a, const T* x, int64_t ld,
+                                 T* C10_RESTRICT y) {
+  for (int64_t k = 0; k < m; ++k) {
+    T s = y[k];
+    for (int r = 0; r < R; ++r) s += a[r] * x[r * ld + k];
+    y[k] = s;
+  }
+}
+
+// y[p*ldy + k] += sum_{r<rows} a[p*sa + r] x[r*ld + k] for every p < P: four rows of x per
+// pass over y (4x fewer loads/stores of y), each used by every p while it is in L1.
+template <typename T>
+C10_ALWAYS_INLINE void gemv_t(int64_t m, int64_t rows, int64_t P, const T* a, int64_t sa,
+                              const T* x, int64_t ld, T* y, int64_t ldy) {
+  int64_t r = 0;
+  for (; r + 4 <= rows; r += 4)
+    for (int64_t p = 0; p < P; ++p) axpy_rows<4>(m, a + p * sa + r, x + r * ld, ld, y + p * ldy);
+  for (; r < rows; ++r)
+    for (int64_t p = 0; p < P; ++p) axpy_rows<1>(m, a + p * sa + r, x + r * ld, ld, y + p * ldy);
+}
+
+template <typename Src, typename Dst>
+C10_ALWAYS_INLINE void convert(int64_t m, const Src* C10_RESTRICT src, Dst* C10_RESTRICT dst) {
+  for (int64_t k = 0; k < m; ++k) dst[k] = static_cast<Dst>(src[k]);
+}
+
+// `rows` rows of `len` elements, `ld` apart, as opmath: the data itself when it already is
+// opmath, else a converted copy packed in `scratch` (then ld becomes len).
+template <typename T, typename scalar_t>
+C10_ALWAYS_INLINE const T* as_opmath(const scalar_t* src, int64_t rows, int64_t len, int64_t& ld,
+                                     T* scratch) {
+  if constexpr (std::is_same_v<scalar_t, T>) {
+    return src;
+  } else {
+    for (int64_t r = 0; r < rows; ++r) convert(len, src + r * ld, scratch + r * len);
+    ld = len;
+    return scratch;
+  }
+}
+
+// One row of grad_x: dst[k] = sum_p a[p*s] u[p*ld + k] + b[p*s] v[p*ld + k], in opmath.
+template <typename T, typename scalar_t>
+C10_ALWAYS_INLINE void grad_x_row(int64_t m, int64_t P, const T* a, const T* b, int64_t s,
+                                  const T* u, const T* v, int64_t ld, T* tmp, scalar_t* dst) {
+  T* acc = tmp;
+  if constexpr (std::is_same_v<scalar_t, T>) acc = dst;  // accumulate in place
+  for (int64_t k = 0; k < m; ++k) acc[k] = a[0] * u[k] + b[0] * v[k];
+  for (int64_t p = 1; p < P; ++p) {
+    const T ap = a[p * s], bp = b[p * s];
+    const T* up = u + p * ld;
+    const T* vp = v + p * ld;
+    for (int64_t k = 0; k < m; ++k) acc[k] += ap * up[k] + bp * vp[k];
+  }
+  if constexpr (!std::is_same_v<scalar_t, T>) convert(m, tmp, dst);
+}
+
+// ---------------------------------------------------------------- geometry
+
+struct Geometry {
+  int64_t B, C, n, P;
+  bool channels_last;  // x(b, c, i) at b*C*n + i*C + c, else at b*C*n + c*n + i
+  int64_t block;       // positions per task
+  int64_t blocks;      // tasks per sample
+};
+
+constexpr int64_t kRows = 4;  // C-contiguous: positions per L1-resident row group
+
+int64_t divup(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Positions per task. An n-contiguous block [C, ni] is read twice, so it should stay in L2
+// (kBlockBytes of opmath) in between; but channel rows shorter than kMinRun positions stream
+// poorly from memory (the prefetchers run past each row segment), which costs more than taking
+// the second read from L3. Blocks are balanced over the sample, and a small batch is split
+// further so that every thread gets work.
+int64_t positions_per_block(int64_t B, int64_t C, int64_t n, int64_t opmath_bytes) {
+  constexpr int64_t kBlockBytes = 1024 * 1024;
+  constexpr int64_t kMinRun = 256;
+  constexpr int64_t kAlign = 16;  // whole SIMD vectors per channel row
+  const int64_t fit = std::max(kMinRun, kBlockBytes / (C * opmath_bytes) / kAlign * kAlign);
+  const int64_t blocks = std::min(std::max(divup(n, fit), divup(at::get_num_threads(), B)),
+                                  divup(n, kAlign));
+  return std::min(n, divup(divup(n, blocks), kAlign) * kAlign);
+}
+
+bool strided_as(const at::Tensor& t, at::IntArrayRef strides) {
+  for (int64_t d = 0; d < t.dim(); ++d)
+    if (t.size(d) > 1 && t.stride(d) != strides[d]) return false;
+  return true;
+}
+
+// x in one of the two layouts the kernels read in place (else a contiguous copy: the caller
+// validates, so that is only a safety net). With C == 1 or n == 1 both layouts describe the
+// same memory; the one with the longer contiguous run vectorises better.
+Geometry make_geometry(at::Tensor& x, int64_t P) {
+  const int64_t B = x.size(0), C = x.size(1), n = x.size(2);
+  const bool nc = strided_as(x, {C * n, n, 1});
+  const bool cl = strided_as(x, {C * n, 1, C});
+  if (!nc && !cl) x = x.contiguous();
+  const bool channels_last = cl && (!nc || C >= n);
+  const int64_t block = positions_per_block(B, C, n, x.scalar_type() == at::kDouble ? 8 : 4);
+  return {B, C, n, P, channels_last, block, divup(n, block)};
+}
+
+at::ScalarType opmath_dtype(at::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+void check_inputs(const at::Tensor& x, const at::Tensor& wb) {
+  TORCH_CHECK(x.device().is_cpu() && wb.device().is_cpu(),
+              "attentional_pool cpu: tensors must be on the CPU");
+  TORCH_CHECK(x.dim() == 3, "attentional_pool cpu: x must be [B, C, n], got ", x.sizes());
+  TORCH_CHECK(wb.dim() == 2 && wb.size(1) == x.size(1),
+              "attentional_pool cpu: wb must be [P, C=", x.size(1), "], got ", wb.sizes());
+  TORCH_CHECK(wb.scalar_type() == x.scalar_type(),
+              "attentional_pool cpu: wb must have x's dtype ", x.scalar_type());
+}
+
+// ---------------------------------------------------------------- ISA dispatch
+
+enum class Isa { kDefault, kAvx2, kAvx512 };
+
+Isa runtime_isa() {
+  // torch's choice, so ATEN_CPU_CAPABILITY=default|avx2 also applies here.
+  static const Isa isa = [] {
+    const std::string cap = at::get_cpu_capability();
+    return cap == "AVX512" ? Isa::kAvx512 : cap == "AVX2" ? Isa::kAvx2 : Isa::kDefault;
+  }();
+  return isa;
+}
+
+template <typename Job>
+void run_default(const Job& job, int64_t begin, int64_t end) {
+  job(begin, end);
+}
+#if ATTNPOOL_MULTI_ISA
+template <typename Job>
+ATTNPOOL_TARGET_AVX2 void run_avx2(const Job& job, int64_t begin, int64_t end) {
+  job(begin, end);
+}
+template <typename Job>
+ATTNPOOL_TARGET_AVX512 void run_avx512(const Job& job, int64_t begin, int64_t end) {
+  job(begin, end);
+}
+#endif
+
+// job(begin, end) over [0, items) on the intra-op threads, compiled for the machine's ISA.
+template <typename Job>
+void parallel_run(int64_t items, const Job& job) {
+  void (*run)(const Job&, int64_t, int64_t) = run_default<Job>;
+#if ATTNPOOL_MULTI_ISA
+  if (runtime_isa() == Isa::kAvx512) run = run_avx512<Job>;
+  if (runtime_isa() == Isa::kAvx2) run = run_avx2<Job>;
+#endif
+  at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) { run(job, begin, end); });
+}
+
+// ---------------------------------------------------------------- forward
+
+// Tasks [t0, t1): h of each task's block, and its share of z[b] (unscaled) in zpart[task].
+template <typename scalar_t>
+struct ForwardJob {
+  using T = at::opmath_type<scalar_t>;
+  Geometry g;
+  const scalar_t* x;
+  const T* w;     // [P, C]
+  const T* bias;  // [P]
+  scalar_t* h;    // [B, P, n]
+  T* zpart;       // [B * blocks, P, C], zero-filled
+
+  C10_ALWAYS_INLINE void operator()(int64_t t0, int64_t t1) const {
+    const int64_t C = g.C, n = g.n, P = g.P;
+    constexpr bool kConvert = !std::is_same_v<scalar_t, T>;
+    // Per-thread scratch: h of a block (or row group) and the opmath copy of x's rows.
+    std::vector<T> hb(P * std::max(g.block, kRows));
+    std::vector<T> xs(kConvert ? C * (g.channels_last ? kRows : g.block) : 0);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t b = t / g.blocks, i0 = (t % g.blocks) * g.block;
+      const int64_t ni = std::min(g.block, n - i0);
+      const scalar_t* xb = x + b * C * n;
+      scalar_t* hout = h + b * P * n;
+      T* z = zpart + t * P * C;
+      if (g.channels_last) {
+        for (int64_t i = i0; i < i0 + ni; i += kRows) {
+          const int64_t nr = std::min(kRows, i0 + ni - i);
+          int64_t ld = C;
+          const T* xr = as_opmath(xb + i * C, nr, C, ld, xs.data());
+          for (int64_t p = 0; p < P; ++p)
+            for (int64_t r = 0; r < nr; ++r) {
+              const T hv = bias[p] + dot(C, w + p * C, xr + r * ld);
+              hb[p * kRows + r] = hv;
+              hout[p * n + i + r] = static_cast<scalar_t>(hv);
+            }
+          gemv_t(C, nr, P, hb.data(), kRows, xr, ld, z, C);
+        }
+      } else {
+        int64_t ld = n;
+        const T* xr = as_opmath(xb + i0, C, ni, ld, xs.data());
+        for (int64_t p = 0; p < P; ++p) std::fill_n(hb.data() + p * ni, ni, bias[p]);
+        gemv_t(ni, C, P, w, C, xr, ld, hb.data(), ni);  // first read of the block
+        for (int64_t p = 0; p < P; ++p) convert(ni, hb.data() + p * ni, hout + p * n + i0);
+        for (int64_t c = 0; c < C; ++c)  // second read, from cache
+          for (int64_t p = 0; p < P; ++p)
+            z[p * C + c] += dot(ni, hb.data() + p * ni, xr + c * ld);
+      }
+    }
+  }
+};
+
+// z[b] = (1/n) * sum of the sample's block partials, in block order.
+template <typename scalar_t>
+void finish_z(const Geometry& g, const at::opmath_type<scalar_t>* zpart, scalar_t* z) {
+  using T = at::opmath_type<scalar_t>;
+  const int64_t PC = g.P * g.C;
+  const T inv_n = T(1) / static_cast<T>(g.n);
+  at::parallel_for(0, g.B, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<T> acc(PC);
+    for (int64_t b = b0; b < b1; ++b) {
+      const T* part = zpart + b * g.blocks * PC;
+      std::copy_n(part, PC, acc.data());
+      for (int64_t k = 1; k < g.blocks; ++k)
+        for (int64_t e = 0; e < PC; ++e) acc[e] += part[k * PC + e];
+      for (int64_t e = 0; e < PC; ++e) z[b * PC + e] = static_cast<scalar_t>(acc[e] * inv_n);
+    }
+  });
+}
+
+// ---------------------------------------------------------------- backward
+
+// grad_x = h (x) grad_z / n + dh (x) wb needs no x: a task reads its block of x for dh (first
+// read) and grad_wb (second, from cache) and writes its block of grad_x. Groups [k0, k1): group
+// k owns a fixed contiguous range of tasks and its own grad_wb/grad_bb partial.
+template <typename scalar_t>
+struct BackwardJob {
+  using T = at::opmath_type<scalar_t>;
+  Geometry g;
+  int64_t groups;
+  const scalar_t* x;
+  const scalar_t* h;       // [B, P, n]
+  const T* grad_h;         // [B, P, n], opmath
+  const T* gz;             // [B, P, C], grad_z / n
+  const T* w;              // [P, C]
+  scalar_t* grad_x;        // x's layout
+  T* wb_parts;             // [groups, P, C], zero-filled
+  T* bb_parts;             // [groups, P], zero-filled
+
+  C10_ALWAYS_INLINE void operator()(int64_t k0, int64_t k1) const {
+    const int64_t C = g.C, n = g.n, P = g.P, PC = P * C, tasks = g.B * g.blocks;
+    constexpr bool kConvert = !std::is_same_v<scalar_t, T>;
+    const int64_t rows = g.channels_last ? kRows : g.block;
+    std::vector<T> hb(P * rows), dh(P * rows), tmp(std::max(C, g.block));
+    std::vector<T> xs(kConvert ? C * rows : 0);
+    for (int64_t k = k0; k < k1; ++k) {
+      T* gwb = wb_parts + k * PC;
+      T* gbb = bb_parts + k * P;
+      for (int64_t t = tasks * k / groups; t < tasks * (k + 1) / groups; ++t) {
+        const int64_t b = t / g.blocks, i0 = (t % g.blocks) * g.block;
+        const int64_t ni = std::min(g.block, n - i0);
+        const scalar_t* xb = x + b * C * n;
+        const scalar_t* hin = h + b * P * n;
+        const T* ghin = grad_h + b * P * n;
+        const T* gzb = gz + b * PC;
+        scalar_t* gxb = grad_x + b * C * n;
+        if (g.channels_last) {
+          for (int64_t i = i0; i < i0 + ni; i += kRows) {
+            const int64_t nr = std::min(kRows, i0 + ni - i);
+            int64_t ld = C;
+            const T* xr = as_opmath(xb + i * C, nr, C, ld, xs.data());
+            for (int64_t p = 0; p < P; ++p)
+              for (int64_t r = 0; r < nr; ++r) {
+                const T d = static_cast<T>(ghin[p * n + i + r]) +
+                            dot(C, gzb + p * C, xr + r * ld);
+                dh[p * kRows + r] = d;
+                hb[p * kRows + r] = static_cast<T>(hin[p * n + i + r]);
+                gbb[p] += d;
+              }
+            gemv_t(C, nr, P, dh.data(), kRows, xr, ld, gwb, C);
+            for (int64_t r = 0; r < nr; ++r)
+              grad_x_row(C, P, hb.data() + r, dh.data() + r, kRows, gzb, w, C, tmp.data(),
+                         gxb + (i + r) * C);
+          }
+        } else {
+          int64_t ld = n;
+          const T* xr = as_opmath(xb + i0, C, ni, ld, xs.data());
+          for (int64_t p = 0; p < P; ++p) {
+            convert(ni, ghin + p * n + i0, dh.data() + p * ni);
+            convert(ni, hin + p * n + i0, hb.data() + p * ni);
+          }
+          gemv_t(ni, C, P, gzb, C, xr, ld, dh.data(), ni);  // dh: first read of the block
+          for (int64_t p = 0; p < P; ++p) gbb[p] += sum(ni, dh.data() + p * ni);
+          for (int64_t c = 0; c < C; ++c) {  // second read, from cache: grad_wb; grad_x rows
+            for (int64_t p = 0; p < P; ++p)
+              gwb[p * C + c] += dot(ni, dh.data() + p * ni, xr + c * ld);
+            grad_x_row(ni, P, gzb + c, w + c, C, hb.data(), dh.data(), ni, tmp.data(),
+                       gxb + c * n + i0);
+          }
+        }
+      }
+    }
+  }
+};
+
+}  // namespace
+
+AttpoolForward attentional_pool_forward_cpu(const at::Tensor& x_in,
+                                                                const at::Tensor& wb,
+                                                                const at::Tensor& bb) {
+  check_inputs(x_in, wb);
+  TORCH_CHECK(bb.numel() == wb.size(0), "attentional_pool cpu: bb must be [P=", wb.size(0), "]");
+  at::Tensor x = x_in;
+  const Geometry g = make_geometry(x, wb.size(0));
+  const auto opmath = opmath_dtype(x.scalar_type());
+  const at::Tensor w = wb.to(opmath).contiguous();
+  const at::Tensor bias = bb.to(opmath).contiguous();
+  at::Tensor h = at::empty({g.B, g.P, g.n}, x.options());
+  at::Tensor z = at::empty({g.B, g.P, g.C}, x.options());
+  at::Tensor zpart = at::zeros({g.B * g.blocks, g.P, g.C}, x.options().dtype(opmath));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(),
+                                  "attentional_pool_forward_cpu", [&] {
+    using T = at::opmath_type<scalar_t>;
+    const ForwardJob<scalar_t> job{g, x.const_data_ptr<scalar_t>(), w.const_data_ptr<T>(),
+                                   bias.const_data_ptr<T>(), h.mutable_data_ptr<scalar_t>(),
+                                   zpart.mutable_data_ptr<T>()};
+    parallel_run(g.B * g.blocks, job);
+    finish_z<scalar_t>(g, zpart.const_data_ptr<T>(), z.mutable_data_ptr<scalar_t>());
+  });
+  return {z, h};
+}
+
+AttpoolBackward attentional_pool_backward_cpu(
+    const at::Tensor& grad_z, const at::Tensor& grad_h, const at::Tensor& x_in,
+    const at::Tensor& h_in, const at::Tensor& wb) {
+  check_inputs(x_in, wb);
+  at::Tensor x = x_in;
+  const Geometry g = make_geometry(x, wb.size(0));
+  TORCH_CHECK(grad_z.sizes() == at::IntArrayRef({g.B, g.P, g.C}) &&
+                  grad_h.sizes() == at::IntArrayRef({g.B, g.P, g.n}) &&
+                  h_in.sizes() == at::IntArrayRef({g.B, g.P, g.n}),
+              "attentional_pool cpu: grad_z must be [B, P, C], grad_h and h [B, P, n]");
+  const auto dtype = x.scalar_type();
+  const auto opmath = opmath_dtype(dtype);
+  const at::Tensor w = wb.to(opmath).contiguous();
+  const at::Tensor gz = (grad_z.to(opmath) * (1.0 / static_cast<double>(g.n))).contiguous();
+  const at::Tensor h = h_in.to(dtype).contiguous();
+  const at::Tensor gh = grad_h.to(opmath).contiguous();
+  at::Tensor grad_x = at::empty_like(x);  // x is dense in one of the layouts: same strides
+  const int64_t groups = std::min<int64_t>(at::get_num_threads(), g.B * g.blocks);
+  at::Tensor wb_parts = at::zeros({groups, g.P, g.C}, x.options().dtype(opmath));
+  at::Tensor bb_parts = at::zeros({groups, g.P}, x.options().dtype(opmath));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype,
+                                  "attentional_pool_backward_cpu", [&] {
+    using T = at::opmath_type<scalar_t>;
+    const BackwardJob<scalar_t> job{g, groups, x.const_data_ptr<scalar_t>(),
+                                    h.const_data_ptr<scalar_t>(), gh.const_data_ptr<T>(),
+                                    gz.const_data_ptr<T>(), w.const_data_ptr<T>(),
+                                    grad_x.mutable_data_ptr<scalar_t>(),
+                                    wb_parts.mutable_data_ptr<T>(), bb_parts.mutable_data_ptr<T>()};
+    parallel_run(groups, job);
+  });
+  // Group partials summed in group order.
+  at::Tensor grad_wb = wb_parts[0].clone(), grad_bb = bb_parts[0].clone();
+  for (int64_t k = 1; k < groups; ++k) {
+    grad_wb.add_(wb_parts[k]);
+    grad_bb.add_(bb_parts[k]);
+  }
+  return {grad_x, grad_wb.to(dtype), grad_bb.to(dtype)};
+}
+
+}  // namespace attnpool
