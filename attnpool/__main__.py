@@ -39,10 +39,35 @@ def _cluster_case(device, dtype, B=4, L=9, F=33, N=5):
     return run
 
 
+def _attpool_case(device, dtype, B=3, C=24, H=5, W=6, K=7, P=2):
+    g = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    m = reference.AttentionalPooling(C, K, rank=P, dtype=torch.float64)
+    with torch.no_grad():  # the official init (std 0.001) would make every check trivial
+        for param in m.parameters():
+            param.copy_(torch.randn(param.shape, generator=g, dtype=torch.float64))
+    x = torch.randn(B, C, H, W, generator=g, dtype=torch.float64)
+    grad = torch.randn(B, K, generator=g, dtype=torch.float64)
+
+    def run(backend, dtype=dtype, device=device, m=m, x=x, grad=grad):
+        mm = reference.AttentionalPooling(C, K, rank=P).to(device, dtype)
+        mm.load_state_dict(m.state_dict())
+        xx = x.to(device, dtype).requires_grad_()
+        logits, _ = functional.attentional_pooling(
+            xx, mm.weight_bottom_up, mm.bias_bottom_up, mm.weight_top_down, mm.bias_top_down,
+            backend=backend)
+        logits.backward(grad.to(device, dtype))
+        return [logits.detach(), xx.grad] + [p.grad for p in mm.parameters()]
+
+    return run
+
+
 # op name -> (parity case builder, timing shape description, timing-case builder)
 CHECKS = {
     "attention_cluster": (_cluster_case, "B=16,L=25,F=512,N=32",
                           lambda d, t: _cluster_case(d, t, 16, 25, 512, 32)),
+    "attentional_pooling": (_attpool_case, "B=16,C=512,H=W=14,K=400,P=1",
+                            lambda d, t: _attpool_case(d, t, 16, 512, 14, 14, 400, 1)),
 }
 
 
@@ -116,6 +141,9 @@ def main() -> int:
         base = _time(lambda timing=timing: timing("reference"), device)
         print(f"  time fwd+bwd at {timing_shape} fp32: eager {base:.2f} ms")
         for b in usable:
+            if b == "triton" and device.type == "cpu":
+                print("  time: triton on the CPU is Triton's interpreter, a test vehicle: not timed")
+                continue
             t = _time(lambda b=b, timing=timing: timing(b), device)
             print(f"  time fwd+bwd at {timing_shape} fp32: {b} {t:.2f} ms ({base / t:.2f}x eager)")
     print(f"\n{'all parity checks passed' if failures == 0 else f'{failures} parity checks FAILED'}")

@@ -5,7 +5,6 @@
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -31,23 +30,9 @@ def cases(B, L, F, N, device, dtype):
     x0 = torch.randn(B, L, F, device=device, dtype=dtype)
     grad = torch.randn(B, N * F, device=device, dtype=dtype)
 
-    def provider(make_module):
-        def setup():
-            module = make_module()
-            x = x0.clone().requires_grad_()
-            state = {}
-
-            def forward():
-                state["out"] = module(x)
-
-            def backward():
-                state["out"].backward(grad, retain_graph=True)
-
-            return forward, backward
-        return setup
-
-    yield harness.Case(OP, "eager", shape, provider(lambda: ref))
-    yield harness.Case(OP, "compile", shape, provider(lambda: torch.compile(ref)))
+    yield harness.Case(OP, "eager", shape, harness.module_setup(lambda: ref, x0, grad))
+    yield harness.Case(OP, "compile", shape,
+                       harness.module_setup(lambda: torch.compile(ref), x0, grad))
     for backend in ("cpp", "cuda", "triton"):
         if attnpool.available(OP, torch.device(device), dtype)[backend] is None:
             if device == "cpu" and backend == "triton":
@@ -56,32 +41,9 @@ def cases(B, L, F, N, device, dtype):
                 m = attnpool.AttentionCluster(F, N, backend=backend).to(device, dtype)
                 m.load_state_dict(ref.state_dict())
                 return m
-            yield harness.Case(OP, f"attnpool-{backend}", shape, provider(fused))
-
-
-def main():
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default="float32")
-    p.add_argument("--sweep", action="store_true", help="also the N and L sweeps (GPU)")
-    p.add_argument("--shape", help="B,L,F,N instead of the defaults")
-    p.add_argument("--no-write", action="store_true", help="print only, do not touch the CSV")
-    args = p.parse_args()
-    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
-    shapes = [tuple(map(int, args.shape.split(",")))] if args.shape else \
-        SHAPES[device.type] + (SWEEP if args.sweep else [])
-    rows = []
-    for s in shapes:
-        for case in cases(*s, args.device, dtype):
-            new = harness.measure(case, device)
-            harness.print_rows(new)
-            rows += new
-    for line in harness.speedups(rows, "attnpool-cpp" if device.type == "cpu" else
-                                 "attnpool-cuda"):
-        print(line)
-    if not args.no_write:
-        print("wrote", harness.write_rows(rows, device))
+            yield harness.Case(OP, f"attnpool-{backend}", shape,
+                               harness.module_setup(fused, x0, grad))
 
 
 if __name__ == "__main__":
-    main()
+    harness.cli(__doc__, SHAPES, SWEEP, cases)

@@ -162,3 +162,53 @@ def speedups(rows: list[dict], ours: str) -> list[str]:
             lines.append(f"{shape} {mode}: {ours} {t[(shape, mode, ours)]:.3f} ms, "
                          f"{min(base) / t[(shape, mode, ours)]:.2f}x the better of eager/compile")
     return lines
+
+
+def module_setup(make_module: Callable[[], Callable], x0: torch.Tensor,
+                 grads: torch.Tensor | tuple[torch.Tensor, ...]) -> Callable:
+    """A Case.setup that runs ``make_module()(x)`` and backpropagates ``grads`` into x and
+    the parameters (a fresh leaf x per provider, so providers never share graphs)."""
+    grads = grads if isinstance(grads, tuple) else (grads,)
+
+    def setup():
+        module = make_module()
+        x = x0.clone().requires_grad_()
+        state = {}
+
+        def forward():
+            out = module(x)
+            state["out"] = out if isinstance(out, tuple) else (out,)
+
+        def backward():
+            torch.autograd.backward(state["out"], grads, retain_graph=True)
+
+        return forward, backward
+    return setup
+
+
+def cli(doc: str, shapes: dict[str, list[tuple[int, ...]]], sweep: list[tuple[int, ...]],
+        cases: Callable[..., Iterable[Case]]) -> None:
+    """The command line every benchmark script shares: pick device, dtype and shapes,
+    measure every case, print rows and speedups, merge the rows into the CSV."""
+    import argparse
+
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--sweep", action="store_true", help="also the sweeps around the default shape")
+    p.add_argument("--shape", help="comma-separated sizes instead of the defaults")
+    p.add_argument("--no-write", action="store_true", help="print only, do not touch the CSV")
+    args = p.parse_args()
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    chosen = [tuple(map(int, args.shape.split(",")))] if args.shape else \
+        shapes[device.type] + (sweep if args.sweep else [])
+    rows = []
+    for s in chosen:
+        for case in cases(*s, args.device, dtype):
+            new = measure(case, device)
+            print_rows(new)
+            rows += new
+    for line in speedups(rows, "attnpool-cpp" if device.type == "cpu" else "attnpool-cuda"):
+        print(line)
+    if not args.no_write:
+        print("wrote", write_rows(rows, device))

@@ -1,0 +1,63 @@
+"""Attentional pooling: eager (paper form) vs torch.compile (factored form) vs attnpool
+backends (DESIGN §3.2, §5).
+
+    python benchmarks/bench_attentional_pooling.py [--device cpu|cuda] [--shape B,C,H,W,K,P]
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import harness  # noqa: E402
+
+import attnpool  # noqa: E402
+from attnpool import reference  # noqa: E402
+
+OP = "attentional_pooling"
+# (B·T, C, H, W, K, P): the issue's CPU shape; the §5 shape.
+SHAPES = {"cpu": [(32, 1024, 14, 14, 400, 1)], "cuda": [(256, 2048, 14, 14, 400, 1)]}
+SWEEP = [(256, 2048, 14, 14, 400, p) for p in (2, 4, 8)] + [(256, 2048, 7, 7, 400, 1)]
+
+
+class Factored(reference.AttentionalPooling):
+    """The best plain-PyTorch form (what torch.compile gets): the factored sums of DESIGN
+    §3.2, O(n·C·P + C·K·P), no [n, K] top-down maps."""
+
+    def forward(self, x):
+        B, C, H, W = x.shape
+        z, h = reference.attentional_pool(x.reshape(B, C, H * W), self.weight_bottom_up,
+                                          self.bias_bottom_up)
+        return torch.einsum("bpc,pkc->bk", z, self.weight_top_down) + \
+            h.mean(-1) @ self.bias_top_down
+
+
+def cases(B, C, H, W, K, P, device, dtype):
+    shape = f"B={B},C={C},H={H},W={W},K={K},P={P}"
+    torch.manual_seed(0)
+    ref = reference.AttentionalPooling(C, K, rank=P).to(device, dtype)
+    factored = Factored(C, K, rank=P).to(device, dtype)
+    factored.load_state_dict(ref.state_dict())
+    x0 = torch.randn(B, C, H, W, device=device, dtype=dtype)
+    grad = torch.randn(B, K, device=device, dtype=dtype)
+
+    yield harness.Case(OP, "eager", shape, harness.module_setup(lambda: ref, x0, grad))
+    yield harness.Case(OP, "compile", shape,
+                       harness.module_setup(lambda: torch.compile(factored), x0, grad))
+    for backend in ("cpp", "cuda", "triton"):
+        if attnpool.available(OP, torch.device(device), dtype)[backend] is None:
+            if device == "cpu" and backend == "triton":
+                continue  # the interpreter is a test vehicle, not a provider
+            def fused(backend=backend):
+                m = attnpool.AttentionalPooling(C, K, rank=P, backend=backend).to(device, dtype)
+                m.load_state_dict(ref.state_dict())
+                return m
+            yield harness.Case(OP, f"attnpool-{backend}", shape,
+                               harness.module_setup(fused, x0, grad))
+
+
+if __name__ == "__main__":
+    harness.cli(__doc__, SHAPES, SWEEP, cases)
