@@ -379,3 +379,68 @@ class AttentionalPooling(nn.Module):
             raise ValueError(f"target must have the heatmaps' shape {list(heatmaps.shape)}, "
                              f"got {list(target.shape)}")
         return torch.nn.functional.mse_loss(heatmaps, target)
+
+
+def weighted_pool(x: Tensor, h: Tensor) -> Tensor:
+    """Spatial pooling of x ``[B, C, n]`` under P given maps h ``[B, P, n]``:
+    z ``[B, P, C]`` = (1/n) Σ_i h[:, p, i]·x[:, :, i]. The core of attentional pooling with
+    the bottom-up maps supplied (pose variant), and of the masked frame means of §3.3."""
+    return torch.einsum("bpn,bcn->bpc", h, x) / x.shape[-1]
+
+
+# --------------------------------------------------------------------------
+# Spatio-temporal attention (Meng et al., ICLR 2019), DESIGN 3.3
+# --------------------------------------------------------------------------
+def _reduce(terms: Tensor, reduction: str) -> Tensor:
+    if reduction == "sum":
+        return terms.sum()
+    if reduction == "mean":  # of no terms (T < 3 for unimodality): 0, not NaN
+        return terms.sum() / max(terms.numel(), 1)
+    raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
+
+
+def total_variation(mask: Tensor, reduction: str = "sum") -> Tensor:
+    """Anisotropic total variation of the spatial masks ``[B, T, H, W]``: Σ |vertical
+    differences| + Σ |horizontal differences| per map, summed (or averaged) over the B·T maps."""
+    tv = (mask[..., 1:, :] - mask[..., :-1, :]).abs().sum((-2, -1)) + \
+        (mask[..., :, 1:] - mask[..., :, :-1]).abs().sum((-2, -1))
+    return _reduce(tv, reduction)
+
+
+def mask_contrast(mask: Tensor) -> Tensor:
+    """(1/B) Σ ½·M·1{M<0.5} − ½·M·1{M>0.5}: pushes mask values away from 0.5
+    (the indicators are constants for the gradient)."""
+    low = (mask < 0.5).to(mask.dtype)
+    high = (mask > 0.5).to(mask.dtype)
+    return (0.5 * mask * low - 0.5 * mask * high).sum() / mask.shape[0]
+
+
+def unimodality(w: Tensor, sqrt: bool = True, reduction: str = "mean") -> Tensor:
+    """Temporal weights ``[B, T]``: r_t = relu(w[t-1]·w[t+1] − w[t]²) for t = 1..T-2 (the
+    official code takes sqrt(r_t); the paper does not), reduced over b and t."""
+    r = torch.relu(w[:, :-2] * w[:, 2:] - w[:, 1:-1] ** 2)
+    if sqrt:
+        r = torch.sqrt(r)
+    return _reduce(r, reduction)
+
+
+def st_regularizer(mask: Tensor, w: Tensor, tv_weight: float = 1e-5,
+                   contrast_weight: float = 1e-4, unimodal_weight: float = 1.0, *,
+                   sqrt: bool = True, tv_reduction: str = "sum",
+                   unimodal_reduction: str = "mean") -> Tensor:
+    """The three regularisers of Meng et al., weighted and summed (official defaults)."""
+    return (tv_weight * total_variation(mask, tv_reduction)
+            + contrast_weight * mask_contrast(mask)
+            + unimodal_weight * unimodality(w, sqrt, unimodal_reduction))
+
+
+def masked_frame_means(x: Tensor, mask: Tensor) -> Tensor:
+    """x ``[B, T, C, H, W]``, mask ``[B, T, H, W]`` -> mean_{i,j}(mask_t ⊙ x_t) ``[B, T, C]``."""
+    return (x * mask[:, :, None]).mean((-2, -1))
+
+
+def temporal_attention_pool(x: Tensor, mask: Tensor, scores: Tensor) -> tuple[Tensor, Tensor]:
+    """w = softmax_T(scores) ``[B, T]``; pooled ``[B, C]`` = Σ_t w_t · mean_{i,j}(mask_t ⊙ x_t).
+    Returns (pooled, w)."""
+    w = torch.softmax(scores, dim=1)
+    return torch.einsum("bt,btc->bc", w, masked_frame_means(x, mask)), w

@@ -43,6 +43,31 @@ AttpoolBackward attentional_pool_backward_cpu(const at::Tensor& grad_z, const at
                                               const at::Tensor& x, const at::Tensor& h,
                                               const at::Tensor& wb);
 
+// Weighted spatial pooling under given maps (attentional pooling with the bottom-up maps
+// supplied; the masked frame means of DESIGN 3.3):
+//   x [B, C, n] (n- or C-contiguous), h [B, P, n] (x's dtype, contiguous)
+//   -> z [B, P, C] = (1/n) sum_i h[:, :, i] x[:, :, i] (x's dtype)
+// backward: grad_z [B, P, C] -> grad_x (x's shape and layout) = (1/n) grad_z^T h,
+//           grad_h [B, P, n] = (1/n) grad_z x.
+at::Tensor weighted_pool_forward_cpu(const at::Tensor& x, const at::Tensor& h);
+std::tuple<at::Tensor, at::Tensor> weighted_pool_backward_cpu(const at::Tensor& grad_z,
+                                                              const at::Tensor& x,
+                                                              const at::Tensor& h);
+
+// Spatio-temporal regulariser (DESIGN 3.3), all three terms in one kernel:
+//   mask [B, T, H, W], w [B, T] (one dtype, contiguous) -> total, a 0-dim tensor of that dtype
+//   = tv_weight * TV(mask) + contrast_weight * contrast(mask) + unimodal_weight * U(w),
+//   TV summed over the B*T maps (averaged when tv_mean), U over the B*(T-2) terms
+//   (averaged when unimodal_mean; 0 when T < 3), sqrt as the official code when `sqrt`.
+// backward: grad_total (0-dim) -> grad_mask [B, T, H, W], grad_w [B, T].
+at::Tensor st_regularizer_forward_cpu(const at::Tensor& mask, const at::Tensor& w,
+                                      double tv_weight, double contrast_weight,
+                                      double unimodal_weight, bool sqrt, bool tv_mean,
+                                      bool unimodal_mean);
+std::tuple<at::Tensor, at::Tensor> st_regularizer_backward_cpu(
+    const at::Tensor& grad_total, const at::Tensor& mask, const at::Tensor& w, double tv_weight,
+    double contrast_weight, double unimodal_weight, bool sqrt, bool tv_mean, bool unimodal_mean);
+
 #ifdef ATTNPOOL_WITH_CUDA
 ClusterForward cluster_pool_forward_cuda(const at::Tensor& x, const at::Tensor& scores,
                                          const c10::optional<at::Tensor>& lengths,
@@ -57,6 +82,17 @@ AttpoolForward attentional_pool_forward_cuda(const at::Tensor& x, const at::Tens
 AttpoolBackward attentional_pool_backward_cuda(const at::Tensor& grad_z, const at::Tensor& grad_h,
                                                const at::Tensor& x, const at::Tensor& h,
                                                const at::Tensor& wb);
+at::Tensor weighted_pool_forward_cuda(const at::Tensor& x, const at::Tensor& h);
+std::tuple<at::Tensor, at::Tensor> weighted_pool_backward_cuda(const at::Tensor& grad_z,
+                                                               const at::Tensor& x,
+                                                               const at::Tensor& h);
+at::Tensor st_regularizer_forward_cuda(const at::Tensor& mask, const at::Tensor& w,
+                                       double tv_weight, double contrast_weight,
+                                       double unimodal_weight, bool sqrt, bool tv_mean,
+                                       bool unimodal_mean);
+std::tuple<at::Tensor, at::Tensor> st_regularizer_backward_cuda(
+    const at::Tensor& grad_total, const at::Tensor& mask, const at::Tensor& w, double tv_weight,
+    double contrast_weight, double unimodal_weight, bool sqrt, bool tv_mean, bool unimodal_mean);
 #endif
 
 }  // namespace attnpool
