@@ -1,13 +1,19 @@
 """attnpool: fused kernels for attention pooling in action recognition.
 
 Modules: :class:`AttentionCluster`, :class:`MultimodalAttentionClusters`,
-:class:`AttentionalPooling`. Model surgery: :mod:`attnpool.swap`.
+:class:`AttentionalPooling`, :class:`SpatioTemporalAttention` (+ :mod:`attnpool.losses`).
+Model surgery: :mod:`attnpool.swap`.
 Backends: ``backend=`` argument, :func:`use_backend`, or ``ATTNPOOL_BACKEND``.
 """
 
-from attnpool import functional, reference, swap
+from attnpool import functional, losses, reference, swap
 from attnpool.backends import BackendUnavailableError, available, use_backend
-from attnpool.nn import AttentionalPooling, AttentionCluster, MultimodalAttentionClusters
+from attnpool.nn import (
+    AttentionalPooling,
+    AttentionCluster,
+    MultimodalAttentionClusters,
+    SpatioTemporalAttention,
+)
 
 __version__ = "0.1.0"
 
@@ -16,8 +22,10 @@ __all__ = [
     "AttentionalPooling",
     "BackendUnavailableError",
     "MultimodalAttentionClusters",
+    "SpatioTemporalAttention",
     "available",
     "functional",
+    "losses",
     "reference",
     "swap",
     "use_backend",

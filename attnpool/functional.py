@@ -13,7 +13,10 @@ from torch import Tensor
 
 from attnpool import backends, ops, reference
 
-__all__ = ["attention_cluster", "attentional_pooling", "pose_attentional_pooling"]
+__all__ = [
+    "attention_cluster", "attentional_pooling", "masked_frame_means", "pose_attentional_pooling",
+    "st_regularizer", "temporal_attention_pool",
+]
 
 
 # ---------------------------------------------------------------- input checks
@@ -215,11 +218,11 @@ def attentional_pooling(
 
 def pose_attentional_pooling(
     x: Tensor, q: Tensor, weight_bottom_up: Tensor, bias_bottom_up: Tensor | None,
-    weight_top_down: Tensor, bias_top_down: Tensor | None,
+    weight_top_down: Tensor, bias_top_down: Tensor | None, *, backend: str | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Attentional pooling with bottom-up maps from the pose pre-logits q ``[B, (T,) D, H, W]``
-    (weight_bottom_up ``[P, D]``), in the factored form, plain PyTorch (no fused kernel).
-    Returns ``(logits [B, K], bottom-up maps [B, (T,) P, H, W])``."""
+    (weight_bottom_up ``[P, D]``), in the factored form: the pooling of x under the maps runs
+    in the fused ``weighted_pool`` kernel. Returns ``(logits [B, K], maps [B, (T,) P, H, W])``."""
     C, H, W = x.shape[-3:]
     D = q.shape[-3]
     lead = x.shape[:-3]
@@ -227,10 +230,106 @@ def pose_attentional_pooling(
     h = torch.einsum("pd,bdn->bpn", weight_bottom_up, q.reshape(-1, D, H * W))
     if bias_bottom_up is not None:
         h = h + bias_bottom_up[:, None]
-    z = torch.einsum("bpn,bcn->bpc", h, feats) / (H * W)
+    name = backends.resolve("weighted_pool", backend, x.device, x.dtype)
+    z = reference.weighted_pool(feats, h) if name == "reference" else \
+        ops.weighted_pool(feats, h, name)
     logits = torch.einsum("bpc,pkc->bk", z, weight_top_down)
     if bias_top_down is not None:
         logits = logits + h.mean(-1) @ bias_top_down
     if x.dim() == 5:
         logits = logits.reshape(*lead, logits.shape[-1]).mean(1)
     return logits, h.reshape(*lead, h.shape[1], H, W)
+
+
+# ================================================ spatio-temporal attention
+def st_regularizer(
+    mask: Tensor | None,
+    w: Tensor | None,
+    tv_weight: float = 1e-5,
+    contrast_weight: float = 1e-4,
+    unimodal_weight: float = 1.0,
+    *,
+    sqrt: bool = True,
+    tv_reduction: str = "sum",
+    unimodal_reduction: str = "mean",
+    backend: str | None = None,
+) -> Tensor:
+    """tv_weight·TV(mask) + contrast_weight·contrast(mask) + unimodal_weight·unimodality(w)
+    (Meng et al.; see :mod:`attnpool.losses`) in one fused kernel, forward and backward.
+
+    Args:
+        mask: spatial masks ``[B, T, H, W]`` (sigmoid outputs) or None (no mask terms).
+        w: temporal weights ``[B, T]`` (softmax over T) or None (no unimodality term).
+    Returns a 0-dim tensor in the inputs' dtype.
+    """
+    for name, r in (("tv_reduction", tv_reduction), ("unimodal_reduction", unimodal_reduction)):
+        if r not in ("sum", "mean"):
+            raise ValueError(f"{name} must be 'sum' or 'mean', got {r!r}")
+    if mask is None and w is None:
+        raise ValueError("st_regularizer needs mask [B, T, H, W] or w [B, T]")
+    if mask is not None:
+        _check_float("mask", mask, "[B, T, H, W]")
+        if mask.dim() != 4:
+            raise ValueError(f"mask must have shape [B, T, H, W], got {list(mask.shape)}")
+    if w is not None:
+        _check_float("w", w, "[B, T]")
+        if w.dim() != 2:
+            raise ValueError(f"w must have shape [B, T], got {list(w.shape)}")
+    if mask is None:  # neutral stand-ins: their terms are 0 and have weight 0
+        mask = w.new_zeros(*w.shape, 1, 1)
+        tv_weight = contrast_weight = 0.0
+    elif w is None:
+        w = mask.new_zeros(mask.shape[:2])
+        unimodal_weight = 0.0
+    else:
+        _check_like("w", w, mask, tuple(mask.shape[:2]))
+    mask, w = _autocast(mask, w)
+    name = backends.resolve("st_regularizer", backend, mask.device, mask.dtype)
+    args = (float(tv_weight), float(contrast_weight), float(unimodal_weight))
+    if name == "reference":
+        return reference.st_regularizer(mask, w, *args, sqrt=sqrt, tv_reduction=tv_reduction,
+                                        unimodal_reduction=unimodal_reduction)
+    return ops.st_regularizer(mask, w, *args, sqrt, tv_reduction == "mean",
+                              unimodal_reduction == "mean", name)
+
+
+def _check_clip(x: Tensor, mask: Tensor) -> None:
+    _check_float("x", x, "[B, T, C, H, W]")
+    if x.dim() != 5:
+        raise ValueError(f"x must have shape [B, T, C, H, W], got {list(x.shape)}")
+    B, T, _, H, W = x.shape
+    if min(T, H, W) < 1:
+        raise ValueError(f"x must have T, H, W >= 1, got {list(x.shape)}")
+    _check_like("mask", mask, x, (B, T, H, W))
+
+
+def masked_frame_means(x: Tensor, mask: Tensor, *, backend: str | None = None) -> Tensor:
+    """mean_{i,j}(mask_t ⊙ x_t): x ``[B, T, C, H, W]`` (per-frame NCHW or channels-last),
+    mask ``[B, T, H, W]`` -> ``[B, T, C]``, in one pass over x (fused, forward and backward)."""
+    _check_clip(x, mask)
+    x, mask = _autocast(x, mask)
+    name = backends.resolve("weighted_pool", backend, x.device, x.dtype)
+    if name == "reference":
+        return reference.masked_frame_means(x, mask)
+    B, T, C, H, W = x.shape
+    z = ops.weighted_pool(x.reshape(B * T, C, H * W), mask.reshape(B * T, 1, H * W), name)
+    return z.reshape(B, T, C)
+
+
+def temporal_attention_pool(x: Tensor, mask: Tensor, scores: Tensor, *,
+                            backend: str | None = None) -> tuple[Tensor, Tensor]:
+    """Spatio-temporal attention pooling (Meng et al.): w = softmax_T(scores),
+    pooled = Σ_t w_t · mean_{i,j}(mask_t ⊙ x_t).
+
+    Args:
+        x: clip features ``[B, T, C, H, W]``; mask: spatial masks ``[B, T, H, W]``;
+        scores: temporal scores ``[B, T]``.
+    Returns ``(pooled [B, C], w [B, T])``. x is read once (the masked means are fused);
+    the softmax and the sum over frames work on the small ``[B, T, C]`` means.
+    """
+    _check_clip(x, mask)
+    _check_like("scores", scores, x, tuple(x.shape[:2]))
+    f = masked_frame_means(x, mask, backend=backend)
+    (scores,) = _autocast(scores)
+    w = torch.softmax(scores, dim=1)
+    return torch.einsum("bt,btc->bc", w, f), w

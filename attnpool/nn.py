@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from attnpool import functional, reference
+from attnpool import functional, losses, reference
 
-__all__ = ["AttentionCluster", "AttentionalPooling", "MultimodalAttentionClusters"]
+__all__ = [
+    "AttentionCluster", "AttentionalPooling", "MultimodalAttentionClusters", "SpatioTemporalAttention",
+]
 
 
 class AttentionCluster(reference.AttentionCluster):
@@ -64,8 +66,7 @@ class AttentionalPooling(reference.AttentionalPooling):
         pose_keypoints: J enables the pose-regularised variant: a 1×1 conv + ReLU of
             ``pose_channels`` "pose pre-logits" feeds the bottom-up maps and a keypoint
             heatmap head (``forward(..., return_heatmaps=True)``, :meth:`pose_loss`).
-            Its pooling runs the factored form in plain PyTorch (the fused kernel derives
-            the bottom-up maps from x itself).
+            Its pooling of x under those maps runs in the fused ``weighted_pool`` kernel.
         backend: None (context / ``ATTNPOOL_BACKEND`` / auto), "auto", "reference", "cpp",
             "cuda" or "triton".
 
@@ -85,4 +86,29 @@ class AttentionalPooling(reference.AttentionalPooling):
     def _pose_pool(self, x: Tensor, q: Tensor) -> tuple[Tensor, Tensor]:
         return functional.pose_attentional_pooling(
             x, q, self.weight_bottom_up, self.bias_bottom_up, self.weight_top_down,
-            self.bias_top_down)
+            self.bias_top_down, backend=self.backend)
+
+
+class SpatioTemporalAttention(reference.SpatioTemporalAttention):
+    """Spatio-temporal attention (Meng et al., "Where and When to Look?") with fused kernels.
+
+    The official mask network (three 3×3 convs with BN + ReLU, sigmoid) gives a spatial mask
+    per frame; a linear temporal scorer on the masked, spatially averaged frame features gives
+    softmax weights over the T frames; the output is the weighted sum of those features.
+    The masked means read x once (fused ``weighted_pool``); ``.regularizer(mask, w)`` is the
+    fused :class:`attnpool.losses.SpatioTemporalRegularizer`.
+
+    ``forward(x [B, T, C, H, W], return_attention=False)`` -> ``[B, C]`` (and mask
+    ``[B, T, H, W]``, w ``[B, T]``). Same state_dict as the reference twin.
+    """
+
+    def __init__(self, in_channels: int, mask_hidden: tuple[int, int] = (1024, 512), *,
+                 backend: str | None = None, **kwargs) -> None:
+        super().__init__(in_channels, mask_hidden, **kwargs)
+        self.backend = backend
+        self.regularizer = losses.SpatioTemporalRegularizer(
+            self.regularizer.tv_weight, self.regularizer.contrast_weight,
+            self.regularizer.unimodal_weight, backend=backend)
+
+    def _frame_means(self, x: Tensor, mask: Tensor) -> Tensor:
+        return functional.masked_frame_means(x, mask, backend=self.backend)

@@ -232,3 +232,116 @@ attentional_pool.register_autograd(_attpool_backward, setup_context=_attpool_set
 attentional_pool_backward.register_autograd(
     _no_double_backward("attentional_pool"), setup_context=lambda ctx, inputs, output: None
 )
+
+
+# ============================================= weighted spatial pooling (given maps)
+_register_kernels("weighted_pool", "attentional_pool", "weighted_pool")
+
+
+@torch.library.custom_op("attnpool::weighted_pool", mutates_args=())
+def weighted_pool(x: Tensor, h: Tensor, backend: str) -> Tensor:
+    """x [B, C, n], h [B, P, n] -> z [B, P, C] = (1/n) Σ_i h[:, :, i] x[:, :, i]."""
+    B, C, _ = x.shape
+    if B == 0:
+        return x.new_empty(0, h.shape[1], C)
+    impl = backends.implementation("weighted_pool", backend)
+    return impl.forward(_dense_bcn(x), h.contiguous())
+
+
+@weighted_pool.register_fake
+def _(x, h, backend):
+    return x.new_empty(x.shape[0], h.shape[1], x.shape[1])
+
+
+@torch.library.custom_op("attnpool::weighted_pool_backward", mutates_args=())
+def weighted_pool_backward(grad_z: Tensor, x: Tensor, h: Tensor, backend: str
+                           ) -> tuple[Tensor, Tensor]:
+    """Gradients of weighted_pool w.r.t. x (x's layout) and h."""
+    if x.shape[0] == 0:
+        return torch.zeros_like(x), torch.zeros_like(h)
+    impl = backends.implementation("weighted_pool", backend)
+    return impl.backward(grad_z.contiguous(), _dense_bcn(x), h.contiguous())
+
+
+@weighted_pool_backward.register_fake
+def _(grad_z, x, h, backend):
+    return torch.empty_like(_dense_bcn(x)), torch.empty_like(h, memory_format=torch.contiguous_format)
+
+
+def _wpool_setup(ctx, inputs, output):
+    x, h, backend = inputs
+    ctx.save_for_backward(x, h)
+    ctx.backend = backend
+
+
+def _wpool_backward(ctx, grad_z):
+    x, h = ctx.saved_tensors
+    grad_x, grad_h = weighted_pool_backward(grad_z, x, h, ctx.backend)
+    return grad_x, grad_h, None
+
+
+weighted_pool.register_autograd(_wpool_backward, setup_context=_wpool_setup)
+weighted_pool_backward.register_autograd(
+    _no_double_backward("weighted_pool"), setup_context=lambda ctx, inputs, output: None
+)
+
+
+# ================================================ spatio-temporal regulariser
+_register_kernels("st_regularizer", "st_regularizer", "st_regularizer")
+
+
+@torch.library.custom_op("attnpool::st_regularizer", mutates_args=())
+def st_regularizer(mask: Tensor, w: Tensor, tv_weight: float, contrast_weight: float,
+                   unimodal_weight: float, sqrt: bool, tv_mean: bool, unimodal_mean: bool,
+                   backend: str) -> Tensor:
+    """Total variation + contrast of mask [B, T, H, W] and unimodality of w [B, T], weighted
+    and summed, in one fused kernel -> a 0-dim tensor."""
+    if mask.shape[0] == 0:
+        return mask.new_zeros(())
+    impl = backends.implementation("st_regularizer", backend)
+    return impl.forward(mask.contiguous(), w.contiguous(), tv_weight, contrast_weight,
+                        unimodal_weight, sqrt, tv_mean, unimodal_mean)
+
+
+@st_regularizer.register_fake
+def _(mask, w, tv_weight, contrast_weight, unimodal_weight, sqrt, tv_mean, unimodal_mean,
+      backend):
+    return mask.new_empty(())
+
+
+@torch.library.custom_op("attnpool::st_regularizer_backward", mutates_args=())
+def st_regularizer_backward(grad_total: Tensor, mask: Tensor, w: Tensor, tv_weight: float,
+                            contrast_weight: float, unimodal_weight: float, sqrt: bool,
+                            tv_mean: bool, unimodal_mean: bool, backend: str
+                            ) -> tuple[Tensor, Tensor]:
+    """Gradients of st_regularizer w.r.t. mask and w (one fused kernel)."""
+    if mask.shape[0] == 0:
+        return torch.zeros_like(mask), torch.zeros_like(w)
+    impl = backends.implementation("st_regularizer", backend)
+    return impl.backward(grad_total.contiguous(), mask.contiguous(), w.contiguous(), tv_weight,
+                         contrast_weight, unimodal_weight, sqrt, tv_mean, unimodal_mean)
+
+
+@st_regularizer_backward.register_fake
+def _(grad_total, mask, w, tv_weight, contrast_weight, unimodal_weight, sqrt, tv_mean,
+      unimodal_mean, backend):
+    return (torch.empty_like(mask, memory_format=torch.contiguous_format),
+            torch.empty_like(w, memory_format=torch.contiguous_format))
+
+
+def _streg_setup(ctx, inputs, output):
+    mask, w, *params = inputs
+    ctx.save_for_backward(mask, w)
+    ctx.params = params
+
+
+def _streg_backward(ctx, grad_total):
+    mask, w = ctx.saved_tensors
+    grad_mask, grad_w = st_regularizer_backward(grad_total, mask, w, *ctx.params)
+    return (grad_mask, grad_w) + (None,) * len(ctx.params)
+
+
+st_regularizer.register_autograd(_streg_backward, setup_context=_streg_setup)
+st_regularizer_backward.register_autograd(
+    _no_double_backward("st_regularizer"), setup_context=lambda ctx, inputs, output: None
+)

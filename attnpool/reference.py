@@ -444,3 +444,73 @@ def temporal_attention_pool(x: Tensor, mask: Tensor, scores: Tensor) -> tuple[Te
     Returns (pooled, w)."""
     w = torch.softmax(scores, dim=1)
     return torch.einsum("bt,btc->bc", w, masked_frame_means(x, mask)), w
+
+
+class SpatioTemporalRegularizer(nn.Module):
+    """Reference regulariser of Meng et al.: ``forward(mask [B, T, H, W], w [B, T])`` ->
+    tv_weight·TV + contrast_weight·contrast + unimodal_weight·unimodality (a scalar)."""
+
+    def __init__(self, tv_weight: float = 1e-5, contrast_weight: float = 1e-4,
+                 unimodal_weight: float = 1.0, *, sqrt: bool = True, tv_reduction: str = "sum",
+                 unimodal_reduction: str = "mean") -> None:
+        super().__init__()
+        for name, r in (("tv_reduction", tv_reduction), ("unimodal_reduction", unimodal_reduction)):
+            if r not in ("sum", "mean"):
+                raise ValueError(f"{name} must be 'sum' or 'mean', got {r!r}")
+        self.tv_weight, self.contrast_weight = float(tv_weight), float(contrast_weight)
+        self.unimodal_weight, self.sqrt = float(unimodal_weight), sqrt
+        self.tv_reduction, self.unimodal_reduction = tv_reduction, unimodal_reduction
+
+    def extra_repr(self) -> str:
+        return (f"tv_weight={self.tv_weight}, contrast_weight={self.contrast_weight}, "
+                f"unimodal_weight={self.unimodal_weight}, sqrt={self.sqrt}")
+
+    def forward(self, mask: Tensor, w: Tensor) -> Tensor:
+        return st_regularizer(mask, w, self.tv_weight, self.contrast_weight, self.unimodal_weight,
+                              sqrt=self.sqrt, tv_reduction=self.tv_reduction,
+                              unimodal_reduction=self.unimodal_reduction)
+
+
+class SpatioTemporalAttention(nn.Module):
+    """Reference spatio-temporal attention (Meng et al.): the official mask network (three
+    3×3 convs with BN + ReLU, sigmoid), a linear temporal scorer on the masked, spatially
+    averaged frame features, softmax over frames, the weighted sum; and the regulariser
+    as ``.regularizer(mask, w)``. Same state_dict as :class:`attnpool.SpatioTemporalAttention`.
+
+    ``forward(x [B, T, C, H, W], return_attention=False)`` -> pooled ``[B, C]`` (and the
+    masks ``[B, T, H, W]`` and temporal weights ``[B, T]`` with return_attention).
+    """
+
+    regularizer_class = SpatioTemporalRegularizer
+
+    def __init__(self, in_channels: int, mask_hidden: tuple[int, int] = (1024, 512), *,
+                 tv_weight: float = 1e-5, contrast_weight: float = 1e-4,
+                 unimodal_weight: float = 1.0, device=None, dtype=None) -> None:
+        super().__init__()
+        if in_channels < 1 or len(mask_hidden) != 2 or min(mask_hidden) < 1:
+            raise ValueError(f"in_channels must be >= 1 and mask_hidden two sizes >= 1, got "
+                             f"{in_channels}, {mask_hidden}")
+        kw = {"device": device, "dtype": dtype}
+        h1, h2 = mask_hidden
+        self.in_channels = in_channels
+        self.mask_net = nn.Sequential(
+            nn.Conv2d(in_channels, h1, 3, padding=1, **kw), nn.BatchNorm2d(h1, **kw), nn.ReLU(),
+            nn.Conv2d(h1, h2, 3, padding=1, **kw), nn.BatchNorm2d(h2, **kw), nn.ReLU(),
+            nn.Conv2d(h2, 1, 3, padding=1, **kw), nn.Sigmoid(),
+        )
+        self.temporal_scorer = nn.Linear(in_channels, 1, **kw)
+        self.regularizer = self.regularizer_class(tv_weight, contrast_weight, unimodal_weight)
+
+    def _frame_means(self, x: Tensor, mask: Tensor) -> Tensor:
+        return masked_frame_means(x, mask)
+
+    def forward(self, x: Tensor, return_attention: bool = False):
+        if x.dim() != 5 or x.shape[2] != self.in_channels:
+            raise ValueError(f"x must have shape [B, T, {self.in_channels}, H, W], "
+                             f"got {list(x.shape)}")
+        B, T, C, H, W = x.shape
+        mask = self.mask_net(x.reshape(B * T, C, H, W)).reshape(B, T, H, W)
+        f = self._frame_means(x, mask)                       # [B, T, C]
+        w = torch.softmax(self.temporal_scorer(f).squeeze(-1), dim=1)
+        pooled = torch.einsum("bt,btc->bc", w, f)
+        return (pooled, mask, w) if return_attention else pooled
