@@ -281,9 +281,8 @@ def st_regularizer(
     elif w is None:
         w = mask.new_zeros(mask.shape[:2])
         unimodal_weight = 0.0
-    else:
-        _check_like("w", w, mask, tuple(mask.shape[:2]))
     mask, w = _autocast(mask, w)
+    _check_like("w", w, mask, tuple(mask.shape[:2]))
     name = backends.resolve("st_regularizer", backend, mask.device, mask.dtype)
     args = (float(tv_weight), float(contrast_weight), float(unimodal_weight))
     if name == "reference":
@@ -306,8 +305,10 @@ def _check_clip(x: Tensor, mask: Tensor) -> None:
 def masked_frame_means(x: Tensor, mask: Tensor, *, backend: str | None = None) -> Tensor:
     """mean_{i,j}(mask_t ⊙ x_t): x ``[B, T, C, H, W]`` (per-frame NCHW or channels-last),
     mask ``[B, T, H, W]`` -> ``[B, T, C]``, in one pass over x (fused, forward and backward)."""
-    _check_clip(x, mask)
+    _check_float("x", x, "[B, T, C, H, W]")
+    _check_float("mask", mask, "[B, T, H, W]")
     x, mask = _autocast(x, mask)
+    _check_clip(x, mask)
     name = backends.resolve("weighted_pool", backend, x.device, x.dtype)
     if name == "reference":
         return reference.masked_frame_means(x, mask)
@@ -327,9 +328,11 @@ def temporal_attention_pool(x: Tensor, mask: Tensor, scores: Tensor, *,
     Returns ``(pooled [B, C], w [B, T])``. x is read once (the masked means are fused);
     the softmax and the sum over frames work on the small ``[B, T, C]`` means.
     """
+    _check_float("x", x, "[B, T, C, H, W]")
+    _check_float("scores", scores, "[B, T]")
+    x, mask, scores = _autocast(x, mask, scores)
     _check_clip(x, mask)
     _check_like("scores", scores, x, tuple(x.shape[:2]))
     f = masked_frame_means(x, mask, backend=backend)
-    (scores,) = _autocast(scores)
     w = torch.softmax(scores, dim=1)
     return torch.einsum("bt,btc->bc", w, f), w

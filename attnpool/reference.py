@@ -412,7 +412,7 @@ def mask_contrast(mask: Tensor) -> Tensor:
     (the indicators are constants for the gradient)."""
     low = (mask < 0.5).to(mask.dtype)
     high = (mask > 0.5).to(mask.dtype)
-    return (0.5 * mask * low - 0.5 * mask * high).sum() / mask.shape[0]
+    return (0.5 * mask * low - 0.5 * mask * high).sum() / max(mask.shape[0], 1)
 
 
 def unimodality(w: Tensor, sqrt: bool = True, reduction: str = "mean") -> Tensor:
