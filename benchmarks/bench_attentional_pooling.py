@@ -44,9 +44,9 @@ def cases(B, C, H, W, K, P, device, dtype):
     x0 = torch.randn(B, C, H, W, device=device, dtype=dtype)
     grad = torch.randn(B, K, device=device, dtype=dtype)
 
-    yield harness.Case(OP, "eager", shape, harness.module_setup(lambda: ref, x0, grad))
+    yield harness.Case(OP, "eager", shape, harness.call_setup(lambda: ref, x0, grad))
     yield harness.Case(OP, "compile", shape,
-                       harness.module_setup(lambda: torch.compile(factored), x0, grad))
+                       harness.call_setup(lambda: torch.compile(factored), x0, grad))
     for backend in ("cpp", "cuda", "triton"):
         if attnpool.available(OP, torch.device(device), dtype)[backend] is None:
             if device == "cpu" and backend == "triton":
@@ -56,7 +56,7 @@ def cases(B, C, H, W, K, P, device, dtype):
                 m.load_state_dict(ref.state_dict())
                 return m
             yield harness.Case(OP, f"attnpool-{backend}", shape,
-                               harness.module_setup(fused, x0, grad))
+                               harness.call_setup(fused, x0, grad))
 
 
 if __name__ == "__main__":

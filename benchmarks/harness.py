@@ -164,23 +164,24 @@ def speedups(rows: list[dict], ours: str) -> list[str]:
     return lines
 
 
-def module_setup(make_module: Callable[[], Callable], x0: torch.Tensor,
-                 grads: torch.Tensor | tuple[torch.Tensor, ...]) -> Callable:
-    """A Case.setup that runs ``make_module()(x)`` and backpropagates ``grads`` into x and
-    the parameters (a fresh leaf x per provider, so providers never share graphs)."""
+def call_setup(make_fn: Callable[[], Callable], inputs: torch.Tensor | tuple[torch.Tensor, ...],
+               grads: torch.Tensor | tuple[torch.Tensor, ...]) -> Callable:
+    """A Case.setup that runs ``make_fn()(*inputs)`` and backpropagates ``grads`` into the
+    inputs and the parameters (fresh leaf inputs per provider: providers never share graphs)."""
+    inputs = inputs if isinstance(inputs, tuple) else (inputs,)
     grads = grads if isinstance(grads, tuple) else (grads,)
 
     def setup():
-        module = make_module()
-        x = x0.clone().requires_grad_()
+        fn = make_fn()
+        leaves = [t.clone().requires_grad_() for t in inputs]
         state = {}
 
         def forward():
-            out = module(x)
+            out = fn(*leaves)
             state["out"] = out if isinstance(out, tuple) else (out,)
 
         def backward():
-            torch.autograd.backward(state["out"], grads, retain_graph=True)
+            torch.autograd.backward(state["out"][:len(grads)], grads, retain_graph=True)
 
         return forward, backward
     return setup

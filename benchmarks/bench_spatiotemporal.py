@@ -1,0 +1,66 @@
+"""Spatio-temporal attention (Meng et al.): the fused regulariser and the temporal attention
+pool vs eager and torch.compile of the reference (DESIGN §3.3, §5).
+
+    python benchmarks/bench_spatiotemporal.py [--device cpu|cuda] [--shape B,T,C,H,W]
+
+The regulariser is measured on mask [B, T, H, W] and w [B, T]; the pool on
+x [B, T, C, H, W] (the pool's backward also takes a gradient through the weights w).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import harness  # noqa: E402
+
+import attnpool  # noqa: E402
+from attnpool import functional, reference  # noqa: E402
+
+# (B, T, C, H, W): §5 (GPU) and scaled to the CPU (x 32 MB instead of 240 MB).
+SHAPES = {"cpu": [(8, 20, 1024, 7, 7), (30, 20, 256, 7, 7)], "cuda": [(30, 20, 2048, 7, 7)]}
+SWEEP = [(30, 20, 2048, 14, 14), (30, 64, 2048, 7, 7)]
+
+
+def cases(B, T, C, H, W, device, dtype):
+    torch.manual_seed(0)
+    mask = torch.rand(B, T, H, W, device=device, dtype=dtype)
+    w = torch.softmax(torch.randn(B, T, device=device, dtype=dtype), dim=1)
+    x = torch.randn(B, T, C, H, W, device=device, dtype=dtype)
+    scores = torch.randn(B, T, device=device, dtype=dtype)
+    one = torch.ones((), device=device, dtype=dtype)
+    grads = (torch.randn(B, C, device=device, dtype=dtype), torch.randn(B, T, device=device,
+                                                                        dtype=dtype))
+    dev = torch.device(device)
+    reg_shape, pool_shape = f"B={B},T={T},H={H},W={W}", f"B={B},T={T},C={C},H={H},W={W}"
+
+    yield harness.Case("st_regularizer", "eager", reg_shape,
+                       harness.call_setup(lambda: reference.st_regularizer, (mask, w), one))
+    yield harness.Case("st_regularizer", "compile", reg_shape,
+                       harness.call_setup(lambda: torch.compile(reference.st_regularizer),
+                                          (mask, w), one))
+    yield harness.Case("temporal_attention_pool", "eager", pool_shape,
+                       harness.call_setup(lambda: reference.temporal_attention_pool,
+                                          (x, mask, scores), grads))
+    yield harness.Case("temporal_attention_pool", "compile", pool_shape,
+                       harness.call_setup(lambda: torch.compile(reference.temporal_attention_pool),
+                                          (x, mask, scores), grads))
+    for backend in ("cpp", "cuda", "triton"):
+        if device == "cpu" and backend == "triton":
+            continue  # the interpreter is a test vehicle, not a provider
+        if attnpool.available("st_regularizer", dev, dtype)[backend] is None:
+            reg = functools.partial(functional.st_regularizer, backend=backend)
+            yield harness.Case("st_regularizer", f"attnpool-{backend}", reg_shape,
+                               harness.call_setup(lambda reg=reg: reg, (mask, w), one))
+        if attnpool.available("weighted_pool", dev, dtype)[backend] is None:
+            pool = functools.partial(functional.temporal_attention_pool, backend=backend)
+            yield harness.Case("temporal_attention_pool", f"attnpool-{backend}", pool_shape,
+                               harness.call_setup(lambda pool=pool: pool, (x, mask, scores), grads))
+
+
+if __name__ == "__main__":
+    harness.cli(__doc__, SHAPES, SWEEP, cases)
