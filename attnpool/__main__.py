@@ -62,12 +62,46 @@ def _attpool_case(device, dtype, B=3, C=24, H=5, W=6, K=7, P=2):
     return run
 
 
+def _temporal_pool_case(device, dtype, B=2, T=5, C=24, H=4, W=3):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(B, T, C, H, W, generator=g, dtype=torch.float64)
+    mask = torch.rand(B, T, H, W, generator=g, dtype=torch.float64)
+    scores = torch.randn(B, T, generator=g, dtype=torch.float64)
+    grad = torch.randn(B, C, generator=g, dtype=torch.float64)
+
+    def run(backend, dtype=dtype, device=device):
+        xx, mm, ss = (t.to(device, dtype).requires_grad_() for t in (x, mask, scores))
+        pooled, _ = functional.temporal_attention_pool(xx, mm, ss, backend=backend)
+        pooled.backward(grad.to(device, dtype))
+        return [pooled.detach(), xx.grad, mm.grad, ss.grad]
+
+    return run
+
+
+def _regularizer_case(device, dtype, B=3, T=8, H=7, W=7):
+    g = torch.Generator().manual_seed(0)
+    mask = torch.rand(B, T, H, W, generator=g, dtype=torch.float64)
+    w = torch.softmax(torch.randn(B, T, generator=g, dtype=torch.float64), dim=1)
+
+    def run(backend, dtype=dtype, device=device):
+        mm, ww = (t.to(device, dtype).requires_grad_() for t in (mask, w))
+        total = functional.st_regularizer(mm, ww, 0.1, 0.2, 1.0, backend=backend)
+        total.backward()
+        return [total.detach().reshape(1), mm.grad, ww.grad]
+
+    return run
+
+
 # op name -> (parity case builder, timing shape description, timing-case builder)
 CHECKS = {
     "attention_cluster": (_cluster_case, "B=16,L=25,F=512,N=32",
                           lambda d, t: _cluster_case(d, t, 16, 25, 512, 32)),
     "attentional_pooling": (_attpool_case, "B=16,C=512,H=W=14,K=400,P=1",
                             lambda d, t: _attpool_case(d, t, 16, 512, 14, 14, 400, 1)),
+    "weighted_pool": (_temporal_pool_case, "temporal_attention_pool B=4,T=20,C=256,H=W=7",
+                      lambda d, t: _temporal_pool_case(d, t, 4, 20, 256, 7, 7)),
+    "st_regularizer": (_regularizer_case, "B=30,T=20,H=W=7",
+                       lambda d, t: _regularizer_case(d, t, 30, 20, 7, 7)),
 }
 
 
