@@ -9,6 +9,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cluster_pool_backward_cpu", &attnpool::cluster_pool_backward_cpu);
   m.def("attentional_pool_forward_cpu", &attnpool::attentional_pool_forward_cpu);
   m.def("attentional_pool_backward_cpu", &attnpool::attentional_pool_backward_cpu);
+  m.def("weighted_pool_forward_cpu", &attnpool::weighted_pool_forward_cpu);
+  m.def("weighted_pool_backward_cpu", &attnpool::weighted_pool_backward_cpu);
+  m.def("st_regularizer_forward_cpu", &attnpool::st_regularizer_forward_cpu);
+  m.def("st_regularizer_backward_cpu", &attnpool::st_regularizer_backward_cpu);
 #ifdef ATTNPOOL_WITH_CUDA
   m.def("cluster_pool_forward_cuda", &attnpool::cluster_pool_forward_cuda);
   m.def("cluster_pool_backward_cuda", &attnpool::cluster_pool_backward_cuda);

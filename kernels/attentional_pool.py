@@ -1,9 +1,13 @@
-"""Fused Triton kernels of the attentional-pooling op (Girdhar & Ramanan, NeurIPS 2017).
+"""Fused Triton kernels of the attentional-pooling op (Girdhar & Ramanan, NeurIPS 2017)
+and of the weighted pool (the same op with the maps h given: pose variant, DESIGN 3.3).
 
-Contract: /work/notes/attpool_contract.md; executable spec: attnpool.reference.attentional_pool.
+Contracts: /work/notes/attpool_contract.md, /work/notes/st_contract.md; executable spec:
+attnpool.reference.attentional_pool and attnpool.reference.weighted_pool.
 
     attentional_pool_forward(x, wb, bb) -> (z [B, P, C], h [B, P, n])
     attentional_pool_backward(grad_z, grad_h, x, h, wb) -> (grad_x, grad_wb, grad_bb)
+    weighted_pool_forward(x, h) -> z [B, P, C] = (1/n) h @ x^T
+    weighted_pool_backward(grad_z, x, h) -> (grad_x, grad_h [B, P, n])
 
 x is [B, C, n], either n-contiguous (strides (C*n, n, 1)) or C-contiguous (strides
 (n*C, 1, C), channels-last): the kernels take x's strides and read it in place; the unit
@@ -35,6 +39,15 @@ backward kernel 2 (only when P spans several blocks), grid (B, n_tiles, cdiv(C, 
          kernel 1 then stores dh [B, P, n] (opmath) and this kernel loops over the P blocks:
          grad_x tile = (grad_z^T @ h) / n + wb^T @ dh, summed over the P blocks.
 
+weighted pool: the same grids and shared helpers (_pc_x_dot: the full-C reduction of a
+         [P, C] matrix with an x tile; _store_z: the z loop and its partials).
+         forward  = the attentional forward's step 2 with h loaded instead of computed;
+         backward kernel, grid (B, n_tiles, p_tiles): grad_h tile = (grad_z @ x) / n (full C
+         reduction, stored once, no partials) and, when P fits one block (FUSE_X),
+         grad_x tile = (grad_z^T @ h) / n; otherwise grad_x comes from backward kernel 2
+         above without its wb^T @ dh term (WITH_WB=False). No atomics, no partial buffers
+         in the backward; the forward's z partials (n > MAX_BLOCK_I) are summed as above.
+
 Precision: accumulation is in float32 (float64 for float64 inputs); tl.dot takes
 fp16/bf16 operands on tensor cores, fp32 with input_precision="ieee", fp64 as is. The
 opmath intermediates h (for z) and dh (for grad_wb and grad_x) enter tl.dot twice for
@@ -43,6 +56,9 @@ precision; grad_z enters unscaled and sums are divided by n in opmath (IEEE divi
 Every output is then rounded once from an opmath value, which keeps the error at or below
 the reference's own error at that dtype (the reference rounds h, grad_z / n and dh).
 grad_x's term grad_z^T h uses the stored h (x.dtype), as autograd of the reference does.
+The weighted pool has no opmath intermediate (its dot operands are all inputs in x.dtype),
+so it needs no split: each output is one dot accumulated in opmath, divided by n in opmath
+and rounded once.
 All block dims are powers of two >= 16.
 """
 
@@ -53,7 +69,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-__all__ = ["attentional_pool_forward", "attentional_pool_backward"]
+__all__ = ["attentional_pool_forward", "attentional_pool_backward",
+           "weighted_pool_forward", "weighted_pool_backward"]
 
 # Block-size caps (powers of two, >= 16). Module-level so tests can force the tiled paths.
 # Untuned (no GPU yet). Checked by an sm_90 AOT compile with ptxas: with BLOCK_C = 32,
@@ -142,6 +159,48 @@ def _dot_split(a_hi, a_lo, b_hi, b_lo, acc, SPLIT_A: tl.constexpr, SPLIT_B: tl.c
     return r
 
 
+@triton.jit
+def _pc_x_dot(acc, m_base, offs_p, p_mask, x_base, offs_i, i_mask, C, s_c, s_i,
+              LAYOUT: tl.constexpr, BLOCK_C: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """acc [BLOCK_P, BLOCK_I] + m @ x_tile: the full C reduction of a row-major [P, C] matrix
+    m (wb, or grad_z of one sample) with the x columns of one position tile."""
+    offs_c = tl.arange(0, BLOCK_C)
+    for c0 in range(0, C, BLOCK_C):
+        c = c0 + offs_c
+        c_mask = c < C
+        m = _load_pc(m_base, offs_p, p_mask, c, c_mask, C)  # [BLOCK_P, BLOCK_C]
+        xc = _load_x(x_base, c, c_mask, offs_i, i_mask, s_c, s_i, LAYOUT)  # [BLOCK_C, BLOCK_I]
+        acc = tl.dot(m, xc, acc, input_precision=DOT_PRECISION)
+    return acc
+
+
+@triton.jit
+def _store_z(h_hi, h_lo, x_base, z_ptr, zp_ptr, b, pid_i, offs_p, p_mask, offs_i, i_mask,
+             C, n, P, s_c, s_i, n_tiles, LAYOUT: tl.constexpr, SINGLE_I: tl.constexpr,
+             SPLIT: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+             DOT_PRECISION: tl.constexpr):
+    """z (partial) of one position tile: h @ x^T over all C chunks, h = h_hi (+ h_lo when
+    SPLIT) [BLOCK_P, BLOCK_I], 0 past n and P. SINGLE_I: z = . / n in x's dtype; otherwise the
+    opmath partial goes to zp [B, n_tiles, P, C]."""
+    ACC = zp_ptr.dtype.element_ty
+    DT = z_ptr.dtype.element_ty
+    offs_c = tl.arange(0, BLOCK_C)
+    nf = tl.zeros([1, 1], dtype=ACC) + n
+    for c0 in range(0, C, BLOCK_C):
+        c = c0 + offs_c
+        c_mask = c < C
+        xt = tl.trans(_load_x(x_base, c, c_mask, offs_i, i_mask, s_c, s_i, LAYOUT))
+        zp = _dot_split(h_hi, h_lo, xt, xt, tl.zeros([BLOCK_P, BLOCK_C], dtype=ACC),
+                        SPLIT, False, DOT_PRECISION)  # [BLOCK_P, BLOCK_C]
+        pc_mask = p_mask[:, None] & c_mask[None, :]
+        if SINGLE_I:
+            tl.store(z_ptr + (b * P + offs_p[:, None]) * C + c[None, :],
+                     _div(zp, nf).to(DT), mask=pc_mask)
+        else:
+            tl.store(zp_ptr + ((b * n_tiles + pid_i) * P + offs_p[:, None]) * C + c[None, :],
+                     zp, mask=pc_mask)
+
+
 # =============================================================================== forward
 @triton.jit
 def _attpool_fwd_kernel(
@@ -161,17 +220,11 @@ def _attpool_fwd_kernel(
     p_mask = offs_p < P
     offs_i = pid_i * BLOCK_I + tl.arange(0, BLOCK_I)
     i_mask = offs_i < n
-    offs_c = tl.arange(0, BLOCK_C)
     x_base = x_ptr + b * s_b
 
     # ---- bottom-up maps of this tile: h = wb @ x + bb (full C reduction)
-    acc = tl.zeros([BLOCK_P, BLOCK_I], dtype=ACC)
-    for c0 in range(0, C, BLOCK_C):
-        c = c0 + offs_c
-        c_mask = c < C
-        w = _load_pc(wb_ptr, offs_p, p_mask, c, c_mask, C)  # [BLOCK_P, BLOCK_C]
-        xc = _load_x(x_base, c, c_mask, offs_i, i_mask, s_c, s_i, LAYOUT)  # [BLOCK_C, BLOCK_I]
-        acc = tl.dot(w, xc, acc, input_precision=DOT_PRECISION)
+    acc = _pc_x_dot(tl.zeros([BLOCK_P, BLOCK_I], dtype=ACC), wb_ptr, offs_p, p_mask,
+                    x_base, offs_i, i_mask, C, s_c, s_i, LAYOUT, BLOCK_C, DOT_PRECISION)
     bias = tl.load(bb_ptr + offs_p, mask=p_mask, other=0.0).to(ACC)
     h = acc + bias[:, None]
     tl.store(h_ptr + (b * P + offs_p[:, None]) * n + offs_i[None, :], h.to(DT),
@@ -180,20 +233,32 @@ def _attpool_fwd_kernel(
     h_hi, h_lo = _split(h, DT, SPLIT)
 
     # ---- z (partial) of this tile: h @ x^T, h in opmath (hi + lo for fp16 / bf16)
-    nf = tl.zeros([1, 1], dtype=ACC) + n
-    for c0 in range(0, C, BLOCK_C):
-        c = c0 + offs_c
-        c_mask = c < C
-        xt = tl.trans(_load_x(x_base, c, c_mask, offs_i, i_mask, s_c, s_i, LAYOUT))
-        zp = _dot_split(h_hi, h_lo, xt, xt, tl.zeros([BLOCK_P, BLOCK_C], dtype=ACC),
-                        SPLIT, False, DOT_PRECISION)  # [BLOCK_P, BLOCK_C]
-        pc_mask = p_mask[:, None] & c_mask[None, :]
-        if SINGLE_I:
-            tl.store(z_ptr + (b * P + offs_p[:, None]) * C + c[None, :],
-                     _div(zp, nf).to(DT), mask=pc_mask)
-        else:
-            tl.store(zp_ptr + ((b * n_tiles + pid_i) * P + offs_p[:, None]) * C + c[None, :],
-                     zp, mask=pc_mask)
+    _store_z(h_hi, h_lo, x_base, z_ptr, zp_ptr, b, pid_i, offs_p, p_mask, offs_i, i_mask,
+             C, n, P, s_c, s_i, n_tiles, LAYOUT, SINGLE_I, SPLIT, BLOCK_P, BLOCK_C,
+             DOT_PRECISION)
+
+
+@triton.jit
+def _wpool_fwd_kernel(
+    x_ptr, h_ptr, z_ptr, zp_ptr,
+    C, n, P, s_b, s_c, s_i, n_tiles,
+    LAYOUT: tl.constexpr, SINGLE_I: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_I: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """z (or z partial) of one (b, position tile, P block) under the given maps h."""
+    b = tl.program_id(0).to(tl.int64)
+    pid_i = tl.program_id(1)
+    pid_p = tl.program_id(2)
+    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    p_mask = offs_p < P
+    offs_i = pid_i * BLOCK_I + tl.arange(0, BLOCK_I)
+    i_mask = offs_i < n
+    h = tl.load(h_ptr + (b * P + offs_p[:, None]) * n + offs_i[None, :],
+                mask=p_mask[:, None] & i_mask[None, :], other=0.0)  # x.dtype: no split
+    _store_z(h, h, x_ptr + b * s_b, z_ptr, zp_ptr, b, pid_i, offs_p, p_mask, offs_i, i_mask,
+             C, n, P, s_c, s_i, n_tiles, LAYOUT, SINGLE_I, False, BLOCK_P, BLOCK_C,
+             DOT_PRECISION)
 
 
 # =============================================================================== backward
@@ -222,13 +287,8 @@ def _attpool_bwd_kernel(
     nf = tl.zeros([1, 1], dtype=ACC) + n
 
     # ---- dh = grad_h + (grad_z @ x) / n   (full C reduction; grad_z enters unscaled)
-    acc = tl.zeros([BLOCK_P, BLOCK_I], dtype=ACC)
-    for c0 in range(0, C, BLOCK_C):
-        c = c0 + offs_c
-        c_mask = c < C
-        gz = _load_pc(gz_base, offs_p, p_mask, c, c_mask, C)  # [BLOCK_P, BLOCK_C]
-        xc = _load_x(x_base, c, c_mask, offs_i, i_mask, s_c, s_i, LAYOUT)  # [BLOCK_C, BLOCK_I]
-        acc = tl.dot(gz, xc, acc, input_precision=DOT_PRECISION)
+    acc = _pc_x_dot(tl.zeros([BLOCK_P, BLOCK_I], dtype=ACC), gz_base, offs_p, p_mask,
+                    x_base, offs_i, i_mask, C, s_c, s_i, LAYOUT, BLOCK_C, DOT_PRECISION)
     pi_off = (b * P + offs_p[:, None]) * n + offs_i[None, :]
     gh = tl.load(gh_ptr + pi_off, mask=pi_mask, other=0.0).to(ACC)
     # Rows past P must be exactly 0 (not 0 * Inf = NaN from a padded grad_z row): they meet
@@ -266,11 +326,13 @@ def _attpool_bwd_kernel(
 def _attpool_bwd_x_kernel(
     gz_ptr, h_ptr, wb_ptr, dh_ptr, gx_ptr,
     C, n, P, g_b, g_c, g_i,
-    G_LAYOUT: tl.constexpr, SPLIT: tl.constexpr,
+    G_LAYOUT: tl.constexpr, SPLIT: tl.constexpr, WITH_WB: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_I: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    """grad_x tile [BLOCK_C, BLOCK_I] = (grad_z^T @ h) / n + wb^T @ dh over all P blocks."""
+    """grad_x tile [BLOCK_C, BLOCK_I] = (grad_z^T @ h) / n (+ wb^T @ dh when WITH_WB; the
+    weighted pool has no wb: wb_ptr is unused and dh_ptr only carries the opmath dtype),
+    over all P blocks."""
     ACC = dh_ptr.dtype.element_ty
     DT = h_ptr.dtype.element_ty
     b = tl.program_id(0).to(tl.int64)
@@ -289,15 +351,60 @@ def _attpool_bwd_x_kernel(
         pi_mask = p_mask[:, None] & i_mask[None, :]
         pi_off = (b * P + offs_p[:, None]) * n + offs_i[None, :]
         gz_t = tl.trans(_load_pc(gz_base, offs_p, p_mask, c, c_mask, C))
-        w_t = tl.trans(_load_pc(wb_ptr, offs_p, p_mask, c, c_mask, C))
         h_dot = tl.load(h_ptr + pi_off, mask=pi_mask, other=0.0)
-        dh_hi, dh_lo = _split(tl.load(dh_ptr + pi_off, mask=pi_mask, other=0.0), DT, SPLIT)
         acc_z = tl.dot(gz_t, h_dot, acc_z, input_precision=DOT_PRECISION)
-        acc_h = _dot_split(w_t, w_t, dh_hi, dh_lo, acc_h, False, SPLIT, DOT_PRECISION)
+        if WITH_WB:
+            w_t = tl.trans(_load_pc(wb_ptr, offs_p, p_mask, c, c_mask, C))
+            dh_hi, dh_lo = _split(tl.load(dh_ptr + pi_off, mask=pi_mask, other=0.0), DT, SPLIT)
+            acc_h = _dot_split(w_t, w_t, dh_hi, dh_lo, acc_h, False, SPLIT, DOT_PRECISION)
     nf = tl.zeros([1, 1], dtype=ACC) + n
-    gx = _div(acc_z, nf) + acc_h
+    gx = _div(acc_z, nf)
+    if WITH_WB:
+        gx = gx + acc_h
     tl.store(gx_ptr + b * g_b + _x_offsets(c, offs_i, g_c, g_i, G_LAYOUT), gx.to(DT),
              mask=c_mask[:, None] & i_mask[None, :])
+
+
+@triton.jit
+def _wpool_bwd_kernel(
+    gz_ptr, x_ptr, h_ptr, gx_ptr, gh_ptr,
+    C, n, P, s_b, s_c, s_i, g_b, g_c, g_i,
+    LAYOUT: tl.constexpr, G_LAYOUT: tl.constexpr, FUSE_X: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_I: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """grad_h and (FUSE_X) grad_x of one (b, position tile, P block) of the weighted pool."""
+    DT = x_ptr.dtype.element_ty
+    b = tl.program_id(0).to(tl.int64)
+    pid_i = tl.program_id(1)
+    pid_p = tl.program_id(2)
+    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    p_mask = offs_p < P
+    offs_i = pid_i * BLOCK_I + tl.arange(0, BLOCK_I)
+    i_mask = offs_i < n
+    pi_mask = p_mask[:, None] & i_mask[None, :]
+    pi_off = (b * P + offs_p[:, None]) * n + offs_i[None, :]
+    x_base = x_ptr + b * s_b
+    gz_base = gz_ptr + b * P * C
+    nf = tl.zeros([1, 1], dtype=ACC) + n
+
+    # ---- grad_h = (grad_z @ x) / n   (full C reduction; grad_z enters unscaled)
+    acc = _pc_x_dot(tl.zeros([BLOCK_P, BLOCK_I], dtype=ACC), gz_base, offs_p, p_mask,
+                    x_base, offs_i, i_mask, C, s_c, s_i, LAYOUT, BLOCK_C, DOT_PRECISION)
+    tl.store(gh_ptr + pi_off, _div(acc, nf).to(DT), mask=pi_mask)
+
+    # ---- grad_x tile = (grad_z^T @ h) / n, when this program holds all of P
+    if FUSE_X:
+        h_dot = tl.load(h_ptr + pi_off, mask=pi_mask, other=0.0)  # [BLOCK_P, BLOCK_I]
+        offs_c = tl.arange(0, BLOCK_C)
+        for c0 in range(0, C, BLOCK_C):
+            c = c0 + offs_c
+            c_mask = c < C
+            gz_t = tl.trans(_load_pc(gz_base, offs_p, p_mask, c, c_mask, C))  # [BLOCK_C, BLOCK_P]
+            gx = tl.dot(gz_t, h_dot, tl.zeros([BLOCK_C, BLOCK_I], dtype=ACC),
+                        input_precision=DOT_PRECISION)  # [BLOCK_C, BLOCK_I]
+            tl.store(gx_ptr + b * g_b + _x_offsets(c, offs_i, g_c, g_i, G_LAYOUT),
+                     _div(gx, nf).to(DT), mask=c_mask[:, None] & i_mask[None, :])
 
 
 # =============================================================================== host side
@@ -402,10 +509,69 @@ def attentional_pool_backward(grad_z: Tensor, grad_h: Tensor, x: Tensor, h: Tens
     if not fuse_x:
         _attpool_bwd_x_kernel[(B, n_tiles, triton.cdiv(C, block_c))](
             grad_z, h, wb, dh, grad_x, C, n, P, *g_strides,
-            G_LAYOUT=g_layout, SPLIT=split, BLOCK_P=block_p, BLOCK_C=block_c, BLOCK_I=block_i,
+            G_LAYOUT=g_layout, SPLIT=split, WITH_WB=True, BLOCK_P=block_p, BLOCK_C=block_c, BLOCK_I=block_i,
             DOT_PRECISION=prec, num_warps=NUM_WARPS, num_stages=NUM_STAGES,
         )
     # fixed-order reductions over (b, tile): deterministic, no atomics
     grad_wb = pwb.sum((0, 1)).to(x.dtype)
     grad_bb = pbb.sum((0, 1)).to(x.dtype)
     return grad_x, grad_wb, grad_bb
+
+
+def weighted_pool_forward(x: Tensor, h: Tensor) -> Tensor:
+    """x [B, C, n] (n- or C-contiguous), h [B, P, n] (x.dtype) -> z [B, P, C] = h @ x^T / n."""
+    B, C, n = x.shape
+    P = h.shape[1]
+    acc = _opmath(x.dtype)
+    dev = x.device
+    h = h.contiguous()
+    block_p, block_c, block_i = _blocks(C, n, P)
+    n_tiles = triton.cdiv(n, block_i)
+    single_i = n_tiles == 1
+    layout = _layout(x)
+    z = torch.empty(B, P, C, dtype=x.dtype, device=dev)
+    zp = (torch.empty(1, dtype=acc, device=dev) if single_i  # never read: carries the dtype
+          else torch.empty(B, n_tiles, P, C, dtype=acc, device=dev))
+    _wpool_fwd_kernel[(B, n_tiles, triton.cdiv(P, block_p))](
+        x, h, z, zp, C, n, P, *_strides(x, layout), n_tiles,
+        LAYOUT=layout, SINGLE_I=single_i, BLOCK_P=block_p, BLOCK_C=block_c, BLOCK_I=block_i,
+        DOT_PRECISION=_dot_precision(x.dtype), num_warps=NUM_WARPS, num_stages=NUM_STAGES,
+    )
+    if not single_i:
+        z.copy_(zp.sum(1).div_(n))  # fixed-order reduction over the tiles
+    return z
+
+
+def weighted_pool_backward(grad_z: Tensor, x: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
+    """Gradients w.r.t. x (x's shape and layout) and h ([B, P, n], contiguous), in x.dtype."""
+    B, C, n = x.shape
+    P = h.shape[1]
+    acc = _opmath(x.dtype)
+    dev = x.device
+    grad_z = grad_z.contiguous()
+    h = h.contiguous()
+    block_p, block_c, block_i = _blocks(C, n, P)
+    n_tiles = triton.cdiv(n, block_i)
+    p_tiles = triton.cdiv(P, block_p)
+    fuse_x = p_tiles == 1
+    layout = _layout(x)
+    grad_x = torch.empty_like(x)  # keeps x's strides
+    g_layout = _layout(grad_x)
+    grad_h = torch.empty(B, P, n, dtype=x.dtype, device=dev)
+    prec = _dot_precision(x.dtype)
+    g_strides = _strides(grad_x, g_layout)
+    _wpool_bwd_kernel[(B, n_tiles, p_tiles)](
+        grad_z, x, h, grad_x, grad_h, C, n, P, *_strides(x, layout), *g_strides,
+        LAYOUT=layout, G_LAYOUT=g_layout, FUSE_X=fuse_x,
+        ACC=tl.float64 if acc == torch.float64 else tl.float32,
+        BLOCK_P=block_p, BLOCK_C=block_c, BLOCK_I=block_i, DOT_PRECISION=prec,
+        num_warps=NUM_WARPS, num_stages=NUM_STAGES,
+    )
+    if not fuse_x:
+        dtype_carrier = torch.empty(1, dtype=acc, device=dev)  # never read
+        _attpool_bwd_x_kernel[(B, n_tiles, triton.cdiv(C, block_c))](
+            grad_z, h, h, dtype_carrier, grad_x, C, n, P, *g_strides,
+            G_LAYOUT=g_layout, SPLIT=False, WITH_WB=False, BLOCK_P=block_p, BLOCK_C=block_c,
+            BLOCK_I=block_i, DOT_PRECISION=prec, num_warps=NUM_WARPS, num_stages=NUM_STAGES,
+        )
+    return grad_x, grad_h

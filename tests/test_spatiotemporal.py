@@ -26,8 +26,8 @@ def make_mask_w(B, T, H, W, seed, dtype=torch.float64):
 
 
 def reg_run(mask, w, backend, dtype, **kw):
-    mask = mask.to(dtype).requires_grad_()
-    w = w.to(dtype).requires_grad_()
+    mask = mask.detach().clone().to(dtype).requires_grad_()
+    w = w.detach().clone().to(dtype).requires_grad_()
     fn = reference.st_regularizer if backend == "reference" else \
         lambda *a, **k: AF.st_regularizer(*a, **k, backend=backend)
     total = fn(mask, w, 1e-1, 2e-1, 1.0, **kw)

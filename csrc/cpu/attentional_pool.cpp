@@ -1,6 +1,7 @@
 // Fused CPU kernels of attentional pooling (Girdhar & Ramanan 2017), factored core:
 //   h[b,p,i] = sum_c wb[p,c] x[b,c,i] + bb[p]          z[b,p,c] = (1/n) sum_i h[b,p,i] x[b,c,i]
-// and its backward (contract: notes/attpool_contract.md).
+// and its backward (contract: notes/attpool_contract.md); and the weighted pool, the same with h
+// given (z only; backward grad_x = grad_z^T h / n, grad_h = grad_z x / n; notes/st_contract.md).
 //
 // Work is split into tasks = (sample, block of positions). A task reads its block of x from
 // memory once and takes the second product (z after h; grad_wb after dh) from cache:
@@ -57,6 +58,30 @@ C10_ALWAYS_INLINE T dot(int64_t m, const T* C10_RESTRICT x, const T* C10_RESTRIC
   for (int64_t w = kLanes / 2; w > 0; w /= 2)
     for (int64_t l = 0; l < w; ++l) acc[l] += acc[l + w];
   return acc[0];
+}
+
+// dot for short rows (the weighted pool's n-contiguous channel rows, n = 49 typically): the
+// kLanes sums stay in registers, the tail is one scalar sum, and the lanes are folded by a
+// constant tree. A fixed order that does not depend on the SIMD width either.
+template <int W, typename T>
+C10_ALWAYS_INLINE void fold_lanes(T* acc) {
+  if constexpr (W > 0) {
+    for (int l = 0; l < W; ++l) acc[l] += acc[l + W];
+    fold_lanes<W / 2>(acc);
+  }
+}
+
+template <typename T>
+C10_ALWAYS_INLINE T dot_short(int64_t m, const T* C10_RESTRICT x, const T* C10_RESTRICT y) {
+  constexpr int kLanes = 64 / sizeof(T);
+  T acc[kLanes] = {};
+  int64_t k = 0;
+  for (; k + kLanes <= m; k += kLanes)
+    for (int l = 0; l < kLanes; ++l) acc[l] += x[k + l] * y[k + l];
+  T tail = 0;
+  for (; k < m; ++k) tail += x[k] * y[k];
+  fold_lanes<kLanes / 2>(acc);
+  return acc[0] + tail;
 }
 
 template <typename T>
@@ -120,6 +145,22 @@ C10_ALWAYS_INLINE void grad_x_row(int64_t m, int64_t P, const T* a, const T* b, 
     const T* up = u + p * ld;
     const T* vp = v + p * ld;
     for (int64_t k = 0; k < m; ++k) acc[k] += ap * up[k] + bp * vp[k];
+  }
+  if constexpr (!std::is_same_v<scalar_t, T>) convert(m, tmp, dst);
+}
+
+// One row of an outer product: dst[k] = sum_p a[p*s] u[p*ld + k], in opmath.
+template <typename T, typename scalar_t>
+C10_ALWAYS_INLINE void outer_row(int64_t m, int64_t P, const T* a, int64_t s, const T* u,
+                                 int64_t ld, T* tmp, scalar_t* dst) {
+  T* acc = tmp;
+  if constexpr (std::is_same_v<scalar_t, T>) acc = dst;  // accumulate in place
+  const T a0 = a[0];
+  for (int64_t k = 0; k < m; ++k) acc[k] = a0 * u[k];
+  for (int64_t p = 1; p < P; ++p) {
+    const T ap = a[p * s];
+    const T* up = u + p * ld;
+    for (int64_t k = 0; k < m; ++k) acc[k] += ap * up[k];
   }
   if constexpr (!std::is_same_v<scalar_t, T>) convert(m, tmp, dst);
 }
@@ -369,6 +410,116 @@ struct BackwardJob {
   }
 };
 
+// ---------------------------------------------------------------- weighted pool (h given)
+
+// The forward without the h = wb x + bb step: tasks [t0, t1) add their block's share of z[b]
+// (unscaled) to zpart[task]; finish_z sums the partials in block order. x is read once.
+template <typename scalar_t>
+struct WeightedForwardJob {
+  using T = at::opmath_type<scalar_t>;
+  Geometry g;
+  const scalar_t* x;
+  const scalar_t* h;  // [B, P, n]
+  T* zpart;           // [B * blocks, P, C], zero-filled
+
+  C10_ALWAYS_INLINE void operator()(int64_t t0, int64_t t1) const {
+    const int64_t C = g.C, n = g.n, P = g.P;
+    constexpr bool kConvert = !std::is_same_v<scalar_t, T>;
+    const int64_t rows = g.channels_last ? kRows : g.block;
+    std::vector<T> hb(P * rows);
+    std::vector<T> xs(kConvert ? C * rows : 0);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t b = t / g.blocks, i0 = (t % g.blocks) * g.block;
+      const int64_t ni = std::min(g.block, n - i0);
+      const scalar_t* xb = x + b * C * n;
+      const scalar_t* hin = h + b * P * n;
+      T* z = zpart + t * P * C;
+      if (g.channels_last) {
+        for (int64_t i = i0; i < i0 + ni; i += kRows) {
+          const int64_t nr = std::min(kRows, i0 + ni - i);
+          int64_t ld = C;
+          const T* xr = as_opmath(xb + i * C, nr, C, ld, xs.data());
+          for (int64_t p = 0; p < P; ++p)
+            for (int64_t r = 0; r < nr; ++r)
+              hb[p * kRows + r] = static_cast<T>(hin[p * n + i + r]);
+          gemv_t(C, nr, P, hb.data(), kRows, xr, ld, z, C);
+        }
+      } else {
+        int64_t ld = n;
+        const T* xr = as_opmath(xb + i0, C, ni, ld, xs.data());
+        for (int64_t p = 0; p < P; ++p) convert(ni, hin + p * n + i0, hb.data() + p * ni);
+        for (int64_t c = 0; c < C; ++c)
+          for (int64_t p = 0; p < P; ++p)
+            z[p * C + c] += dot_short(ni, hb.data() + p * ni, xr + c * ld);
+      }
+    }
+  }
+};
+
+// grad_h = grad_z x / n reads x once; grad_x = grad_z^T h / n needs no x and is written as the
+// task goes. Neither sums over tasks, so there are no partials.
+template <typename scalar_t>
+struct WeightedBackwardJob {
+  using T = at::opmath_type<scalar_t>;
+  Geometry g;
+  const scalar_t* x;
+  const scalar_t* h;  // [B, P, n]
+  const T* gz;        // [B, P, C], grad_z / n
+  scalar_t* grad_x;   // x's layout
+  scalar_t* grad_h;   // [B, P, n]
+
+  C10_ALWAYS_INLINE void operator()(int64_t t0, int64_t t1) const {
+    const int64_t C = g.C, n = g.n, P = g.P, PC = P * C;
+    constexpr bool kConvert = !std::is_same_v<scalar_t, T>;
+    const int64_t rows = g.channels_last ? kRows : g.block;
+    std::vector<T> hb(P * rows), dh(P * rows), tmp(std::max(C, g.block));
+    std::vector<T> xs(kConvert ? C * rows : 0);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t b = t / g.blocks, i0 = (t % g.blocks) * g.block;
+      const int64_t ni = std::min(g.block, n - i0);
+      const scalar_t* xb = x + b * C * n;
+      const scalar_t* hin = h + b * P * n;
+      scalar_t* ghout = grad_h + b * P * n;
+      const T* gzb = gz + b * PC;
+      scalar_t* gxb = grad_x + b * C * n;
+      if (g.channels_last) {
+        for (int64_t i = i0; i < i0 + ni; i += kRows) {
+          const int64_t nr = std::min(kRows, i0 + ni - i);
+          int64_t ld = C;
+          const T* xr = as_opmath(xb + i * C, nr, C, ld, xs.data());
+          for (int64_t p = 0; p < P; ++p)
+            for (int64_t r = 0; r < nr; ++r) {
+              ghout[p * n + i + r] = static_cast<scalar_t>(dot(C, gzb + p * C, xr + r * ld));
+              hb[p * kRows + r] = static_cast<T>(hin[p * n + i + r]);
+            }
+          for (int64_t r = 0; r < nr; ++r)
+            outer_row(C, P, hb.data() + r, kRows, gzb, C, tmp.data(), gxb + (i + r) * C);
+        }
+      } else {
+        int64_t ld = n;
+        const T* xr = as_opmath(xb + i0, C, ni, ld, xs.data());
+        for (int64_t p = 0; p < P; ++p) {
+          convert(ni, hin + p * n + i0, hb.data() + p * ni);
+          std::fill_n(dh.data() + p * ni, ni, T(0));
+        }
+        gemv_t(ni, C, P, gzb, C, xr, ld, dh.data(), ni);
+        for (int64_t p = 0; p < P; ++p) convert(ni, dh.data() + p * ni, ghout + p * n + i0);
+        for (int64_t c = 0; c < C; ++c)
+          outer_row(ni, P, gzb + c, C, hb.data(), ni, tmp.data(), gxb + c * n + i0);
+      }
+    }
+  }
+};
+
+void check_weighted(const at::Tensor& x, const at::Tensor& h) {
+  TORCH_CHECK(x.device().is_cpu() && h.device().is_cpu(),
+              "weighted_pool cpu: tensors must be on the CPU");
+  TORCH_CHECK(x.dim() == 3, "weighted_pool cpu: x must be [B, C, n], got ", x.sizes());
+  TORCH_CHECK(h.dim() == 3 && h.size(0) == x.size(0) && h.size(2) == x.size(2),
+              "weighted_pool cpu: h must be [B=", x.size(0), ", P, n=", x.size(2), "], got ",
+              h.sizes());
+}
+
 }  // namespace
 
 AttpoolForward attentional_pool_forward_cpu(const at::Tensor& x_in,
@@ -433,6 +584,60 @@ AttpoolBackward attentional_pool_backward_cpu(
     grad_bb.add_(bb_parts[k]);
   }
   return {grad_x, grad_wb.to(dtype), grad_bb.to(dtype)};
+}
+
+
+at::Tensor weighted_pool_forward_cpu(const at::Tensor& x_in, const at::Tensor& h_in) {
+  check_weighted(x_in, h_in);
+  const int64_t B = x_in.size(0), C = x_in.size(1), n = x_in.size(2), P = h_in.size(1);
+  if (B == 0 || C == 0 || n == 0 || P == 0)  // the caller handles these; no crash here
+    return at::zeros({B, P, C}, x_in.options());
+  at::Tensor x = x_in;
+  const Geometry g = make_geometry(x, P);
+  const auto dtype = x.scalar_type();
+  const auto opmath = opmath_dtype(dtype);
+  const at::Tensor h = h_in.to(dtype).contiguous();
+  at::Tensor z = at::empty({g.B, g.P, g.C}, x.options());
+  at::Tensor zpart = at::zeros({g.B * g.blocks, g.P, g.C}, x.options().dtype(opmath));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype,
+                                  "weighted_pool_forward_cpu", [&] {
+    using T = at::opmath_type<scalar_t>;
+    const WeightedForwardJob<scalar_t> job{g, x.const_data_ptr<scalar_t>(),
+                                           h.const_data_ptr<scalar_t>(),
+                                           zpart.mutable_data_ptr<T>()};
+    parallel_run(g.B * g.blocks, job);
+    finish_z<scalar_t>(g, zpart.const_data_ptr<T>(), z.mutable_data_ptr<scalar_t>());
+  });
+  return z;
+}
+
+std::tuple<at::Tensor, at::Tensor> weighted_pool_backward_cpu(const at::Tensor& grad_z,
+                                                              const at::Tensor& x_in,
+                                                              const at::Tensor& h_in) {
+  check_weighted(x_in, h_in);
+  const int64_t B = x_in.size(0), C = x_in.size(1), n = x_in.size(2), P = h_in.size(1);
+  TORCH_CHECK(grad_z.sizes() == at::IntArrayRef({B, P, C}),
+              "weighted_pool cpu: grad_z must be [B, P, C], got ", grad_z.sizes());
+  if (B == 0 || C == 0 || n == 0 || P == 0)
+    return {at::zeros_like(x_in), at::zeros({B, P, n}, x_in.options())};
+  at::Tensor x = x_in;
+  const Geometry g = make_geometry(x, P);
+  const auto dtype = x.scalar_type();
+  const auto opmath = opmath_dtype(dtype);
+  const at::Tensor gz = (grad_z.to(opmath) * (1.0 / static_cast<double>(g.n))).contiguous();
+  const at::Tensor h = h_in.to(dtype).contiguous();
+  at::Tensor grad_x = at::empty_like(x);  // x is dense in one of the layouts: same strides
+  at::Tensor grad_h = at::empty({g.B, g.P, g.n}, x.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype,
+                                  "weighted_pool_backward_cpu", [&] {
+    using T = at::opmath_type<scalar_t>;
+    const WeightedBackwardJob<scalar_t> job{g, x.const_data_ptr<scalar_t>(),
+                                            h.const_data_ptr<scalar_t>(), gz.const_data_ptr<T>(),
+                                            grad_x.mutable_data_ptr<scalar_t>(),
+                                            grad_h.mutable_data_ptr<scalar_t>()};
+    parallel_run(g.B * g.blocks, job);
+  });
+  return {grad_x, grad_h};
 }
 
 }  // namespace attnpool

@@ -1,0 +1,244 @@
+// Fused CPU kernels of the spatio-temporal regulariser (Meng et al., ICLR 2019; DESIGN 3.3,
+// contract notes/st_contract.md): total variation and contrast of the masks [B, T, H, W] and
+// unimodality of the temporal weights [B, T], weighted and summed, in ONE parallel pass over
+// the B*T maps for the forward and ONE for the backward.
+//
+// Map (b, t) also owns the unimodality term r_t of its sample (forward) and grad_w[b, t]
+// (backward), so every pass is a single at::parallel_for over maps. Everything is computed in
+// opmath (float, or double for double). Deterministic: the forward sums each map in a fixed
+// order into the partial of its chunk (a fixed number of maps, set by the shape alone) and the
+// chunk partials in chunk order, so the result does not even depend on the thread count; the
+// backward has no sums across maps.
+#include "attnpool.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <type_traits>
+#include <vector>
+
+namespace attnpool {
+namespace {
+
+constexpr int64_t kChunkElems = 4096;      // mask elements per forward partial (about)
+constexpr int64_t kThreadElems = 1 << 15;  // fewer elements than this per thread: not worth one
+
+int64_t divup(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// sign as torch: 0 for 0 and for NaN.
+template <typename T>
+C10_ALWAYS_INLINE T sign(T d) {
+  return static_cast<T>(d > T(0)) - static_cast<T>(d < T(0));
+}
+
+// 0.5*M*[M<0.5] - 0.5*M*[M>0.5], written as the reference does (a NaN or inf M stays NaN).
+template <typename T>
+C10_ALWAYS_INLINE T contrast(T v) {
+  const T half(0.5);
+  return half * v * static_cast<T>(v < half) - half * v * static_cast<T>(v > half);
+}
+
+// q_t = w[t-1] w[t+1] - w[t]^2 of one sample's weights, 1 <= t <= T-2.
+template <typename T, typename scalar_t>
+C10_ALWAYS_INLINE T unimodal_q(const scalar_t* w, int64_t t) {
+  const T wt = static_cast<T>(w[t]);
+  return static_cast<T>(w[t - 1]) * static_cast<T>(w[t + 1]) - wt * wt;
+}
+
+// d term / d q (times `scale`), as torch's autograd: 0 where relu's input is <= 0 (NaN passes).
+template <typename T>
+C10_ALWAYS_INLINE T unimodal_slope(T q, bool sqrt, T scale) {
+  if (q <= T(0)) return T(0);
+  return sqrt ? scale / (T(2) * std::sqrt(q)) : scale;
+}
+
+struct Shape {
+  int64_t B, T, H, W;
+};
+
+void check_inputs(const at::Tensor& mask, const at::Tensor& w) {
+  TORCH_CHECK(mask.device().is_cpu() && w.device().is_cpu(),
+              "st_regularizer cpu: tensors must be on the CPU");
+  TORCH_CHECK(mask.dim() == 4, "st_regularizer cpu: mask must be [B, T, H, W], got ",
+              mask.sizes());
+  TORCH_CHECK(w.dim() == 2 && w.size(0) == mask.size(0) && w.size(1) == mask.size(1),
+              "st_regularizer cpu: w must be [B, T] = [", mask.size(0), ", ", mask.size(1),
+              "], got ", w.sizes());
+  TORCH_CHECK(w.scalar_type() == mask.scalar_type(),
+              "st_regularizer cpu: w must have mask's dtype ", mask.scalar_type());
+}
+
+// Forward of maps [m0, m1) (one chunk): sums of |differences|, of contrast and of the
+// unimodality terms owned by these maps, into part[0..2].
+template <typename scalar_t>
+void forward_chunk(const Shape& s, const scalar_t* mask, const scalar_t* w, bool sqrt, int64_t m0,
+                   int64_t m1, at::opmath_type<scalar_t>* part) {
+  using T = at::opmath_type<scalar_t>;
+  const int64_t H = s.H, W = s.W, HW = H * W;
+  T tv = 0, con = 0, uni = 0;
+  for (int64_t m = m0; m < m1; ++m) {
+    const scalar_t* M = mask + m * HW;
+    T tv_m = 0, con_m = 0;
+    for (int64_t i = 0; i < H; ++i) {
+      const scalar_t* row = M + i * W;
+      T v = static_cast<T>(row[0]);
+      for (int64_t j = 0; j < W; ++j) {
+        con_m += contrast(v);
+        if (i + 1 < H) tv_m += std::abs(static_cast<T>(row[j + W]) - v);
+        if (j + 1 < W) {
+          const T next = static_cast<T>(row[j + 1]);
+          tv_m += std::abs(next - v);
+          v = next;
+        }
+      }
+    }
+    tv += tv_m;
+    con += con_m;
+    const int64_t b = m / s.T, t = m % s.T;
+    if (t >= 1 && t + 1 < s.T) {
+      T q = unimodal_q<T>(w + b * s.T, t);
+      T r = q <= T(0) ? T(0) : q;  // relu; a NaN passes, as torch's
+      uni += sqrt ? std::sqrt(r) : r;
+    }
+  }
+  part[0] = tv;
+  part[1] = con;
+  part[2] = uni;
+}
+
+// Backward of maps [m0, m1): grad_mask of each map and grad_w[b, t] of each map (b, t).
+// d TV / d M is a sum of signs, a small integer, so it is exact in any order: it is gathered
+// by whole-map passes without branches (they vectorise), then scaled.
+template <typename scalar_t>
+void backward_maps(const Shape& s, const scalar_t* mask, const scalar_t* w, bool sqrt,
+                   at::opmath_type<scalar_t> tv_s, at::opmath_type<scalar_t> con_s,
+                   at::opmath_type<scalar_t> uni_s, int64_t m0, int64_t m1, scalar_t* grad_mask,
+                   scalar_t* grad_w) {
+  using T = at::opmath_type<scalar_t>;
+  const int64_t H = s.H, W = s.W, HW = H * W, TT = s.T;
+  const T half(0.5);
+  std::vector<T> mv(std::is_same_v<scalar_t, T> ? 0 : HW), gv(HW), sv(HW);
+  for (int64_t m = m0; m < m1; ++m) {
+    const T* v;
+    if constexpr (std::is_same_v<scalar_t, T>) {
+      v = mask + m * HW;
+    } else {
+      for (int64_t k = 0; k < HW; ++k) mv[k] = static_cast<T>(mask[m * HW + k]);
+      v = mv.data();
+    }
+    T* g = gv.data();
+    T* d = sv.data();
+    std::fill_n(g, HW, T(0));
+    // vertical differences M[i+1, j] - M[i, j], flat index k = i*W + j < (H-1)*W
+    for (int64_t k = 0; k < HW - W; ++k) d[k] = sign(v[k + W] - v[k]);
+    for (int64_t k = 0; k < HW - W; ++k) g[k] -= d[k];
+    for (int64_t k = W; k < HW; ++k) g[k] += d[k - W];
+    // horizontal differences M[i, j+1] - M[i, j]: flat k < HW-1, except at the row ends
+    for (int64_t k = 0; k + 1 < HW; ++k) d[k] = sign(v[k + 1] - v[k]);
+    for (int64_t i = 1; i < H; ++i) d[i * W - 1] = T(0);
+    for (int64_t k = 0; k + 1 < HW; ++k) g[k] -= d[k];
+    for (int64_t k = 1; k < HW; ++k) g[k] += d[k - 1];
+    scalar_t* out = grad_mask + m * HW;
+    for (int64_t k = 0; k < HW; ++k) {
+      const T c = half * static_cast<T>(v[k] < half) - half * static_cast<T>(v[k] > half);
+      out[k] = static_cast<scalar_t>(tv_s * g[k] + con_s * c);
+    }
+    // grad_w[b, t]: t is the left neighbour of term t+1, the centre of term t and the right
+    // neighbour of term t-1 (terms 1..T-2).
+    const int64_t b = m / TT, t = m % TT;
+    const scalar_t* wb = w + b * TT;
+    T gw = 0;
+    if (t + 1 >= 1 && t + 1 <= TT - 2)
+      gw += unimodal_slope(unimodal_q<T>(wb, t + 1), sqrt, uni_s) * static_cast<T>(wb[t + 2]);
+    if (t >= 1 && t <= TT - 2)
+      gw += unimodal_slope(unimodal_q<T>(wb, t), sqrt, uni_s) * (T(-2) * static_cast<T>(wb[t]));
+    if (t - 1 >= 1 && t - 1 <= TT - 2)
+      gw += unimodal_slope(unimodal_q<T>(wb, t - 1), sqrt, uni_s) * static_cast<T>(wb[t - 2]);
+    grad_w[m] = static_cast<scalar_t>(gw);
+  }
+}
+
+// Maps per parallel_for grain: at least kThreadElems elements per thread.
+int64_t grain_maps(int64_t map_elems) { return std::max<int64_t>(1, kThreadElems / map_elems); }
+
+}  // namespace
+
+at::Tensor st_regularizer_forward_cpu(const at::Tensor& mask_in, const at::Tensor& w_in,
+                                      double tv_weight, double contrast_weight,
+                                      double unimodal_weight, bool sqrt, bool tv_mean,
+                                      bool unimodal_mean) {
+  check_inputs(mask_in, w_in);
+  const Shape s{mask_in.size(0), mask_in.size(1), mask_in.size(2), mask_in.size(3)};
+  const int64_t maps = s.B * s.T, HW = s.H * s.W;
+  if (maps == 0) return at::zeros({}, mask_in.options());  // the caller's case
+  const at::Tensor mask = mask_in.contiguous();
+  const at::Tensor w = w_in.contiguous();
+  at::Tensor total = at::empty({}, mask.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, mask.scalar_type(),
+                                  "st_regularizer_forward_cpu", [&] {
+    using T = at::opmath_type<scalar_t>;
+    const int64_t chunk = std::max<int64_t>(1, kChunkElems / std::max<int64_t>(HW, 1));  // maps per partial
+    const int64_t chunks = divup(maps, chunk);
+    std::vector<T> parts(3 * chunks);
+    const scalar_t* M = mask.const_data_ptr<scalar_t>();
+    const scalar_t* wp = w.const_data_ptr<scalar_t>();
+    at::parallel_for(0, chunks, divup(grain_maps(std::max<int64_t>(HW, 1)), chunk), [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c)
+        forward_chunk<scalar_t>(s, M, wp, sqrt, c * chunk, std::min(maps, (c + 1) * chunk),
+                                parts.data() + 3 * c);
+    });
+    T tv = parts[0], con = parts[1], uni = parts[2];
+    for (int64_t c = 1; c < chunks; ++c) {  // chunk order
+      tv += parts[3 * c];
+      con += parts[3 * c + 1];
+      uni += parts[3 * c + 2];
+    }
+    const double terms = static_cast<double>(s.B * std::max<int64_t>(s.T - 2, 0));
+    const double tv_div = tv_mean ? static_cast<double>(maps) : 1.0;
+    const double uni_div = unimodal_mean ? std::max(terms, 1.0) : 1.0;
+    const double result = tv_weight * (static_cast<double>(tv) / tv_div) +
+                          contrast_weight * (static_cast<double>(con) / static_cast<double>(s.B)) +
+                          unimodal_weight * (static_cast<double>(uni) / uni_div);
+    *total.mutable_data_ptr<scalar_t>() = static_cast<scalar_t>(result);
+  });
+  return total;
+}
+
+std::tuple<at::Tensor, at::Tensor> st_regularizer_backward_cpu(
+    const at::Tensor& grad_total, const at::Tensor& mask_in, const at::Tensor& w_in,
+    double tv_weight, double contrast_weight, double unimodal_weight, bool sqrt, bool tv_mean,
+    bool unimodal_mean) {
+  check_inputs(mask_in, w_in);
+  TORCH_CHECK(grad_total.numel() == 1, "st_regularizer cpu: grad_total must be 0-dim, got ",
+              grad_total.sizes());
+  const Shape s{mask_in.size(0), mask_in.size(1), mask_in.size(2), mask_in.size(3)};
+  const int64_t maps = s.B * s.T, HW = s.H * s.W;
+  const at::Tensor mask = mask_in.contiguous();
+  const at::Tensor w = w_in.contiguous();
+  at::Tensor grad_mask = at::empty(mask.sizes(), mask.options());
+  at::Tensor grad_w = at::empty(w.sizes(), w.options());
+  if (maps == 0) return {grad_mask, grad_w};  // the caller's case
+  const double g = grad_total.item<double>();
+  const double terms = static_cast<double>(s.B * std::max<int64_t>(s.T - 2, 0));
+  const double tv_s = g * tv_weight / (tv_mean ? static_cast<double>(maps) : 1.0);
+  const double con_s = g * contrast_weight / static_cast<double>(s.B);
+  const double uni_s = g * unimodal_weight / (unimodal_mean ? std::max(terms, 1.0) : 1.0);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, mask.scalar_type(),
+                                  "st_regularizer_backward_cpu", [&] {
+    using T = at::opmath_type<scalar_t>;
+    const scalar_t* M = mask.const_data_ptr<scalar_t>();
+    const scalar_t* wp = w.const_data_ptr<scalar_t>();
+    scalar_t* gm = grad_mask.mutable_data_ptr<scalar_t>();
+    scalar_t* gw = grad_w.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, maps, grain_maps(std::max<int64_t>(HW, 1)), [&](int64_t m0, int64_t m1) {
+      backward_maps<scalar_t>(s, M, wp, sqrt, static_cast<T>(tv_s), static_cast<T>(con_s),
+                              static_cast<T>(uni_s), m0, m1, gm, gw);
+    });
+  });
+  return {grad_mask, grad_w};
+}
+
+}  // namespace attnpool
