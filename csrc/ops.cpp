@@ -18,6 +18,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cluster_pool_backward_cuda", &attnpool::cluster_pool_backward_cuda);
   m.def("attentional_pool_forward_cuda", &attnpool::attentional_pool_forward_cuda);
   m.def("attentional_pool_backward_cuda", &attnpool::attentional_pool_backward_cuda);
+  m.def("weighted_pool_forward_cuda", &attnpool::weighted_pool_forward_cuda);
+  m.def("weighted_pool_backward_cuda", &attnpool::weighted_pool_backward_cuda);
+  m.def("st_regularizer_forward_cuda", &attnpool::st_regularizer_forward_cuda);
+  m.def("st_regularizer_backward_cuda", &attnpool::st_regularizer_backward_cuda);
   m.attr("with_cuda") = true;
 #else
   m.attr("with_cuda") = false;

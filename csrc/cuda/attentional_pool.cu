@@ -15,6 +15,10 @@
 //                      per (sample, tile), summed over the first dimension by the caller;
 //                      grad_x tile = (grad_z / n)^T h + wb^T dh (needs no x) written once.
 //
+// weighted_pool (h given): the forward kernel with kGivenH (the h tile is loaded instead of
+// phase 1; same phase 2 and finish_z), and wpool_backward_kernel: phase 1 with grad_z gives
+// grad_h = (grad_z x_tile) / n, stored directly; grad_x tile = (grad_z / n)^T h as above.
+//
 // Layouts (thread mapping chosen so that every load of x and store of grad_x is coalesced
 // along x's contiguous dimension):
 //   n-contiguous (NC): lane <-> position. Phase 1: warps split the channels, partial sums
@@ -248,16 +252,19 @@ __device__ __forceinline__ void phase2_nc(const scalar_t* __restrict__ xb, const
 // ------------------------------------------------------------------ forward
 // Grid-strided over units = b * tiles + t. Dynamic smem: h tile [P][kTile] opmath when
 // staged, else the unit's slice of hbuf. zpart [B * tiles, P, C] when tiles > 1.
-template <typename scalar_t, int KP, bool kCL>
+// kGivenH (weighted_pool): no phase 1; the h tile is read from h_in (x's dtype, [B, P, n]),
+// and wb, bb, h are unused (pass nullptr).
+template <typename scalar_t, int KP, bool kCL, bool kGivenH = false>
 __global__ void __launch_bounds__(kThreads)
 attpool_forward_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ wb,
                        const scalar_t* __restrict__ bb, scalar_t* __restrict__ z,
                        scalar_t* __restrict__ h, typename OpMath<scalar_t>::type* __restrict__ zpart,
                        typename OpMath<scalar_t>::type* hbuf, int64_t B, int64_t C, int64_t n,
-                       int64_t P, int64_t tile_len, int64_t tiles, bool staged) {
+                       int64_t P, int64_t tile_len, int64_t tiles, bool staged,
+                       const scalar_t* __restrict__ h_in = nullptr) {
   using acc_t = typename OpMath<scalar_t>::type;
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  __shared__ acc_t red[kCL ? 1 : kWarps * KP * 32];
+  __shared__ acc_t red[kCL || kGivenH ? 1 : kWarps * KP * 32];
   const acc_t nf = static_cast<acc_t>(n);
 
   for (int64_t unit = blockIdx.x; unit < B * tiles; unit += gridDim.x) {
@@ -267,13 +274,24 @@ attpool_forward_kernel(const scalar_t* __restrict__ x, const scalar_t* __restric
     acc_t* ht = staged ? reinterpret_cast<acc_t*>(smem_raw) : hbuf + unit * P * kTile;
     const scalar_t* xb = x + b * C * n;
 
-    // Phase 1: h = wb x + bb. Positions past the tile are 0 in ht (they meet x's zeros).
-    auto fin = [&](int64_t p, int j, acc_t s) {
-      const acc_t hv = s + to_acc(bb[p]);
-      ht[p * kTile + j] = j < ni ? hv : acc_t(0);
-      if (j < ni) store(h + (b * P + p) * n + i0 + j, hv);
-    };
-    phase1<KP, kCL>(xb, wb, P, C, n, i0, ni, red, fin);
+    if constexpr (kGivenH) {
+      // The given h tile in opmath, 0 past the tile (it meets x's zeros).
+      for (int64_t e = threadIdx.x; e < P * kTile; e += kThreads) {
+        const int64_t p = e / kTile;
+        const int j = static_cast<int>(e - p * kTile);
+        ht[e] = j < ni ? to_acc(h_in[(b * P + p) * n + i0 + j]) : acc_t(0);
+      }
+      __syncthreads();
+      (void)red;
+    } else {
+      // Phase 1: h = wb x + bb. Positions past the tile are 0 in ht (they meet x's zeros).
+      auto fin = [&](int64_t p, int j, acc_t s) {
+        const acc_t hv = s + to_acc(bb[p]);
+        ht[p * kTile + j] = j < ni ? hv : acc_t(0);
+        if (j < ni) store(h + (b * P + p) * n + i0 + j, hv);
+      };
+      phase1<KP, kCL>(xb, wb, P, C, n, i0, ni, red, fin);
+    }
 
     // Phase 2: z (partial) = h x^T over the tile, with the opmath h.
     auto out = [&](int64_t p, int64_t c, acc_t s) {
@@ -425,6 +443,80 @@ attpool_backward_kernel(const scalar_t* __restrict__ grad_z,
   }
 }
 
+// ------------------------------------------------------------------ weighted_pool backward
+// The attentional-pool backward without wb: per unit (b, tile),
+//   phase 1: grad_h[p, tile] = (grad_z x_tile) / n, stored straight to grad_h (x's dtype);
+//   grad_x tile = (grad_z / n)^T h (needs no x), written once.
+// Grid-strided over units = b * tiles + t. Dynamic smem: the h tile [P][kTile] opmath when
+// staged, else the unit's slice of tbuf (P * kTile).
+template <typename scalar_t, int KP, bool kCL>
+__global__ void __launch_bounds__(kThreads)
+wpool_backward_kernel(const scalar_t* __restrict__ grad_z, const scalar_t* __restrict__ x,
+                      const scalar_t* __restrict__ h, scalar_t* __restrict__ grad_x,
+                      scalar_t* __restrict__ grad_h, typename OpMath<scalar_t>::type* tbuf,
+                      int64_t B, int64_t C, int64_t n, int64_t P, int64_t tile_len,
+                      int64_t tiles, bool staged) {
+  using acc_t = typename OpMath<scalar_t>::type;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  __shared__ acc_t red[kCL ? 1 : kWarps * KP * 32];
+  const acc_t nf = static_cast<acc_t>(n);
+  const int tid = threadIdx.x;
+
+  for (int64_t unit = blockIdx.x; unit < B * tiles; unit += gridDim.x) {
+    const int64_t b = unit / tiles;
+    const int64_t i0 = (unit - b * tiles) * tile_len;
+    const int ni = static_cast<int>(imin(tile_len, n - i0));
+    acc_t* ht = staged ? reinterpret_cast<acc_t*>(smem_raw) : tbuf + unit * P * kTile;
+    const scalar_t* xb = x + b * C * n;
+    const scalar_t* gzb = grad_z + b * P * C;
+
+    // The h tile in opmath, 0 past the tile. (Made visible by phase 1's barriers.)
+    for (int64_t e = tid; e < P * kTile; e += kThreads) {
+      const int64_t p = e / kTile;
+      const int j = static_cast<int>(e - p * kTile);
+      ht[e] = j < ni ? to_acc(h[(b * P + p) * n + i0 + j]) : acc_t(0);
+    }
+    // Phase 1: grad_h = (grad_z x) / n over the tile's positions. (phase1 ends with a barrier.)
+    auto fin = [&](int64_t p, int j, acc_t s) {
+      if (j < ni) store(grad_h + (b * P + p) * n + i0 + j, s / nf);
+    };
+    phase1<KP, kCL>(xb, gzb, P, C, n, i0, ni, red, fin);
+
+    scalar_t* gxb = grad_x + b * C * n;
+    if constexpr (kCL) {
+      // Thread per channel: the channel's grad_x column over the tile, stores along C.
+      for (int64_t m = divup(C, kThreads) - 1; m >= 0; --m) {
+        const int64_t c = m * kThreads + tid;
+        if (c >= C) continue;
+        acc_t gx[kTile];
+#pragma unroll
+        for (int j = 0; j < kTile; ++j) gx[j] = 0;
+        for (int64_t p = 0; p < P; ++p) {
+          const acc_t* hp = ht + p * kTile;
+          const acc_t a = to_acc(gzb[p * C + c]) / nf;
+#pragma unroll
+          for (int j = 0; j < kTile; ++j) gx[j] += a * hp[j];
+        }
+#pragma unroll
+        for (int j = 0; j < kTile; ++j)
+          if (j < ni) store(gxb + (i0 + j) * C + c, gx[j]);
+      }
+    } else {
+      // grad_x rows, one channel per warp iteration, lane <-> position.
+      const int lane = tid & 31;
+      if (lane < ni) {
+        for (int64_t c = tid >> 5; c < C; c += kWarps) {
+          acc_t s = 0;
+          for (int64_t p = 0; p < P; ++p)
+            s += (to_acc(gzb[p * C + c]) / nf) * ht[p * kTile + lane];
+          store(gxb + c * n + i0 + lane, s);
+        }
+      }
+    }
+    __syncthreads();  // the next unit rewrites ht
+  }
+}
+
 // ------------------------------------------------------------------ launchers
 size_t opmath_bytes(DType dtype) { return dtype == DType::kFloat64 ? sizeof(double) : sizeof(float); }
 
@@ -550,6 +642,86 @@ cudaError_t backward_impl(const void* grad_z, const void* grad_h, const void* x,
   return cudaGetLastError();
 }
 
+// weighted_pool: the forward kernel with the h tile given (KP unused: no phase 1).
+template <typename scalar_t, bool kCL>
+void launch_wpool_forward(const void* x, const void* h, void* z, void* zpart, void* hbuf,
+                          int64_t B, int64_t C, int64_t n, int64_t P, int64_t tiles, bool staged,
+                          cudaStream_t stream) {
+  using acc_t = typename OpMath<scalar_t>::type;
+  const size_t smem = staged ? tile_bytes(sizeof(acc_t), P, 1) : 0;
+  attpool_forward_kernel<scalar_t, 1, kCL, true><<<grid_x(B * tiles), kThreads, smem, stream>>>(
+      static_cast<const scalar_t*>(x), nullptr, nullptr, static_cast<scalar_t*>(z), nullptr,
+      static_cast<acc_t*>(zpart), static_cast<acc_t*>(hbuf), B, C, n, P, tile_len_of(n), tiles,
+      staged, static_cast<const scalar_t*>(h));
+}
+
+template <typename scalar_t>
+cudaError_t wpool_forward_impl(const void* x, bool channels_last, const void* h, void* z,
+                               void* workspace, int64_t B, int64_t C, int64_t n, int64_t P,
+                               cudaStream_t stream) {
+  using acc_t = typename OpMath<scalar_t>::type;
+  const int64_t tiles = num_tiles(n);
+  const bool staged = staged_in_smem(sizeof(acc_t), P, 1);
+  if (forward_ws_elems(sizeof(acc_t), B, C, n, P) > 0 && workspace == nullptr)
+    return cudaErrorInvalidValue;
+  acc_t* zpart = static_cast<acc_t*>(workspace);
+  acc_t* hbuf = staged ? nullptr : zpart + forward_zpart_elems(B, C, n, P);
+  if (channels_last) {
+    launch_wpool_forward<scalar_t, true>(x, h, z, zpart, hbuf, B, C, n, P, tiles, staged, stream);
+  } else {
+    launch_wpool_forward<scalar_t, false>(x, h, z, zpart, hbuf, B, C, n, P, tiles, staged,
+                                          stream);
+  }
+  cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess || tiles == 1) return err;
+  const int64_t total = B * P * C;
+  attpool_finish_z_kernel<scalar_t><<<grid_x(divup(total, kThreads)), kThreads, 0, stream>>>(
+      zpart, static_cast<scalar_t*>(z), B, P * C, tiles, n);
+  return cudaGetLastError();
+}
+
+int64_t wpool_backward_ws_elems(size_t acc_bytes, int64_t B, int64_t n, int64_t P) {
+  return staged_in_smem(acc_bytes, P, 1) ? 0 : B * num_tiles(n) * P * kTile;
+}
+
+template <typename scalar_t, int KP, bool kCL>
+void launch_wpool_backward(const void* grad_z, const void* x, const void* h, void* grad_x,
+                           void* grad_h, void* tbuf, int64_t B, int64_t C, int64_t n, int64_t P,
+                           int64_t tiles, bool staged, cudaStream_t stream) {
+  using acc_t = typename OpMath<scalar_t>::type;
+  const size_t smem = staged ? tile_bytes(sizeof(acc_t), P, 1) : 0;
+  wpool_backward_kernel<scalar_t, KP, kCL><<<grid_x(B * tiles), kThreads, smem, stream>>>(
+      static_cast<const scalar_t*>(grad_z), static_cast<const scalar_t*>(x),
+      static_cast<const scalar_t*>(h), static_cast<scalar_t*>(grad_x),
+      static_cast<scalar_t*>(grad_h), static_cast<acc_t*>(tbuf), B, C, n, P, tile_len_of(n),
+      tiles, staged);
+}
+
+template <typename scalar_t>
+cudaError_t wpool_backward_impl(const void* grad_z, const void* x, bool channels_last,
+                                const void* h, void* grad_x, void* grad_h, void* workspace,
+                                int64_t B, int64_t C, int64_t n, int64_t P, cudaStream_t stream) {
+  using acc_t = typename OpMath<scalar_t>::type;
+  const int64_t tiles = num_tiles(n);
+  const bool staged = staged_in_smem(sizeof(acc_t), P, 1);
+  if (!staged && workspace == nullptr) return cudaErrorInvalidValue;
+  const int kp = ranks_per_pass(P);
+#define WPOOL_BWD(KP_, CL_)                                                                   \
+  launch_wpool_backward<scalar_t, KP_, CL_>(grad_z, x, h, grad_x, grad_h, workspace, B, C, n, \
+                                            P, tiles, staged, stream)
+  if (channels_last) {
+    if (kp == 1) WPOOL_BWD(1, true);
+    else if (kp == 2) WPOOL_BWD(2, true);
+    else WPOOL_BWD(4, true);
+  } else {
+    if (kp == 1) WPOOL_BWD(1, false);
+    else if (kp == 2) WPOOL_BWD(2, false);
+    else WPOOL_BWD(4, false);
+  }
+#undef WPOOL_BWD
+  return cudaGetLastError();
+}
+
 }  // namespace
 
 int64_t attpool_num_tiles(int64_t n) { return num_tiles(n); }
@@ -605,6 +777,56 @@ cudaError_t attpool_backward_launch(DType dtype, const void* grad_z, const void*
       return backward_impl<__nv_bfloat16>(grad_z, grad_h, x, channels_last, h, wb, grad_x,
                                           grad_wb_partial, grad_bb_partial, workspace, B, C, n,
                                           P, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+int64_t wpool_forward_workspace_elems(DType dtype, int64_t B, int64_t C, int64_t n, int64_t P) {
+  if (!valid_sizes(B, C, n, P)) return 0;
+  return forward_ws_elems(opmath_bytes(dtype), B, C, n, P);
+}
+
+int64_t wpool_backward_workspace_elems(DType dtype, int64_t B, int64_t C, int64_t n, int64_t P) {
+  if (!valid_sizes(B, C, n, P)) return 0;
+  return wpool_backward_ws_elems(opmath_bytes(dtype), B, n, P);
+}
+
+cudaError_t wpool_forward_launch(DType dtype, const void* x, bool channels_last, const void* h,
+                                 void* z, void* workspace, int64_t B, int64_t C, int64_t n,
+                                 int64_t P, cudaStream_t stream) {
+  if (!valid_sizes(B, C, n, P)) return cudaErrorInvalidValue;
+  switch (dtype) {
+    case DType::kFloat32:
+      return wpool_forward_impl<float>(x, channels_last, h, z, workspace, B, C, n, P, stream);
+    case DType::kFloat64:
+      return wpool_forward_impl<double>(x, channels_last, h, z, workspace, B, C, n, P, stream);
+    case DType::kFloat16:
+      return wpool_forward_impl<__half>(x, channels_last, h, z, workspace, B, C, n, P, stream);
+    case DType::kBFloat16:
+      return wpool_forward_impl<__nv_bfloat16>(x, channels_last, h, z, workspace, B, C, n, P,
+                                               stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+cudaError_t wpool_backward_launch(DType dtype, const void* grad_z, const void* x,
+                                  bool channels_last, const void* h, void* grad_x, void* grad_h,
+                                  void* workspace, int64_t B, int64_t C, int64_t n, int64_t P,
+                                  cudaStream_t stream) {
+  if (!valid_sizes(B, C, n, P)) return cudaErrorInvalidValue;
+  switch (dtype) {
+    case DType::kFloat32:
+      return wpool_backward_impl<float>(grad_z, x, channels_last, h, grad_x, grad_h, workspace, B,
+                                        C, n, P, stream);
+    case DType::kFloat64:
+      return wpool_backward_impl<double>(grad_z, x, channels_last, h, grad_x, grad_h, workspace,
+                                         B, C, n, P, stream);
+    case DType::kFloat16:
+      return wpool_backward_impl<__half>(grad_z, x, channels_last, h, grad_x, grad_h, workspace,
+                                         B, C, n, P, stream);
+    case DType::kBFloat16:
+      return wpool_backward_impl<__nv_bfloat16>(grad_z, x, channels_last, h, grad_x, grad_h,
+                                                workspace, B, C, n, P, stream);
   }
   return cudaErrorInvalidValue;
 }

@@ -1,5 +1,6 @@
 // Launchers of the fused attentional-pooling CUDA kernels (factored core, DESIGN 3.2;
-// contract: notes/attpool_contract.md; spec: attnpool.reference.attentional_pool).
+// contract: notes/attpool_contract.md; spec: attnpool.reference.attentional_pool), and of
+// weighted_pool, the same pool under given maps (spec: attnpool.reference.weighted_pool).
 // Plain C++ over raw pointers and no torch include, so that attentional_pool.cu compiles
 // with nvcc alone; attentional_pool_torch.cpp is the glue.
 //
@@ -60,6 +61,37 @@ cudaError_t attpool_backward_launch(DType dtype, const void* grad_z, const void*
                                     const void* wb, void* grad_x, void* grad_wb_partial,
                                     void* grad_bb_partial, void* workspace, int64_t B, int64_t C,
                                     int64_t n, int64_t P, cudaStream_t stream);
+
+// ------------------------------------------------------------------ weighted_pool
+// The attentional pool with the maps h given (no h = wb x + bb phase):
+//   forward:  z[b,p,c] = (1/n) sum_i h[b,p,i] x[b,c,i]
+//   backward: grad_x = (1/n) grad_z^T h,  grad_h = (1/n) grad_z x   (no reduction over b)
+// Same units of work, layouts, opmath and determinism as the attentional pool.
+
+// Opmath elements of the workspace wpool_forward_launch needs (0: nullptr is fine); equal to
+// attpool_forward_workspace_elems: per-tile z partials when n spans several tiles, plus h
+// staging when P is too large for shared memory (P > 256 in float32, 128 in float64).
+int64_t wpool_forward_workspace_elems(DType dtype, int64_t B, int64_t C, int64_t n, int64_t P);
+
+// Forward. Requires B, C, n, P >= 1 (cudaErrorInvalidValue otherwise).
+//   x [B, C, n] scalar (layout: channels_last), h [B, P, n] scalar, contiguous
+//   -> z [B, P, C] scalar; workspace: opmath scratch of wpool_forward_workspace_elems elements.
+cudaError_t wpool_forward_launch(DType dtype, const void* x, bool channels_last, const void* h,
+                                 void* z, void* workspace, int64_t B, int64_t C, int64_t n,
+                                 int64_t P, cudaStream_t stream);
+
+// Opmath elements of the workspace wpool_backward_launch needs: 0 unless P is too large for
+// the h tile in shared memory (P > 256 in float32, 128 in float64).
+int64_t wpool_backward_workspace_elems(DType dtype, int64_t B, int64_t C, int64_t n, int64_t P);
+
+// Backward. Requires B, C, n, P >= 1.
+//   grad_z [B, P, C], h [B, P, n]: scalar, contiguous; x [B, C, n] scalar (channels_last);
+//   -> grad_x [B, C, n] scalar in x's layout, grad_h [B, P, n] scalar, contiguous;
+//   workspace: opmath scratch of wpool_backward_workspace_elems elements.
+cudaError_t wpool_backward_launch(DType dtype, const void* grad_z, const void* x,
+                                  bool channels_last, const void* h, void* grad_x, void* grad_h,
+                                  void* workspace, int64_t B, int64_t C, int64_t n, int64_t P,
+                                  cudaStream_t stream);
 
 }  // namespace attpool_cuda
 }  // namespace attnpool

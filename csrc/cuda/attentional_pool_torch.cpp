@@ -1,4 +1,4 @@
-// Torch glue of the attentional-pooling CUDA kernels: checks, device guard, layout of x,
+// Torch glue of the attentional-pooling and weighted_pool CUDA kernels: checks, device guard, layout of x,
 // output and scratch allocation, launch on the current stream, deterministic reduction of
 // the grad_wb / grad_bb partials. The kernels themselves (attentional_pool.cu) see raw
 // pointers only.
@@ -159,6 +159,79 @@ AttpoolBackward attentional_pool_backward_cuda(const at::Tensor& grad_z_in,
   // Sum over (sample, tile) with torch's reduction (fixed order for a fixed shape:
   // deterministic), in opmath, then round once to the dtype of x.
   return {grad_x, wb_part.sum(0).to(dtype), bb_part.sum(0).to(dtype)};
+}
+
+// ------------------------------------------------------------------ weighted_pool
+at::Tensor weighted_pool_forward_cuda(const at::Tensor& x_in, const at::Tensor& h_in) {
+  TORCH_CHECK(x_in.dim() == 3, "attnpool cuda: x must be [B, C, n], got ", x_in.sizes());
+  TORCH_CHECK(h_in.dim() == 3, "attnpool cuda: h must be [B, P, n], got ", h_in.sizes());
+  const int64_t B = x_in.size(0), C = x_in.size(1), n = x_in.size(2), P = h_in.size(1);
+  const at::Device device = x_in.device();
+  const at::ScalarType dtype = x_in.scalar_type();
+  const ap::DType kdtype = attpool_kernel_dtype(dtype);
+  attpool_check(x_in, "x", device, dtype, {B, C, n});
+  attpool_check(h_in, "h", device, dtype, {B, P, n});
+
+  const c10::cuda::CUDAGuard guard(device);
+  at::Tensor z = at::empty({B, P, C}, x_in.options());
+  if (B == 0 || C == 0 || n == 0 || P == 0) {  // the caller short-circuits these already
+    z.fill_(std::numeric_limits<double>::quiet_NaN());  // mean over no positions (else empty)
+    return z;
+  }
+  const at::Tensor h = h_in.contiguous();
+  at::Tensor x = x_in;
+  const bool channels_last = attpool_layout(x);
+  const auto stat = x.options().dtype(attpool_opmath_type(dtype));
+  const int64_t ws_elems = ap::wpool_forward_workspace_elems(kdtype, B, C, n, P);
+  at::Tensor workspace = ws_elems > 0 ? at::empty({ws_elems}, stat) : at::Tensor();
+  attpool_check_launch(ap::wpool_forward_launch(
+                           kdtype, x.data_ptr(), channels_last, h.data_ptr(), z.data_ptr(),
+                           workspace.defined() ? workspace.data_ptr() : nullptr, B, C, n, P,
+                           c10::cuda::getCurrentCUDAStream(device.index()).stream()),
+                       "weighted_pool_forward");
+  return z;
+}
+
+std::tuple<at::Tensor, at::Tensor> weighted_pool_backward_cuda(const at::Tensor& grad_z_in,
+                                                               const at::Tensor& x_in,
+                                                               const at::Tensor& h_in) {
+  TORCH_CHECK(x_in.dim() == 3, "attnpool cuda: x must be [B, C, n], got ", x_in.sizes());
+  TORCH_CHECK(h_in.dim() == 3, "attnpool cuda: h must be [B, P, n], got ", h_in.sizes());
+  const int64_t B = x_in.size(0), C = x_in.size(1), n = x_in.size(2), P = h_in.size(1);
+  const at::Device device = x_in.device();
+  const at::ScalarType dtype = x_in.scalar_type();
+  const ap::DType kdtype = attpool_kernel_dtype(dtype);
+  attpool_check(x_in, "x", device, dtype, {B, C, n});
+  // The gradient and h: any floating dtype, read in x's (as the CPU kernels do).
+  for (const at::Tensor* t : {&grad_z_in, &h_in})
+    TORCH_CHECK(t->is_floating_point(), "attnpool cuda: grad_z and h must be floating, got ",
+                t->scalar_type());
+  attpool_check(grad_z_in, "grad_z", device, grad_z_in.scalar_type(), {B, P, C});
+  attpool_check(h_in, "h", device, h_in.scalar_type(), {B, P, n});
+
+  const c10::cuda::CUDAGuard guard(device);
+  const at::Tensor grad_z = grad_z_in.to(dtype).contiguous();
+  const at::Tensor h = h_in.to(dtype).contiguous();
+  at::Tensor x = x_in;
+  const bool channels_last = B > 0 && C > 0 && n > 0 ? attpool_layout(x) : false;
+  // grad_x in the layout the kernel writes: x's (strides equal on every dimension of size > 1).
+  at::Tensor grad_x = channels_last ? at::empty({B, n, C}, x.options()).transpose(1, 2)
+                                    : at::empty({B, C, n}, x.options());
+  at::Tensor grad_h = at::empty({B, P, n}, x.options());
+  if (B == 0 || C == 0 || n == 0 || P == 0) {  // the caller short-circuits these already
+    return {grad_x.zero_(), grad_h.zero_()};    // empty sums: 0
+  }
+  const int64_t ws_elems = ap::wpool_backward_workspace_elems(kdtype, B, C, n, P);
+  at::Tensor workspace = ws_elems > 0
+                             ? at::empty({ws_elems}, x.options().dtype(attpool_opmath_type(dtype)))
+                             : at::Tensor();
+  attpool_check_launch(ap::wpool_backward_launch(
+                           kdtype, grad_z.data_ptr(), x.data_ptr(), channels_last, h.data_ptr(),
+                           grad_x.data_ptr(), grad_h.data_ptr(),
+                           workspace.defined() ? workspace.data_ptr() : nullptr, B, C, n, P,
+                           c10::cuda::getCurrentCUDAStream(device.index()).stream()),
+                       "weighted_pool_backward");
+  return {grad_x, grad_h};
 }
 
 }  // namespace attnpool
