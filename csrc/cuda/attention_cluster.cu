@@ -12,17 +12,17 @@
 // Plain CUDA, no torch: see attention_cluster.cuh.
 #include "attention_cluster.cuh"
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cuda_runtime.h>
-
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
 
+#include "common.cuh"
+
 namespace attnpool {
 namespace cluster_cuda {
 namespace {
+
+using namespace cuda_common;  // OpMath, to_acc, store, op_*, warp_reduce, imin, grid_x, ...
 
 constexpr int kThreads = 256;  // block size of every kernel; a multiple of 32 (full warps)
 constexpr int kWarps = kThreads / 32;
@@ -32,49 +32,9 @@ constexpr int kChunkL = 16;            // frames of grad_x accumulated in regist
 // opt-in attribute (static reduction scratch included); beyond, per-unit buffers
 // fall back to global memory.
 constexpr size_t kMaxDynSmem = 40 * 1024;
-constexpr int64_t kMaxGridX = 2147483647;  // gridDim.x limit; kernels grid-stride past it
-constexpr int64_t kMaxGridY = 65535;       // gridDim.y limit
-
-__host__ __device__ __forceinline__ int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
-
-// ------------------------------------------------------------------ opmath
-template <typename T> struct OpMath { using type = T; };
-template <> struct OpMath<__half> { using type = float; };
-template <> struct OpMath<__nv_bfloat16> { using type = float; };
-
-__device__ __forceinline__ float to_acc(float v) { return v; }
-__device__ __forceinline__ double to_acc(double v) { return v; }
-__device__ __forceinline__ float to_acc(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_acc(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-__device__ __forceinline__ void store(float* p, float v) { *p = v; }
-__device__ __forceinline__ void store(double* p, double v) { *p = v; }
-__device__ __forceinline__ void store(__half* p, float v) { *p = __float2half_rn(v); }
-__device__ __forceinline__ void store(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
-
-__device__ __forceinline__ float op_exp(float v) { return expf(v); }
-__device__ __forceinline__ double op_exp(double v) { return exp(v); }
-__device__ __forceinline__ float op_sqrt(float v) { return sqrtf(v); }
-__device__ __forceinline__ double op_sqrt(double v) { return sqrt(v); }
+constexpr int64_t kMaxGridY = 65535;  // gridDim.y limit
 
 // ------------------------------------------------------------------ reductions
-struct SumOp {
-  template <typename T> __device__ __forceinline__ T operator()(T a, T b) const { return a + b; }
-};
-// Drops a NaN operand; the softmax still turns NaN because exp(NaN - max) is NaN.
-struct MaxOp {
-  template <typename T> __device__ __forceinline__ T operator()(T a, T b) const {
-    return a > b ? a : b;
-  }
-};
-
-// Butterfly over the 32 lanes; every lane must call it.
-template <typename T, typename Op> __device__ __forceinline__ T warp_reduce(T v, Op op) {
-#pragma unroll
-  for (int offset = 16; offset > 0; offset >>= 1) v = op(v, __shfl_xor_sync(0xffffffffu, v, offset));
-  return v;
-}
-
 // Reduces K values over the block at once and broadcasts the results to every
 // thread. Every thread of the block must call it (it holds __syncthreads).
 // red: __shared__ scratch of K * kWarps elements.
@@ -387,8 +347,6 @@ cluster_backward_x_kernel(const scalar_t* __restrict__ grad_out, const scalar_t*
 }
 
 // ------------------------------------------------------------------ launchers
-size_t opmath_bytes(DType dtype) { return dtype == DType::kFloat64 ? sizeof(double) : sizeof(float); }
-
 bool forward_in_smem(size_t acc_bytes, int64_t L) {
   return static_cast<size_t>(L) * acc_bytes <= kMaxDynSmem;
 }
@@ -396,8 +354,6 @@ bool forward_in_smem(size_t acc_bytes, int64_t L) {
 bool backward_staged(size_t acc_bytes, int64_t L) {
   return static_cast<size_t>(kChunkF + 2 * L) * acc_bytes <= kMaxDynSmem;
 }
-
-unsigned int grid_x(int64_t blocks) { return static_cast<unsigned int>(imin(blocks, kMaxGridX)); }
 
 template <typename scalar_t>
 cudaError_t forward_impl(const void* x, const void* scores, const int64_t* lengths,
@@ -458,21 +414,10 @@ cudaError_t cluster_pool_forward_launch(DType dtype, const void* x, const void* 
                                         int64_t B, int64_t L, int64_t F, int64_t N, bool shift,
                                         double eps, cudaStream_t stream) {
   if (!valid_sizes(B, L, F, N)) return cudaErrorInvalidValue;
-  switch (dtype) {
-    case DType::kFloat32:
-      return forward_impl<float>(x, scores, lengths, alpha, beta, out, attn, norm, B, L, F, N,
-                                 shift, eps, stream);
-    case DType::kFloat64:
-      return forward_impl<double>(x, scores, lengths, alpha, beta, out, attn, norm, B, L, F, N,
-                                  shift, eps, stream);
-    case DType::kFloat16:
-      return forward_impl<__half>(x, scores, lengths, alpha, beta, out, attn, norm, B, L, F, N,
-                                  shift, eps, stream);
-    case DType::kBFloat16:
-      return forward_impl<__nv_bfloat16>(x, scores, lengths, alpha, beta, out, attn, norm, B, L,
-                                         F, N, shift, eps, stream);
-  }
-  return cudaErrorInvalidValue;
+  return dispatch_dtype(dtype, [&](auto tag) {
+    return forward_impl<typename decltype(tag)::type>(x, scores, lengths, alpha, beta, out, attn,
+                                                      norm, B, L, F, N, shift, eps, stream);
+  });
 }
 
 int64_t cluster_pool_backward_workspace_elems(DType dtype, int64_t B, int64_t L, int64_t N) {
@@ -487,25 +432,11 @@ cudaError_t cluster_pool_backward_launch(DType dtype, const void* grad_out, cons
                                          int64_t F, int64_t N, bool shift, double eps,
                                          cudaStream_t stream) {
   if (!valid_sizes(B, L, F, N)) return cudaErrorInvalidValue;
-  switch (dtype) {
-    case DType::kFloat32:
-      return backward_impl<float>(grad_out, x, attn, norm, alpha, beta, grad_x, grad_scores,
-                                  grad_alpha_partial, grad_beta_partial, coef, workspace, B, L, F,
-                                  N, shift, eps, stream);
-    case DType::kFloat64:
-      return backward_impl<double>(grad_out, x, attn, norm, alpha, beta, grad_x, grad_scores,
-                                   grad_alpha_partial, grad_beta_partial, coef, workspace, B, L,
-                                   F, N, shift, eps, stream);
-    case DType::kFloat16:
-      return backward_impl<__half>(grad_out, x, attn, norm, alpha, beta, grad_x, grad_scores,
-                                   grad_alpha_partial, grad_beta_partial, coef, workspace, B, L,
-                                   F, N, shift, eps, stream);
-    case DType::kBFloat16:
-      return backward_impl<__nv_bfloat16>(grad_out, x, attn, norm, alpha, beta, grad_x,
-                                          grad_scores, grad_alpha_partial, grad_beta_partial,
-                                          coef, workspace, B, L, F, N, shift, eps, stream);
-  }
-  return cudaErrorInvalidValue;
+  return dispatch_dtype(dtype, [&](auto tag) {
+    return backward_impl<typename decltype(tag)::type>(
+        grad_out, x, attn, norm, alpha, beta, grad_x, grad_scores, grad_alpha_partial,
+        grad_beta_partial, coef, workspace, B, L, F, N, shift, eps, stream);
+  });
 }
 
 }  // namespace cluster_cuda

@@ -14,10 +14,12 @@
 
 #include <cstdint>
 
+#include "dtype.cuh"
+
 namespace attnpool {
 namespace cluster_cuda {
 
-enum class DType { kFloat32, kFloat64, kFloat16, kBFloat16 };
+using cuda_common::DType;  // kFloat32, kFloat64, kFloat16, kBFloat16
 
 // Forward. Requires B, L, F, N >= 1 (cudaErrorInvalidValue otherwise).
 //   x [B, L, F], scores [B, L, N], alpha/beta [N]: scalar;

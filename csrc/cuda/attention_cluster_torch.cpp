@@ -1,46 +1,14 @@
 // Torch glue of the attention-cluster CUDA kernels: checks, device guard, output and
 // scratch allocation, launch on the current stream, deterministic reduction over B.
 // The kernels themselves (attention_cluster.cu) see raw pointers only.
-#include "attnpool.h"
-
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-
 #include "cuda/attention_cluster.cuh"
+#include "cuda/torch_glue.h"
 
 namespace attnpool {
 namespace {
 
 namespace cc = cluster_cuda;
-
-cc::DType kernel_dtype(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat: return cc::DType::kFloat32;
-    case at::kDouble: return cc::DType::kFloat64;
-    case at::kHalf: return cc::DType::kFloat16;
-    case at::kBFloat16: return cc::DType::kBFloat16;
-    default: TORCH_CHECK(false, "attnpool cuda: unsupported dtype ", t);
-  }
-}
-
-at::ScalarType opmath_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
-
-// A contiguous CUDA tensor on `device` with the given dtype and shape.
-void check_input(const at::Tensor& t, const char* name, const at::Device& device,
-                 at::ScalarType dtype, at::IntArrayRef shape) {
-  TORCH_CHECK(t.is_cuda(), "attnpool cuda: ", name, " must be a CUDA tensor, got ", t.device());
-  TORCH_CHECK(t.device() == device, "attnpool cuda: ", name, " is on ", t.device(),
-              ", expected ", device);
-  TORCH_CHECK(t.scalar_type() == dtype, "attnpool cuda: ", name, " must have dtype ", dtype,
-              ", got ", t.scalar_type());
-  TORCH_CHECK(t.sizes() == shape, "attnpool cuda: ", name, " must have shape ", shape, ", got ",
-              t.sizes());
-  TORCH_CHECK(t.is_contiguous(), "attnpool cuda: ", name, " must be contiguous");
-}
-
-void check_launch(cudaError_t err, const char* what) {
-  TORCH_CHECK(err == cudaSuccess, "attnpool cuda: ", what, " failed: ", cudaGetErrorString(err));
-}
+using namespace cuda_glue;  // kernel_dtype, opmath_type, check_input, workspace_tensor, ...
 
 }  // namespace
 
@@ -76,7 +44,7 @@ ClusterForward cluster_pool_forward_cuda(const at::Tensor& x, const at::Tensor& 
                    lengths.has_value() ? lengths->data_ptr<int64_t>() : nullptr,
                    alpha.data_ptr(), beta.data_ptr(), out.data_ptr(), attn.data_ptr(),
                    norm.data_ptr(), B, L, F, N, shift, eps,
-                   c10::cuda::getCurrentCUDAStream(device.index()).stream()),
+                   current_stream(device)),
                "cluster_pool_forward");
   return {out, attn, norm};
 }
@@ -111,14 +79,14 @@ ClusterBackward cluster_pool_backward_cuda(const at::Tensor& grad_out, const at:
   at::Tensor alpha_part = at::empty({B, N}, stat);
   at::Tensor beta_part = at::empty({B, N}, stat);
   at::Tensor coef = at::empty({B, N, 3}, x.options().dtype(at::kDouble));
-  const int64_t ws_elems = cc::cluster_pool_backward_workspace_elems(kdtype, B, L, N);
-  at::Tensor workspace = ws_elems > 0 ? at::empty({ws_elems}, stat) : at::Tensor();
+  at::Tensor workspace =
+      workspace_tensor(cc::cluster_pool_backward_workspace_elems(kdtype, B, L, N), stat);
   check_launch(cc::cluster_pool_backward_launch(
                    kdtype, grad_out.data_ptr(), x.data_ptr(), attn.data_ptr(), norm.data_ptr(),
                    alpha.data_ptr(), beta.data_ptr(), grad_x.data_ptr(), grad_scores.data_ptr(),
                    alpha_part.data_ptr(), beta_part.data_ptr(), coef.data_ptr(),
-                   workspace.defined() ? workspace.data_ptr() : nullptr, B, L, F, N, shift, eps,
-                   c10::cuda::getCurrentCUDAStream(device.index()).stream()),
+                   data_or_null(workspace), B, L, F, N, shift, eps,
+                   current_stream(device)),
                "cluster_pool_backward");
   if (!shift) {
     return {grad_x, grad_scores, at::zeros({N}, x.options()), at::zeros({N}, x.options())};

@@ -33,16 +33,17 @@
 // double). Plain CUDA, no torch: see attentional_pool.cuh.
 #include "attentional_pool.cuh"
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cuda_runtime.h>
-
 #include <cstddef>
 #include <cstdint>
+#include <type_traits>
+
+#include "common.cuh"
 
 namespace attnpool {
 namespace attpool_cuda {
 namespace {
+
+using namespace cuda_common;  // OpMath, to_acc, store, warp_sum, imin, divup, grid_x, ...
 
 constexpr int kThreads = 256;  // block size of every kernel; a multiple of 32 (full warps)
 constexpr int kWarps = kThreads / 32;
@@ -54,39 +55,13 @@ constexpr int kUnrollC = 8;  // NC phase 1: channel rows loaded ahead per thread
 // With the static reduction scratch (<= 8 KiB) it stays under the 48 KiB every device
 // grants without an opt-in attribute.
 constexpr size_t kMaxDynSmem = 32 * 1024;
-constexpr int64_t kMaxGridX = 2147483647;  // gridDim.x limit; kernels grid-stride past it
-
-__host__ __device__ __forceinline__ int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
-__host__ __device__ __forceinline__ int64_t divup(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // Balanced tiles: ceil(n / ceil(n / kTile)) positions each (<= kTile), the last one shorter.
 __host__ __device__ __forceinline__ int64_t tile_len_of(int64_t n) {
   return divup(n, divup(n, kTile));
 }
 
-// ------------------------------------------------------------------ opmath
-template <typename T> struct OpMath { using type = T; };
-template <> struct OpMath<__half> { using type = float; };
-template <> struct OpMath<__nv_bfloat16> { using type = float; };
-
-__device__ __forceinline__ float to_acc(float v) { return v; }
-__device__ __forceinline__ double to_acc(double v) { return v; }
-__device__ __forceinline__ float to_acc(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_acc(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-__device__ __forceinline__ void store(float* p, float v) { *p = v; }
-__device__ __forceinline__ void store(double* p, double v) { *p = v; }
-__device__ __forceinline__ void store(__half* p, float v) { *p = __float2half_rn(v); }
-__device__ __forceinline__ void store(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
-
 // ------------------------------------------------------------------ warp reductions
-// Butterfly sum over the 32 lanes, result in every lane; every lane must call it.
-template <typename T> __device__ __forceinline__ T warp_sum(T v) {
-#pragma unroll
-  for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
-  return v;
-}
-
 // Reduce-scatter of 32 rows over the 32 lanes: returns in lane l the sum over all lanes of
 // row l (v[l]). Step `off` pairs the lanes differing in that bit: of the 2*off rows still
 // held, the lane with the bit clear keeps rows r < off, the other rows r + off, and each
@@ -518,8 +493,6 @@ wpool_backward_kernel(const scalar_t* __restrict__ grad_z, const scalar_t* __res
 }
 
 // ------------------------------------------------------------------ launchers
-size_t opmath_bytes(DType dtype) { return dtype == DType::kFloat64 ? sizeof(double) : sizeof(float); }
-
 // Bytes of the per-unit tiles: h (forward) or h and dh (backward).
 size_t tile_bytes(size_t acc_bytes, int64_t P, int tiles_per_unit) {
   return static_cast<size_t>(P) * kTile * tiles_per_unit * acc_bytes;
@@ -546,14 +519,55 @@ int64_t backward_ws_elems(size_t acc_bytes, int64_t B, int64_t n, int64_t P) {
   return staged_in_smem(acc_bytes, P, 2) ? 0 : B * num_tiles(n) * 2 * P * kTile;
 }
 
-unsigned int grid_x(int64_t blocks) { return static_cast<unsigned int>(imin(blocks, kMaxGridX)); }
-
 bool valid_sizes(int64_t B, int64_t C, int64_t n, int64_t P) {
   return B >= 1 && C >= 1 && n >= 1 && P >= 1;
 }
 
 // Ranks per phase-1 pass: P itself up to 2, else chunks of 4.
 int ranks_per_pass(int64_t P) { return P <= 1 ? 1 : (P <= 2 ? 2 : 4); }
+
+// f(cl) with channels_last as a compile-time bool (std::true_type / std::false_type).
+template <typename F> void dispatch_cl(bool channels_last, F&& f) {
+  if (channels_last) {
+    f(std::true_type{});
+  } else {
+    f(std::false_type{});
+  }
+}
+
+// f(kp, cl) with KP = ranks_per_pass(P) (1, 2 or 4) and channels_last as compile-time
+// constants (std::integral_constant): the kernel instantiations every launcher picks from.
+template <typename F> void dispatch_kp_cl(int64_t P, bool channels_last, F&& f) {
+  const int kp = ranks_per_pass(P);
+  dispatch_cl(channels_last, [&](auto cl) {
+    if (kp == 1) f(std::integral_constant<int, 1>{}, cl);
+    else if (kp == 2) f(std::integral_constant<int, 2>{}, cl);
+    else f(std::integral_constant<int, 4>{}, cl);
+  });
+}
+
+// Forward of the attentional pool and of weighted_pool: checks the workspace, splits it into
+// the z partials and the h staging (nullptr when staged in shared memory), enqueues the
+// per-tile kernel with launch_tiles(zpart, hbuf, tiles, staged), then, when n spans several
+// tiles, finish_z over the partials.
+template <typename scalar_t, typename LaunchTiles>
+cudaError_t run_forward(void* z, void* workspace, int64_t B, int64_t C, int64_t n, int64_t P,
+                        cudaStream_t stream, LaunchTiles&& launch_tiles) {
+  using acc_t = typename OpMath<scalar_t>::type;
+  const int64_t tiles = num_tiles(n);
+  const bool staged = staged_in_smem(sizeof(acc_t), P, 1);
+  if (forward_ws_elems(sizeof(acc_t), B, C, n, P) > 0 && workspace == nullptr)
+    return cudaErrorInvalidValue;
+  acc_t* zpart = static_cast<acc_t*>(workspace);
+  acc_t* hbuf = staged ? nullptr : zpart + forward_zpart_elems(B, C, n, P);
+  launch_tiles(zpart, hbuf, tiles, staged);
+  cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess || tiles == 1) return err;
+  const int64_t total = B * P * C;
+  attpool_finish_z_kernel<scalar_t><<<grid_x(divup(total, kThreads)), kThreads, 0, stream>>>(
+      zpart, static_cast<scalar_t*>(z), B, P * C, tiles, n);
+  return cudaGetLastError();
+}
 
 template <typename scalar_t, int KP, bool kCL>
 void launch_forward(const void* x, const void* wb, const void* bb, void* z, void* h, void* zpart,
@@ -572,33 +586,13 @@ template <typename scalar_t>
 cudaError_t forward_impl(const void* x, bool channels_last, const void* wb, const void* bb,
                          void* z, void* h, void* workspace, int64_t B, int64_t C, int64_t n,
                          int64_t P, cudaStream_t stream) {
-  using acc_t = typename OpMath<scalar_t>::type;
-  const int64_t tiles = num_tiles(n);
-  const bool staged = staged_in_smem(sizeof(acc_t), P, 1);
-  if (forward_ws_elems(sizeof(acc_t), B, C, n, P) > 0 && workspace == nullptr)
-    return cudaErrorInvalidValue;
-  acc_t* zpart = static_cast<acc_t*>(workspace);
-  acc_t* hbuf = staged ? nullptr : zpart + forward_zpart_elems(B, C, n, P);
-  const int kp = ranks_per_pass(P);
-#define ATTPOOL_FWD(KP_, CL_)                                                                   \
-  launch_forward<scalar_t, KP_, CL_>(x, wb, bb, z, h, zpart, hbuf, B, C, n, P, tiles, staged, \
-                                     stream)
-  if (channels_last) {
-    if (kp == 1) ATTPOOL_FWD(1, true);
-    else if (kp == 2) ATTPOOL_FWD(2, true);
-    else ATTPOOL_FWD(4, true);
-  } else {
-    if (kp == 1) ATTPOOL_FWD(1, false);
-    else if (kp == 2) ATTPOOL_FWD(2, false);
-    else ATTPOOL_FWD(4, false);
-  }
-#undef ATTPOOL_FWD
-  cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess || tiles == 1) return err;
-  const int64_t total = B * P * C;
-  attpool_finish_z_kernel<scalar_t><<<grid_x(divup(total, kThreads)), kThreads, 0, stream>>>(
-      zpart, static_cast<scalar_t*>(z), B, P * C, tiles, n);
-  return cudaGetLastError();
+  return run_forward<scalar_t>(
+      z, workspace, B, C, n, P, stream, [&](void* zpart, void* hbuf, int64_t tiles, bool staged) {
+        dispatch_kp_cl(P, channels_last, [&](auto kp, auto cl) {
+          launch_forward<scalar_t, decltype(kp)::value, decltype(cl)::value>(
+              x, wb, bb, z, h, zpart, hbuf, B, C, n, P, tiles, staged, stream);
+        });
+      });
 }
 
 template <typename scalar_t, int KP, bool kCL>
@@ -625,20 +619,11 @@ cudaError_t backward_impl(const void* grad_z, const void* grad_h, const void* x,
   const int64_t tiles = num_tiles(n);
   const bool staged = staged_in_smem(sizeof(acc_t), P, 2);
   if (!staged && workspace == nullptr) return cudaErrorInvalidValue;
-  const int kp = ranks_per_pass(P);
-#define ATTPOOL_BWD(KP_, CL_)                                                               \
-  launch_backward<scalar_t, KP_, CL_>(grad_z, grad_h, x, h, wb, grad_x, wb_part, bb_part, \
-                                      workspace, B, C, n, P, tiles, staged, stream)
-  if (channels_last) {
-    if (kp == 1) ATTPOOL_BWD(1, true);
-    else if (kp == 2) ATTPOOL_BWD(2, true);
-    else ATTPOOL_BWD(4, true);
-  } else {
-    if (kp == 1) ATTPOOL_BWD(1, false);
-    else if (kp == 2) ATTPOOL_BWD(2, false);
-    else ATTPOOL_BWD(4, false);
-  }
-#undef ATTPOOL_BWD
+  dispatch_kp_cl(P, channels_last, [&](auto kp, auto cl) {
+    launch_backward<scalar_t, decltype(kp)::value, decltype(cl)::value>(
+        grad_z, grad_h, x, h, wb, grad_x, wb_part, bb_part, workspace, B, C, n, P, tiles, staged,
+        stream);
+  });
   return cudaGetLastError();
 }
 
@@ -659,25 +644,13 @@ template <typename scalar_t>
 cudaError_t wpool_forward_impl(const void* x, bool channels_last, const void* h, void* z,
                                void* workspace, int64_t B, int64_t C, int64_t n, int64_t P,
                                cudaStream_t stream) {
-  using acc_t = typename OpMath<scalar_t>::type;
-  const int64_t tiles = num_tiles(n);
-  const bool staged = staged_in_smem(sizeof(acc_t), P, 1);
-  if (forward_ws_elems(sizeof(acc_t), B, C, n, P) > 0 && workspace == nullptr)
-    return cudaErrorInvalidValue;
-  acc_t* zpart = static_cast<acc_t*>(workspace);
-  acc_t* hbuf = staged ? nullptr : zpart + forward_zpart_elems(B, C, n, P);
-  if (channels_last) {
-    launch_wpool_forward<scalar_t, true>(x, h, z, zpart, hbuf, B, C, n, P, tiles, staged, stream);
-  } else {
-    launch_wpool_forward<scalar_t, false>(x, h, z, zpart, hbuf, B, C, n, P, tiles, staged,
-                                          stream);
-  }
-  cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess || tiles == 1) return err;
-  const int64_t total = B * P * C;
-  attpool_finish_z_kernel<scalar_t><<<grid_x(divup(total, kThreads)), kThreads, 0, stream>>>(
-      zpart, static_cast<scalar_t*>(z), B, P * C, tiles, n);
-  return cudaGetLastError();
+  return run_forward<scalar_t>(
+      z, workspace, B, C, n, P, stream, [&](void* zpart, void* hbuf, int64_t tiles, bool staged) {
+        dispatch_cl(channels_last, [&](auto cl) {
+          launch_wpool_forward<scalar_t, decltype(cl)::value>(x, h, z, zpart, hbuf, B, C, n, P,
+                                                              tiles, staged, stream);
+        });
+      });
 }
 
 int64_t wpool_backward_ws_elems(size_t acc_bytes, int64_t B, int64_t n, int64_t P) {
@@ -705,20 +678,10 @@ cudaError_t wpool_backward_impl(const void* grad_z, const void* x, bool channels
   const int64_t tiles = num_tiles(n);
   const bool staged = staged_in_smem(sizeof(acc_t), P, 1);
   if (!staged && workspace == nullptr) return cudaErrorInvalidValue;
-  const int kp = ranks_per_pass(P);
-#define WPOOL_BWD(KP_, CL_)                                                                   \
-  launch_wpool_backward<scalar_t, KP_, CL_>(grad_z, x, h, grad_x, grad_h, workspace, B, C, n, \
-                                            P, tiles, staged, stream)
-  if (channels_last) {
-    if (kp == 1) WPOOL_BWD(1, true);
-    else if (kp == 2) WPOOL_BWD(2, true);
-    else WPOOL_BWD(4, true);
-  } else {
-    if (kp == 1) WPOOL_BWD(1, false);
-    else if (kp == 2) WPOOL_BWD(2, false);
-    else WPOOL_BWD(4, false);
-  }
-#undef WPOOL_BWD
+  dispatch_kp_cl(P, channels_last, [&](auto kp, auto cl) {
+    launch_wpool_backward<scalar_t, decltype(kp)::value, decltype(cl)::value>(
+        grad_z, x, h, grad_x, grad_h, workspace, B, C, n, P, tiles, staged, stream);
+  });
   return cudaGetLastError();
 }
 
@@ -740,18 +703,10 @@ cudaError_t attpool_forward_launch(DType dtype, const void* x, bool channels_las
                                    const void* bb, void* z, void* h, void* workspace, int64_t B,
                                    int64_t C, int64_t n, int64_t P, cudaStream_t stream) {
   if (!valid_sizes(B, C, n, P)) return cudaErrorInvalidValue;
-  switch (dtype) {
-    case DType::kFloat32:
-      return forward_impl<float>(x, channels_last, wb, bb, z, h, workspace, B, C, n, P, stream);
-    case DType::kFloat64:
-      return forward_impl<double>(x, channels_last, wb, bb, z, h, workspace, B, C, n, P, stream);
-    case DType::kFloat16:
-      return forward_impl<__half>(x, channels_last, wb, bb, z, h, workspace, B, C, n, P, stream);
-    case DType::kBFloat16:
-      return forward_impl<__nv_bfloat16>(x, channels_last, wb, bb, z, h, workspace, B, C, n, P,
-                                         stream);
-  }
-  return cudaErrorInvalidValue;
+  return dispatch_dtype(dtype, [&](auto tag) {
+    return forward_impl<typename decltype(tag)::type>(x, channels_last, wb, bb, z, h, workspace,
+                                                      B, C, n, P, stream);
+  });
 }
 
 cudaError_t attpool_backward_launch(DType dtype, const void* grad_z, const void* grad_h,
@@ -760,30 +715,16 @@ cudaError_t attpool_backward_launch(DType dtype, const void* grad_z, const void*
                                     void* grad_bb_partial, void* workspace, int64_t B, int64_t C,
                                     int64_t n, int64_t P, cudaStream_t stream) {
   if (!valid_sizes(B, C, n, P)) return cudaErrorInvalidValue;
-  switch (dtype) {
-    case DType::kFloat32:
-      return backward_impl<float>(grad_z, grad_h, x, channels_last, h, wb, grad_x,
-                                  grad_wb_partial, grad_bb_partial, workspace, B, C, n, P,
-                                  stream);
-    case DType::kFloat64:
-      return backward_impl<double>(grad_z, grad_h, x, channels_last, h, wb, grad_x,
-                                   grad_wb_partial, grad_bb_partial, workspace, B, C, n, P,
-                                   stream);
-    case DType::kFloat16:
-      return backward_impl<__half>(grad_z, grad_h, x, channels_last, h, wb, grad_x,
-                                   grad_wb_partial, grad_bb_partial, workspace, B, C, n, P,
-                                   stream);
-    case DType::kBFloat16:
-      return backward_impl<__nv_bfloat16>(grad_z, grad_h, x, channels_last, h, wb, grad_x,
-                                          grad_wb_partial, grad_bb_partial, workspace, B, C, n,
-                                          P, stream);
-  }
-  return cudaErrorInvalidValue;
+  return dispatch_dtype(dtype, [&](auto tag) {
+    return backward_impl<typename decltype(tag)::type>(grad_z, grad_h, x, channels_last, h, wb,
+                                                       grad_x, grad_wb_partial, grad_bb_partial,
+                                                       workspace, B, C, n, P, stream);
+  });
 }
 
 int64_t wpool_forward_workspace_elems(DType dtype, int64_t B, int64_t C, int64_t n, int64_t P) {
-  if (!valid_sizes(B, C, n, P)) return 0;
-  return forward_ws_elems(opmath_bytes(dtype), B, C, n, P);
+  // Same workspace as the attentional pool's forward.
+  return attpool_forward_workspace_elems(dtype, B, C, n, P);
 }
 
 int64_t wpool_backward_workspace_elems(DType dtype, int64_t B, int64_t C, int64_t n, int64_t P) {
@@ -795,18 +736,10 @@ cudaError_t wpool_forward_launch(DType dtype, const void* x, bool channels_last,
                                  void* z, void* workspace, int64_t B, int64_t C, int64_t n,
                                  int64_t P, cudaStream_t stream) {
   if (!valid_sizes(B, C, n, P)) return cudaErrorInvalidValue;
-  switch (dtype) {
-    case DType::kFloat32:
-      return wpool_forward_impl<float>(x, channels_last, h, z, workspace, B, C, n, P, stream);
-    case DType::kFloat64:
-      return wpool_forward_impl<double>(x, channels_last, h, z, workspace, B, C, n, P, stream);
-    case DType::kFloat16:
-      return wpool_forward_impl<__half>(x, channels_last, h, z, workspace, B, C, n, P, stream);
-    case DType::kBFloat16:
-      return wpool_forward_impl<__nv_bfloat16>(x, channels_last, h, z, workspace, B, C, n, P,
-                                               stream);
-  }
-  return cudaErrorInvalidValue;
+  return dispatch_dtype(dtype, [&](auto tag) {
+    return wpool_forward_impl<typename decltype(tag)::type>(x, channels_last, h, z, workspace, B,
+                                                            C, n, P, stream);
+  });
 }
 
 cudaError_t wpool_backward_launch(DType dtype, const void* grad_z, const void* x,
@@ -814,21 +747,11 @@ cudaError_t wpool_backward_launch(DType dtype, const void* grad_z, const void* x
                                   void* workspace, int64_t B, int64_t C, int64_t n, int64_t P,
                                   cudaStream_t stream) {
   if (!valid_sizes(B, C, n, P)) return cudaErrorInvalidValue;
-  switch (dtype) {
-    case DType::kFloat32:
-      return wpool_backward_impl<float>(grad_z, x, channels_last, h, grad_x, grad_h, workspace, B,
-                                        C, n, P, stream);
-    case DType::kFloat64:
-      return wpool_backward_impl<double>(grad_z, x, channels_last, h, grad_x, grad_h, workspace,
-                                         B, C, n, P, stream);
-    case DType::kFloat16:
-      return wpool_backward_impl<__half>(grad_z, x, channels_last, h, grad_x, grad_h, workspace,
-                                         B, C, n, P, stream);
-    case DType::kBFloat16:
-      return wpool_backward_impl<__nv_bfloat16>(grad_z, x, channels_last, h, grad_x, grad_h,
-                                                workspace, B, C, n, P, stream);
-  }
-  return cudaErrorInvalidValue;
+  return dispatch_dtype(dtype, [&](auto tag) {
+    return wpool_backward_impl<typename decltype(tag)::type>(grad_z, x, channels_last, h, grad_x,
+                                                             grad_h, workspace, B, C, n, P,
+                                                             stream);
+  });
 }
 
 }  // namespace attpool_cuda

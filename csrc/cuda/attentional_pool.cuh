@@ -22,10 +22,12 @@
 
 #include <cstdint>
 
+#include "dtype.cuh"
+
 namespace attnpool {
 namespace attpool_cuda {
 
-enum class DType { kFloat32, kFloat64, kFloat16, kBFloat16 };
+using cuda_common::DType;  // kFloat32, kFloat64, kFloat16, kBFloat16
 
 // Position tiles per sample (each of at most 32 positions); the kernels' unit of work is
 // (sample, tile). 0 when n < 1.

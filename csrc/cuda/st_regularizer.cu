@@ -20,15 +20,15 @@
 // and the products by 0 are never skipped.
 #include "st_regularizer.cuh"
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cuda_runtime.h>
-
 #include <cstdint>
+
+#include "common.cuh"
 
 namespace attnpool {
 namespace st_cuda {
 namespace {
+
+using namespace cuda_common;  // OpMath, to_acc, store, op_*, warp_sum, imin, imax, divup, ...
 
 constexpr int kFwdThreads = 1024;  // one block covers a benchmark-sized input on its own
 constexpr int kFwdWarps = kFwdThreads / 32;
@@ -41,29 +41,7 @@ constexpr int64_t kMaxBwdBlocks = 65536;      // grid-strided past it
 // kUnroll, stays below 2^32.
 constexpr int64_t kMax32 = int64_t{1} << 30;
 
-__host__ __device__ __forceinline__ int64_t imax(int64_t a, int64_t b) { return a > b ? a : b; }
-__host__ __device__ __forceinline__ int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
-__host__ __device__ __forceinline__ int64_t divup(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
 // ------------------------------------------------------------------ opmath
-template <typename T> struct OpMath { using type = T; };
-template <> struct OpMath<__half> { using type = float; };
-template <> struct OpMath<__nv_bfloat16> { using type = float; };
-
-__device__ __forceinline__ float to_acc(float v) { return v; }
-__device__ __forceinline__ double to_acc(double v) { return v; }
-__device__ __forceinline__ float to_acc(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_acc(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-__device__ __forceinline__ void store(float* p, float v) { *p = v; }
-__device__ __forceinline__ void store(double* p, double v) { *p = v; }
-__device__ __forceinline__ void store(__half* p, float v) { *p = __float2half_rn(v); }
-__device__ __forceinline__ void store(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
-
-__device__ __forceinline__ float abs_acc(float v) { return fabsf(v); }
-__device__ __forceinline__ double abs_acc(double v) { return fabs(v); }
-__device__ __forceinline__ float sqrt_acc(float v) { return sqrtf(v); }
-__device__ __forceinline__ double sqrt_acc(double v) { return sqrt(v); }
 // Products rounded on their own (no FMA contraction), as the reference computes q_t.
 __device__ __forceinline__ float mul_rn(float a, float b) { return __fmul_rn(a, b); }
 __device__ __forceinline__ double mul_rn(double a, double b) { return __dmul_rn(a, b); }
@@ -82,12 +60,6 @@ template <typename T> __device__ __forceinline__ T contrast_of(T m) {
 // q = w[t-1] w[t+1] - w[t]^2 of the unimodality term t.
 template <typename T> __device__ __forceinline__ T uni_q(T wm, T w0, T wp) {
   return mul_rn(wm, wp) - mul_rn(w0, w0);
-}
-
-template <typename T> __device__ __forceinline__ T warp_sum(T v) {
-#pragma unroll
-  for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
-  return v;
 }
 
 // Weights and divisors of the three terms, and the sqrt flag, as the kernels take them.
@@ -160,8 +132,8 @@ st_forward_kernel(const scalar_t* __restrict__ mask, const scalar_t* __restrict_
 #pragma unroll
     for (int r = 0; r < kUnroll; ++r) {
       if (!ok[r]) continue;
-      if (has_dn[r]) tv += abs_acc(dn[r] - m[r]);
-      if (has_rt[r]) tv += abs_acc(rt[r] - m[r]);
+      if (has_dn[r]) tv += op_abs(dn[r] - m[r]);
+      if (has_rt[r]) tv += op_abs(rt[r] - m[r]);
       con += contrast_of(m[r]);
     }
   }
@@ -170,7 +142,7 @@ st_forward_kernel(const scalar_t* __restrict__ mask, const scalar_t* __restrict_
     const scalar_t* wt = w + b * T + (e - b * T2) + 1;  // w[b, t], t = 1 + (e mod (T-2))
     const acc_t q = uni_q(to_acc(wt[-1]), to_acc(wt[0]), to_acc(wt[1]));
     const acc_t r = q <= acc_t(0) ? acc_t(0) : q;  // relu; NaN stays NaN
-    u += k.sqrt ? sqrt_acc(r) : r;
+    u += k.sqrt ? op_sqrt(r) : r;
   }
 
   acc_t v[3] = {tv, con, u};
@@ -238,7 +210,7 @@ st_backward_kernel(const scalar_t* __restrict__ grad_total, const scalar_t* __re
   auto dterm = [&](const scalar_t* wt) -> acc_t {  // wt points at w[b, t]
     const acc_t q = uni_q(to_acc(wt[-1]), to_acc(wt[0]), to_acc(wt[1]));
     if (q <= acc_t(0)) return acc_t(0);
-    return k.sqrt ? uni_s / (acc_t(2) * sqrt_acc(q)) : uni_s;
+    return k.sqrt ? uni_s / (acc_t(2) * op_sqrt(q)) : uni_s;
   };
   for (index_t e = first; e < BT; e += stride) {
     const index_t b = e / T;
@@ -350,17 +322,10 @@ cudaError_t st_forward_launch(DType dtype, const void* mask, const void* w, void
                               void* workspace, int64_t B, int64_t T, int64_t H, int64_t W,
                               const StParams& params, cudaStream_t stream) {
   if (!valid_sizes(B, T, H, W)) return cudaErrorInvalidValue;
-  switch (dtype) {
-    case DType::kFloat32:
-      return forward_impl<float>(mask, w, total, workspace, B, T, H, W, params, stream);
-    case DType::kFloat64:
-      return forward_impl<double>(mask, w, total, workspace, B, T, H, W, params, stream);
-    case DType::kFloat16:
-      return forward_impl<__half>(mask, w, total, workspace, B, T, H, W, params, stream);
-    case DType::kBFloat16:
-      return forward_impl<__nv_bfloat16>(mask, w, total, workspace, B, T, H, W, params, stream);
-  }
-  return cudaErrorInvalidValue;
+  return dispatch_dtype(dtype, [&](auto tag) {
+    return forward_impl<typename decltype(tag)::type>(mask, w, total, workspace, B, T, H, W,
+                                                      params, stream);
+  });
 }
 
 cudaError_t st_backward_launch(DType dtype, const void* grad_total, const void* mask,
@@ -368,21 +333,10 @@ cudaError_t st_backward_launch(DType dtype, const void* grad_total, const void* 
                                int64_t T, int64_t H, int64_t W, const StParams& params,
                                cudaStream_t stream) {
   if (!valid_sizes(B, T, H, W)) return cudaErrorInvalidValue;
-  switch (dtype) {
-    case DType::kFloat32:
-      return backward_impl<float>(grad_total, mask, w, grad_mask, grad_w, B, T, H, W, params,
-                                  stream);
-    case DType::kFloat64:
-      return backward_impl<double>(grad_total, mask, w, grad_mask, grad_w, B, T, H, W, params,
-                                   stream);
-    case DType::kFloat16:
-      return backward_impl<__half>(grad_total, mask, w, grad_mask, grad_w, B, T, H, W, params,
-                                   stream);
-    case DType::kBFloat16:
-      return backward_impl<__nv_bfloat16>(grad_total, mask, w, grad_mask, grad_w, B, T, H, W,
-                                          params, stream);
-  }
-  return cudaErrorInvalidValue;
+  return dispatch_dtype(dtype, [&](auto tag) {
+    return backward_impl<typename decltype(tag)::type>(grad_total, mask, w, grad_mask, grad_w, B,
+                                                       T, H, W, params, stream);
+  });
 }
 
 }  // namespace st_cuda

@@ -21,10 +21,12 @@
 
 #include <cstdint>
 
+#include "dtype.cuh"
+
 namespace attnpool {
 namespace st_cuda {
 
-enum class DType { kFloat32, kFloat64, kFloat16, kBFloat16 };
+using cuda_common::DType;  // kFloat32, kFloat64, kFloat16, kBFloat16
 
 struct StParams {
   double tv_weight = 0;
