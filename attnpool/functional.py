@@ -138,12 +138,15 @@ def attention_cluster(
             x, weight, bias, alpha, beta, lengths, attention=attention,
             weight1=weight1, bias1=bias1, shift=shift, eps=eps)
 
+    if attention == "fc1":  # the op takes the scoring layer itself (see ops.cluster_pool)
+        out, attn, _ = ops.cluster_pool(x, None, weight, bias, lengths, alpha, beta, shift, eps,
+                                        name)
+        return out, attn.to(x.dtype)
     if attention == "average":
         scores = x.new_zeros(B, L, N)
     else:
-        keys = torch.tanh(F.linear(x, weight1, bias1)) if attention == "fc2" else x
-        scores = F.linear(keys, weight, bias)
-    out, attn, _ = ops.cluster_pool(x, scores, lengths, alpha, beta, shift, eps, name)
+        scores = F.linear(torch.tanh(F.linear(x, weight1, bias1)), weight, bias)
+    out, attn, _ = ops.cluster_pool(x, scores, None, None, lengths, alpha, beta, shift, eps, name)
     return out, attn.to(x.dtype)
 
 

@@ -65,7 +65,9 @@ def check_lengths(lengths: Tensor, L: int) -> None:
 @torch.library.custom_op("attnpool::cluster_pool", mutates_args=())
 def cluster_pool(
     x: Tensor,
-    scores: Tensor,
+    scores: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
     lengths: Tensor | None,
     alpha: Tensor,
     beta: Tensor,
@@ -75,10 +77,13 @@ def cluster_pool(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Fused softmax pooling + shift + L2 norm of attention clusters.
 
-    x [B, L, F], scores [B, L, N] -> out [B, N*F], attn [B, N, L], norm [B, N].
+    x [B, L, F] and either scores [B, L, N], or the linear scoring layer weight [N, F]
+    (+ bias [N]; "fc1": scores = x weight^T + bias, whose bias the softmax cancels) ->
+    out [B, N*F], attn [B, N, L], norm [B, N]. Taking the scoring layer in the op lets its
+    backward add grad_scores·weight into grad_x in place and skip an autograd node.
     """
     B, L, F = x.shape
-    N = scores.shape[-1]
+    N = alpha.shape[0]
     if lengths is not None:
         check_lengths(lengths, L)
         lengths = lengths.to(torch.int64).contiguous()
@@ -86,15 +91,17 @@ def cluster_pool(
         stat = _opmath(x.dtype)
         return (x.new_empty(0, N * F), x.new_empty(0, N, L, dtype=stat),
                 x.new_empty(0, N, dtype=stat))
+    if weight is not None:  # the bias shifts every frame's score alike: the softmax cancels it
+        scores = torch.nn.functional.linear(x, weight)
     impl = backends.implementation("attention_cluster", backend)
     return impl.forward(x.contiguous(), scores.contiguous(), lengths, alpha.contiguous(),
                         beta.contiguous(), shift, eps)
 
 
 @cluster_pool.register_fake
-def _(x, scores, lengths, alpha, beta, shift, eps, backend):
+def _(x, scores, weight, bias, lengths, alpha, beta, shift, eps, backend):
     B, L, F = x.shape
-    N = scores.shape[-1]
+    N = alpha.shape[0]
     stat = _opmath(x.dtype)
     return (x.new_empty(B, N * F), x.new_empty(B, N, L, dtype=stat), x.new_empty(B, N, dtype=stat))
 
@@ -129,15 +136,17 @@ def _(grad_out, x, attn, norm, alpha, beta, shift, eps, backend):
 
 
 def _cluster_setup(ctx, inputs, output):
-    x, _, _, alpha, beta, shift, eps, backend = inputs
+    x, _, weight, bias, _, alpha, beta, shift, eps, backend = inputs
     _, attn, norm = output
-    ctx.save_for_backward(x, attn, norm, alpha, beta)
+    ctx.save_for_backward(x, attn, norm, alpha, beta, weight)
     ctx.shift, ctx.eps, ctx.backend = shift, eps, backend
+    ctx.has_bias = bias is not None
     ctx.mark_non_differentiable(norm)
+    ctx.set_materialize_grads(False)  # an unused attention output costs nothing
 
 
 def _cluster_backward(ctx, grad_out, grad_attn, grad_norm):
-    x, attn, norm, alpha, beta = ctx.saved_tensors
+    x, attn, norm, alpha, beta, weight = ctx.saved_tensors
     if grad_out is None:
         grad_out = x.new_zeros(x.shape[0], attn.shape[1] * x.shape[2])
     grad_x, grad_scores, grad_alpha, grad_beta = cluster_pool_backward(
@@ -146,7 +155,16 @@ def _cluster_backward(ctx, grad_out, grad_attn, grad_norm):
     if grad_attn is not None:  # the caller also used the returned attention
         g = attn * (grad_attn - (attn * grad_attn).sum(-1, keepdim=True))
         grad_scores = grad_scores + g.transpose(1, 2).to(grad_scores.dtype)
-    return grad_x, grad_scores, None, grad_alpha, grad_beta, None, None, None
+    if weight is None:
+        return grad_x, grad_scores, None, None, None, grad_alpha, grad_beta, None, None, None
+    # the scoring layer: grad_x += grad_scores weight (into the kernel's fresh grad_x),
+    # grad_weight = grad_scores^T x; the bias gradient is exactly 0
+    F, N = x.shape[-1], weight.shape[0]
+    gs = grad_scores.reshape(-1, N)
+    grad_x.view(-1, F).addmm_(gs, weight)
+    grad_weight = gs.t() @ x.reshape(-1, F)
+    grad_bias = weight.new_zeros(N) if ctx.has_bias else None
+    return grad_x, None, grad_weight, grad_bias, None, grad_alpha, grad_beta, None, None, None
 
 
 cluster_pool.register_autograd(_cluster_backward, setup_context=_cluster_setup)

@@ -169,10 +169,14 @@ def test_opcheck(backend, lengths):
     alpha = torch.randn(N, generator=g, dtype=torch.float64, requires_grad=True)
     beta = torch.randn(N, generator=g, dtype=torch.float64, requires_grad=True)
     lens = torch.tensor([5, 2]) if lengths else None
+    weight = torch.randn(N, F, generator=g, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(N, generator=g, dtype=torch.float64, requires_grad=True)
     torch.library.opcheck(torch.ops.attnpool.cluster_pool.default,
-                          (x, scores, lens, alpha, beta, True, 1e-12, backend))
-    out, attn, norm = torch.ops.attnpool.cluster_pool(x, scores, lens, alpha, beta, True, 1e-12,
-                                                      backend)
+                          (x, scores, None, None, lens, alpha, beta, True, 1e-12, backend))
+    torch.library.opcheck(torch.ops.attnpool.cluster_pool.default,  # the fused scoring layer
+                          (x, None, weight, bias, lens, alpha, beta, True, 1e-12, backend))
+    out, attn, norm = torch.ops.attnpool.cluster_pool(x, scores, None, None, lens, alpha, beta,
+                                                      True, 1e-12, backend)
     grad_out = torch.randn(B, N * F, generator=g, dtype=torch.float64)
     torch.library.opcheck(
         torch.ops.attnpool.cluster_pool_backward.default,

@@ -26,6 +26,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <cstring>
 #include <limits>
 #include <string>
@@ -75,6 +76,11 @@ struct Simd {
       for (int l = 0; l < kVec / int(sizeof(T)); ++l) z.v[l] = x.v[l] * y.v[l];
       return z;
     }
+    friend type operator+(const type& x, T y) {
+      type z;
+      for (int l = 0; l < kVec / int(sizeof(T)); ++l) z.v[l] = x.v[l] + y;
+      return z;
+    }
     friend type operator*(T x, const type& y) {
       type z;
       for (int l = 0; l < kVec / int(sizeof(T)); ++l) z.v[l] = x * y.v[l];
@@ -92,7 +98,7 @@ struct Tiling {
   static constexpr int kRows = kVec == 64 ? 8 : 4;
   static constexpr int kVecs = 2;
   static constexpr int kDotRows = kVec == 64 ? 4 : 2;
-  static constexpr int kDotCols = 4;
+  static constexpr int kDotCols = kVec == 64 ? 6 : 4;
 };
 
 // Units and frames are split between tasks in multiples of this (the largest kRows).
@@ -112,6 +118,21 @@ ATTNPOOL_INLINE void store(Out* dst, const typename Simd<kVec, T>::type& v) {
     std::memcpy(dst, &v, kVec);
   } else {
     for (int l = 0; l < kVec / int(sizeof(T)); ++l) dst[l] = static_cast<Out>(v[l]);
+  }
+}
+
+// Pairwise fold of a register's lanes (the order of fold<kLanes>), by halves of the register.
+template <int kVec, typename T>
+ATTNPOOL_INLINE T fold_vec(const typename Simd<kVec, T>::type& v) {
+  if constexpr (kVec == int(sizeof(T))) {
+    return v[0];
+  } else {
+    using half = typename Simd<kVec / 2, T>::type;
+    half lo, hi;
+    std::memcpy(&lo, &v, kVec / 2);
+    std::memcpy(&hi, reinterpret_cast<const char*>(&v) + kVec / 2, kVec / 2);
+    lo += hi;
+    return fold_vec<kVec / 2, T>(lo);
   }
 }
 
@@ -135,6 +156,31 @@ ATTNPOOL_INLINE void gemm_tile(int64_t K, const T* a, int64_t ars, int64_t aks, 
     for (int j = 0; j < NV; ++j) store<kVec, T>(c + r * ldc + j * V, acc[r][j]);
 }
 
+// gemm_tile whose rows r end as u = al[r] c + be[r]: stored to u, and u*u added to sq[r] while
+// still in registers (the forward's norms, without a second pass over u).
+template <int kVec, int R, int NV, typename T>
+ATTNPOOL_INLINE void affine_tile(int64_t K, const T* a, int64_t aks, const T* b, int64_t ldb,
+                                 const T* al, const T* be, T* u, int64_t ldu,
+                                 typename Simd<kVec, T>::type* sq) {
+  using vec = typename Simd<kVec, T>::type;
+  constexpr int V = kVec / sizeof(T);
+  vec acc[R][NV] = {};
+  for (int64_t k = 0; k < K; ++k) {
+    vec bk[NV];
+    for (int j = 0; j < NV; ++j) std::memcpy(&bk[j], b + k * ldb + j * V, kVec);
+    for (int r = 0; r < R; ++r) {
+      const T ark = a[r + k * aks];
+      for (int j = 0; j < NV; ++j) acc[r][j] += ark * bk[j];
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < NV; ++j) {
+      const vec ur = al[r] * acc[r][j] + be[r];
+      std::memcpy(u + r * ldu + j * V, &ur, kVec);
+      sq[r] += ur * ur;
+    }
+}
+
 // R rows of c over `cols` columns: tiles of NV registers, then of one, then a scalar rest.
 template <int kVec, int R, int NV, typename T, typename Out>
 ATTNPOOL_INLINE void gemm_panel(int64_t cols, int64_t K, const T* a, int64_t ars, int64_t aks,
@@ -152,17 +198,32 @@ ATTNPOOL_INLINE void gemm_panel(int64_t cols, int64_t K, const T* a, int64_t ars
     }
 }
 
-// c[rows, cols] = a[rows, K] b[K, cols], by panels of R rows (each streams b once); the
-// remaining rows in panels of R/2, R/4, ...
+// gemm_panel with R a runtime value r <= R (one switch per panel).
+template <int kVec, int R, int NV, typename T, typename Out>
+ATTNPOOL_INLINE void gemm_panel_of(int64_t r, int64_t cols, int64_t K, const T* a, int64_t ars,
+                                   int64_t aks, const T* b, int64_t ldb, Out* c, int64_t ldc) {
+  if constexpr (R > 1) {
+    if (r < R) return gemm_panel_of<kVec, R - 1, NV>(r, cols, K, a, ars, aks, b, ldb, c, ldc);
+  }
+  gemm_panel<kVec, R, NV>(cols, K, a, ars, aks, b, ldb, c, ldc);
+}
+
+// Rows of a task split into `parts` runs of near-equal size: a remainder row alone would run
+// as a 1-row tile, bound by latency and loads (25 frames: 7+6+6+6 rather than 8+8+8+1).
+ATTNPOOL_INLINE int64_t balanced_part(int64_t rows, int64_t parts, int64_t i) {
+  return rows / parts + (i < rows % parts);
+}
+
+// c[rows, cols] = a[rows, K] b[K, cols], by panels of at most R rows (each streams b once).
+// Every element is one in-order sum over k whatever the panel, so the split changes no bits.
 template <int kVec, int R, int NV, typename T, typename Out>
 ATTNPOOL_INLINE void gemm(int64_t rows, int64_t cols, int64_t K, const T* a, int64_t ars,
                           int64_t aks, const T* b, int64_t ldb, Out* c, int64_t ldc) {
-  int64_t r = 0;
-  for (; r + R <= rows; r += R)
-    gemm_panel<kVec, R, NV>(cols, K, a + r * ars, ars, aks, b, ldb, c + r * ldc, ldc);
-  if constexpr (R > 1) {
-    if (r < rows)
-      gemm<kVec, R / 2, NV>(rows - r, cols, K, a + r * ars, ars, aks, b, ldb, c + r * ldc, ldc);
+  const int64_t panels = (rows + R - 1) / R;
+  for (int64_t i = 0, r = 0; i < panels; ++i) {
+    const int64_t n = balanced_part(rows, panels, i);
+    gemm_panel_of<kVec, R, NV>(n, cols, K, a + r * ars, ars, aks, b, ldb, c + r * ldc, ldc);
+    r += n;
   }
 }
 
@@ -184,33 +245,38 @@ ATTNPOOL_INLINE void dot_tile(int64_t K, const T* p, int64_t ldp, const T* q, in
   }
   for (int r = 0; r < R; ++r)
     for (int s = 0; s < S; ++s) {
-      T lanes[V];
-      for (int l = 0; l < V; ++l) lanes[l] = acc[r][s][l];
       T tail = 0;
       for (int64_t j = k; j < K; ++j) tail += p[r * ldp + j] * q[s * ldq + j];
-      d[r * ldd + s] = fold<V>(lanes) + tail;
+      d[r * ldd + s] = fold_vec<kVec, T>(acc[r][s]) + tail;
     }
 }
 
+// dot_tile with R, S runtime values r <= R, s <= S.
 template <int kVec, int R, int S, typename T>
-ATTNPOOL_INLINE void dot_panel(int64_t cols, int64_t K, const T* p, int64_t ldp, const T* q,
-                               int64_t ldq, T* d, int64_t ldd) {
-  int64_t s = 0;
-  for (; s + S <= cols; s += S) dot_tile<kVec, R, S>(K, p, ldp, q + s * ldq, ldq, d + s, ldd);
-  if constexpr (S > 1) {
-    if (s < cols) dot_panel<kVec, R, S / 2>(cols - s, K, p, ldp, q + s * ldq, ldq, d + s, ldd);
+ATTNPOOL_INLINE void dot_tile_of(int64_t r, int64_t s, int64_t K, const T* p, int64_t ldp,
+                                 const T* q, int64_t ldq, T* d, int64_t ldd) {
+  if constexpr (R > 1) {
+    if (r < R) return dot_tile_of<kVec, R - 1, S>(r, s, K, p, ldp, q, ldq, d, ldd);
   }
+  if constexpr (S > 1) {
+    if (s < S) return dot_tile_of<kVec, R, S - 1>(r, s, K, p, ldp, q, ldq, d, ldd);
+  }
+  dot_tile<kVec, R, S>(K, p, ldp, q, ldq, d, ldd);
 }
 
-// d[rows, cols] = p[rows, K] q[cols, K]^T, by R x S tiles (remainders in halves).
+// d[rows, cols] = p[rows, K] q[cols, K]^T, by tiles of at most R x S (balanced like gemm's).
 template <int kVec, int R, int S, typename T>
 ATTNPOOL_INLINE void dots(int64_t rows, int64_t cols, int64_t K, const T* p, int64_t ldp,
                           const T* q, int64_t ldq, T* d, int64_t ldd) {
-  int64_t r = 0;
-  for (; r + R <= rows; r += R)
-    dot_panel<kVec, R, S>(cols, K, p + r * ldp, ldp, q, ldq, d + r * ldd, ldd);
-  if constexpr (R > 1) {
-    if (r < rows) dots<kVec, R / 2, S>(rows - r, cols, K, p + r * ldp, ldp, q, ldq, d + r * ldd, ldd);
+  const int64_t rparts = (rows + R - 1) / R, sparts = (cols + S - 1) / S;
+  for (int64_t i = 0, r = 0; i < rparts; ++i) {
+    const int64_t nr = balanced_part(rows, rparts, i);
+    for (int64_t j = 0, c = 0; j < sparts; ++j) {
+      const int64_t nc = balanced_part(cols, sparts, j);
+      dot_tile_of<kVec, R, S>(nr, nc, K, p + r * ldp, ldp, q + c * ldq, ldq, d + r * ldd + c, ldd);
+      c += nc;
+    }
+    r += nr;
   }
 }
 
@@ -239,6 +305,45 @@ ATTNPOOL_INLINE void prefetch(const void* p, int64_t bytes) {
 #if defined(__GNUC__)
   for (int64_t j = 0; j < bytes; j += 64) __builtin_prefetch(static_cast<const char*>(p) + j, 0);
 #endif
+}
+
+// e^x for x <= 0 or NaN, in plain arithmetic so that loops over it vectorise (std::exp is a
+// call per element): x = k ln2 + r with |r| <= ln2/2, e^r by its Taylor polynomial (truncation
+// under 0.1 ulp), 2^k through the exponent bits in two halves, so that subnormal results come
+// out as with std::exp. Within about an ulp of std::exp; e^-inf = 0, e^NaN = NaN.
+template <typename T>
+ATTNPOOL_INLINE T exp_nonpositive(T x) {
+  constexpr bool kFloat = std::is_same_v<T, float>;
+  using I = std::conditional_t<kFloat, int32_t, int64_t>;
+  constexpr int kMant = std::numeric_limits<T>::digits - 1;
+  constexpr I kBias = std::numeric_limits<T>::max_exponent - 1;
+  constexpr int kDegree = kFloat ? 7 : 13;
+  constexpr T kInvFactorial[] = {
+      T(1), T(1), T(0.5), T(1.6666666666666666e-1), T(4.1666666666666664e-2),
+      T(8.3333333333333332e-3), T(1.3888888888888889e-3), T(1.9841269841269841e-4),
+      T(2.4801587301587302e-5), T(2.7557319223985893e-6), T(2.7557319223985888e-7),
+      T(2.5052108385441720e-8), T(2.0876756987868100e-9), T(1.6059043836821613e-10)};
+  constexpr T kMin = kFloat ? T(-104) : T(-746);  // e^x rounds to 0 below
+  constexpr T kLog2e = T(1.4426950408889634);
+  constexpr T kLn2Hi = T(0.693145751953125), kLn2Lo = T(1.42860682030941723212e-6);
+  constexpr T kRound = T(1.5) * T(I(1) << kMant);  // t + kRound rounds t to an integer
+  const bool ok = x >= kMin;
+  const T xs = ok ? x : T(0);
+  const T t = xs * kLog2e + kRound;
+  const T k = t - kRound;
+  const T r = (xs - k * kLn2Hi) - k * kLn2Lo;
+  T poly = kInvFactorial[kDegree];
+  for (int i = kDegree - 1; i >= 0; --i) poly = poly * r + kInvFactorial[i];
+  // k sits in the low bits of t; 2^k = 2^k1 2^k2 keeps both factors normal.
+  I tb, rb;
+  std::memcpy(&tb, &t, sizeof(T));
+  std::memcpy(&rb, &kRound, sizeof(T));
+  const I k1 = (tb - rb) >> 1, k2 = (tb - rb) - k1;
+  const I b1 = (k1 + kBias) << kMant, b2 = (k2 + kBias) << kMant;
+  T s1, s2;
+  std::memcpy(&s1, &b1, sizeof(T));
+  std::memcpy(&s2, &b2, sizeof(T));
+  return ok ? poly * s1 * s2 : (x < kMin ? T(0) : x);
 }
 
 // Valid frames of a sample, clamped so that a bad length can never index out of bounds.
@@ -281,79 +386,113 @@ struct ForwardJob {
   T* attn;
   T* norm;
 
-  // Softmax of unit n over the valid frames into a[0, L) and the unit's attn row.
-  ATTNPOOL_INLINE void softmax(const scalar_t* sb, int64_t n, int64_t len, T* a,
-                               T* attn_row) const {
-    const int64_t N = s.N;
-    T mx = -std::numeric_limits<T>::infinity();
-    for (int64_t l = 0; l < len; ++l) mx = std::max(mx, static_cast<T>(sb[l * N + n]));
-    T sum = 0;
-    for (int64_t l = 0; l < len; ++l) {
-      a[l] = std::exp(static_cast<T>(sb[l * N + n]) - mx);
-      sum += a[l];
+  // Softmax of the units [n0, n0 + nb) over the valid frames, into at[l*nb + r] (frame-major:
+  // the units' scores at a frame are contiguous, so the loops run across units in SIMD) and
+  // into their attn rows. Each unit's sums run over l in order, whatever the block.
+  ATTNPOOL_INLINE void softmax(int64_t b, int64_t n0, int64_t nb, int64_t len, T* at,
+                               T* mx, T* sum) const {
+    const int64_t L = s.L, N = s.N;
+    const scalar_t* sc = scores + b * L * N + n0;
+    for (int64_t r = 0; r < nb; ++r) {
+      mx[r] = -std::numeric_limits<T>::infinity();
+      sum[r] = 0;
     }
+    for (int64_t l = 0; l < len; ++l)
+      for (int64_t r = 0; r < nb; ++r) mx[r] = std::max(mx[r], static_cast<T>(sc[l * N + r]));
+    for (int64_t l = 0; l < len; ++l)
+      for (int64_t r = 0; r < nb; ++r) {
+        const T e = exp_nonpositive(static_cast<T>(sc[l * N + r]) - mx[r]);
+        at[l * nb + r] = e;
+        sum[r] += e;
+      }
     // Padded frames get 0, or NaN when the valid scores hold a NaN / +Inf (sum is NaN), as
     // torch's softmax over -inf-masked scores does.
-    const T inv = T(1) / sum;
-    for (int64_t l = 0; l < len; ++l) a[l] *= inv;
-    for (int64_t l = len; l < s.L; ++l) a[l] = T(0) * inv;
-    std::copy_n(a, s.L, attn_row);
+    for (int64_t r = 0; r < nb; ++r) sum[r] = T(1) / sum[r];
+    for (int64_t l = 0; l < len; ++l)
+      for (int64_t r = 0; r < nb; ++r) at[l * nb + r] *= sum[r];
+    for (int64_t r = 0; r < nb; ++r) {
+      T* row = attn + (b * N + n0 + r) * L;
+      for (int64_t l = 0; l < len; ++l) row[l] = at[l * nb + r];
+      for (int64_t l = len; l < L; ++l) row[l] = T(0) * sum[r];
+    }
   }
 
-  // u = alpha v + beta in place, its norm, and out = u / (sqrt(N) max(norm, eps)).
-  template <int kLanes>
-  ATTNPOOL_INLINE void finish_unit(int64_t b, int64_t n, T* u) const {
+  // Units [n, n + R) of sample b, weights a(r, k) = a[r + k*aks] over len frames:
+  // u = alpha v + beta into u (rows of F), then norm and out = u / (sqrt(N) max(norm, eps)).
+  template <int kVec, int R, int NV>
+  ATTNPOOL_INLINE void unit_rows(int64_t b, int64_t n, int64_t len, const T* a, int64_t aks,
+                                 const T* xb, T* u) const {
+    using vec = typename Simd<kVec, T>::type;
+    constexpr int V = kVec / sizeof(T);
     const int64_t F = s.F;
-    const T al = shift ? alpha[n] : T(1), be = shift ? beta[n] : T(0);
-    T acc[kLanes] = {};
-    int64_t f = 0;
-    for (; f + kLanes <= F; f += kLanes)
-      for (int l = 0; l < kLanes; ++l) {
-        u[f + l] = al * u[f + l] + be;
-        acc[l] += u[f + l] * u[f + l];
-      }
-    T tail = 0;
-    for (; f < F; ++f) {
-      u[f] = al * u[f] + be;
-      tail += u[f] * u[f];
-    }
-    const T nrm = std::sqrt(fold<kLanes>(acc) + tail);
-    norm[b * s.N + n] = nrm;
-    // max(nrm, eps) written so that a NaN norm stays NaN, as with torch's clamp_min.
-    const T scale = shift ? T(1) / (std::sqrt(static_cast<T>(s.N)) * (nrm < eps ? eps : nrm)) : T(1);
     scalar_t* o = out + (b * s.N + n) * F;
-    for (int64_t k = 0; k < F; ++k) o[k] = static_cast<scalar_t>(u[k] * scale);
+    T al[R], be[R], tail[R];
+    vec sq[R] = {};
+    for (int r = 0; r < R; ++r) {
+      al[r] = shift ? alpha[n + r] : T(1);
+      be[r] = shift ? beta[n + r] : T(0);
+      tail[r] = 0;
+    }
+    int64_t w = 0;
+    // Each tile after a prefetch of the lines of out it stands for: the writes below would
+    // otherwise wait on memory, while the tiles have time to spare.
+    for (; w + NV * V <= F; w += NV * V) {
+      for (int r = 0; r < R; ++r) prefetch_for_write(o + r * F + w, NV * V * sizeof(scalar_t));
+      affine_tile<kVec, R, NV>(len, a, aks, xb + w, F, al, be, u + w, F, sq);
+    }
+    for (; w + V <= F; w += V) affine_tile<kVec, R, 1>(len, a, aks, xb + w, F, al, be, u + w, F, sq);
+    for (; w < F; ++w)
+      for (int r = 0; r < R; ++r) {
+        T acc = 0;
+        for (int64_t k = 0; k < len; ++k) acc += a[r + k * aks] * xb[k * F + w];
+        const T ur = al[r] * acc + be[r];
+        u[r * F + w] = ur;
+        tail[r] += ur * ur;
+      }
+    for (int r = 0; r < R; ++r) {
+      const T nrm = std::sqrt(fold_vec<kVec, T>(sq[r]) + tail[r]);
+      norm[b * s.N + n + r] = nrm;
+      // max(nrm, eps) written so that a NaN norm stays NaN, as with torch's clamp_min.
+      const T scale =
+          shift ? T(1) / (std::sqrt(static_cast<T>(s.N)) * (nrm < eps ? eps : nrm)) : T(1);
+      for (int64_t f = 0; f < F; ++f) o[r * F + f] = static_cast<scalar_t>(u[r * F + f] * scale);
+    }
+  }
+
+  // unit_rows with R a runtime value r <= R.
+  template <int kVec, int R, int NV>
+  ATTNPOOL_INLINE void unit_rows_of(int64_t r, int64_t b, int64_t n, int64_t len, const T* a,
+                                    int64_t aks, const T* xb, T* u) const {
+    if constexpr (R > 1) {
+      if (r < R) return unit_rows_of<kVec, R - 1, NV>(r, b, n, len, a, aks, xb, u);
+    }
+    unit_rows<kVec, R, NV>(b, n, len, a, aks, xb, u);
   }
 
   template <int kVec>
   ATTNPOOL_INLINE void run(int64_t t0, int64_t t1) const {
     using Tile = Tiling<kVec, T>;
     constexpr int R = Tile::kRows;
-    constexpr int64_t kBlock = 4 * Tile::kVecs * Tile::kLanes;  // columns per prefetch block
     const int64_t L = s.L, F = s.F, N = s.N;
-    // Per-thread scratch: the opmath copy of a sample's x; weights and v of one unit panel.
+    // Per-thread scratch: the opmath copy of a sample's x; the block's weights (frame-major)
+    // and their per-unit max and sum; u of one panel of units.
     std::vector<T> xs(std::is_same_v<scalar_t, T> ? 0 : L * F);
-    std::vector<T> a(R * L), v(R * F);
+    std::vector<T> a(units.block * L + 2 * units.block), u(R * F);
+    T* mx = a.data() + units.block * L;
+    T* sum = mx + units.block;
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t b = t / units.blocks;
       const int64_t n0 = (t % units.blocks) * units.block;
-      const int64_t n1 = std::min(N, n0 + units.block);
+      const int64_t nb = std::min(N, n0 + units.block) - n0;
       const int64_t len = valid_length(lengths, b, L);
       const T* xb = as_opmath<T>(x + b * L * F, len * F, xs.data());
-      for (int64_t p = n0; p < n1; p += R) {
-        const int64_t rows = std::min<int64_t>(R, n1 - p);
-        for (int64_t r = 0; r < rows; ++r)
-          softmax(scores + b * L * N, p + r, len, a.data() + r * L, attn + (b * N + p + r) * L);
-        // v by column blocks, each after a prefetch of the lines of out it will fill: the writes
-        // below would otherwise wait on memory, while the gemm has time to spare.
-        scalar_t* o = out + (b * N + p) * F;
-        for (int64_t f0 = 0; f0 < F; f0 += kBlock) {
-          const int64_t cols = std::min<int64_t>(kBlock, F - f0);
-          for (int64_t r = 0; r < rows; ++r)
-            prefetch_for_write(o + r * F + f0, cols * sizeof(scalar_t));
-          gemm<kVec, R, Tile::kVecs>(rows, cols, len, a.data(), L, 1, xb + f0, F, v.data() + f0, F);
-        }
-        for (int64_t r = 0; r < rows; ++r) finish_unit<2 * Tile::kLanes>(b, p + r, v.data() + r * F);
+      softmax(b, n0, nb, len, a.data(), mx, sum);
+      // Panels of at most R units, of near-equal size (see balanced_part).
+      const int64_t panels = (nb + R - 1) / R;
+      for (int64_t i = 0, p = 0; i < panels; ++i) {
+        const int64_t rows = balanced_part(nb, panels, i);
+        unit_rows_of<kVec, R, Tile::kVecs>(rows, b, n0 + p, len, a.data() + p, nb, xb, u.data());
+        p += rows;
       }
     }
   }
