@@ -17,6 +17,11 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
+import torch._functorch.config
+
+# backward() reruns on one graph (retain_graph) so that forward and backward are timed
+# apart; compiled graphs must then keep their saved buffers.
+torch._functorch.config.donated_buffer = False
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 COLUMNS = ["op", "provider", "mode", "metric", "shape", "p50", "p20", "p80", "device", "torch",
