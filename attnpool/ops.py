@@ -52,6 +52,12 @@ def _no_double_backward(name: str):
 _register_kernels("attention_cluster", "attention_cluster", "cluster_pool")
 
 
+def _fc1_fused(weight: Tensor | None, backend: str) -> bool:
+    """Whether cluster_pool takes the C++ kernels with the fc1 scoring layer fused."""
+    return (weight is not None and backend == "cpp"
+            and hasattr(backends.extension(), "cluster_pool_fc1_forward_cpu"))
+
+
 def check_lengths(lengths: Tensor, L: int) -> None:
     # Value checks cost no sync on the CPU; on a GPU they run as a device-side assert.
     if lengths.device.type == "cpu":
@@ -91,6 +97,10 @@ def cluster_pool(
         stat = _opmath(x.dtype)
         return (x.new_empty(0, N * F), x.new_empty(0, N, L, dtype=stat),
                 x.new_empty(0, N, dtype=stat))
+    if _fc1_fused(weight, backend):  # scores computed inside the kernel, bias cancelled
+        return backends.extension().cluster_pool_fc1_forward_cpu(
+            x.contiguous(), weight.contiguous(), lengths, alpha.contiguous(), beta.contiguous(),
+            shift, eps)
     if weight is not None:  # the bias shifts every frame's score alike: the softmax cancels it
         scores = torch.nn.functional.linear(x, weight)
     impl = backends.implementation("attention_cluster", backend)
@@ -135,12 +145,45 @@ def _(grad_out, x, attn, norm, alpha, beta, shift, eps, backend):
             torch.empty_like(beta))
 
 
+@torch.library.custom_op("attnpool::cluster_pool_fc1_backward", mutates_args=())
+def cluster_pool_fc1_backward(
+    grad_out: Tensor,
+    grad_attn: Tensor | None,
+    x: Tensor,
+    weight: Tensor,
+    attn: Tensor,
+    norm: Tensor,
+    alpha: Tensor,
+    beta: Tensor,
+    shift: bool,
+    eps: float,
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Gradients of cluster_pool with the fused fc1 scoring layer w.r.t. x, weight, alpha,
+    beta; grad_attn (optional) is the gradient w.r.t. the returned attention."""
+    if x.shape[0] == 0:
+        return (x.new_zeros(x.shape), torch.zeros_like(weight), alpha.new_zeros(alpha.shape),
+                beta.new_zeros(beta.shape))
+    return backends.extension().cluster_pool_fc1_backward_cpu(
+        grad_out.contiguous(), None if grad_attn is None else grad_attn.contiguous(),
+        x.contiguous(), weight.contiguous(), attn.contiguous(), norm.contiguous(),
+        alpha.contiguous(), beta.contiguous(), shift, eps)
+
+
+@cluster_pool_fc1_backward.register_fake
+def _(grad_out, grad_attn, x, weight, attn, norm, alpha, beta, shift, eps, backend):
+    return (torch.empty_like(x, memory_format=torch.contiguous_format),
+            torch.empty_like(weight, memory_format=torch.contiguous_format),
+            torch.empty_like(alpha), torch.empty_like(beta))
+
+
 def _cluster_setup(ctx, inputs, output):
     x, _, weight, bias, _, alpha, beta, shift, eps, backend = inputs
     _, attn, norm = output
     ctx.save_for_backward(x, attn, norm, alpha, beta, weight)
     ctx.shift, ctx.eps, ctx.backend = shift, eps, backend
     ctx.has_bias = bias is not None
+    ctx.fc1_fused = _fc1_fused(weight, backend)
     ctx.mark_non_differentiable(norm)
     ctx.set_materialize_grads(False)  # an unused attention output costs nothing
 
@@ -149,6 +192,12 @@ def _cluster_backward(ctx, grad_out, grad_attn, grad_norm):
     x, attn, norm, alpha, beta, weight = ctx.saved_tensors
     if grad_out is None:
         grad_out = x.new_zeros(x.shape[0], attn.shape[1] * x.shape[2])
+    if ctx.fc1_fused:
+        grad_x, grad_weight, grad_alpha, grad_beta = cluster_pool_fc1_backward(
+            grad_out, grad_attn, x, weight, attn, norm, alpha, beta, ctx.shift, ctx.eps,
+            ctx.backend)
+        grad_bias = weight.new_zeros(weight.shape[0]) if ctx.has_bias else None
+        return grad_x, None, grad_weight, grad_bias, None, grad_alpha, grad_beta, None, None, None
     grad_x, grad_scores, grad_alpha, grad_beta = cluster_pool_backward(
         grad_out, x, attn, norm, alpha, beta, ctx.shift, ctx.eps, ctx.backend
     )
@@ -169,6 +218,9 @@ def _cluster_backward(ctx, grad_out, grad_attn, grad_norm):
 
 cluster_pool.register_autograd(_cluster_backward, setup_context=_cluster_setup)
 cluster_pool_backward.register_autograd(
+    _no_double_backward("cluster_pool"), setup_context=lambda ctx, inputs, output: None
+)
+cluster_pool_fc1_backward.register_autograd(
     _no_double_backward("cluster_pool"), setup_context=lambda ctx, inputs, output: None
 )
 

@@ -26,6 +26,18 @@ ClusterBackward cluster_pool_backward_cpu(const at::Tensor& grad_out, const at::
                                           const at::Tensor& attn, const at::Tensor& norm,
                                           const at::Tensor& alpha, const at::Tensor& beta,
                                           bool shift, double eps);
+// Attention clusters with the fc1 scoring layer fused: scores = x weight^T (weight [N, F],
+// x's dtype; a bias would cancel in the softmax), never written to memory.
+ClusterForward cluster_pool_fc1_forward_cpu(const at::Tensor& x, const at::Tensor& weight,
+                                            const c10::optional<at::Tensor>& lengths,
+                                            const at::Tensor& alpha, const at::Tensor& beta,
+                                            bool shift, double eps);
+// grad_attn [B, N, L] (optional; any float dtype): gradient w.r.t. the returned attention.
+//   -> grad_x [B, L, F], grad_weight [N, F] (deterministic), grad_alpha [N], grad_beta [N].
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cluster_pool_fc1_backward_cpu(
+    const at::Tensor& grad_out, const c10::optional<at::Tensor>& grad_attn, const at::Tensor& x,
+    const at::Tensor& weight, const at::Tensor& attn, const at::Tensor& norm,
+    const at::Tensor& alpha, const at::Tensor& beta, bool shift, double eps);
 
 // Attentional pooling, factored core (DESIGN 3.2):
 //   x [B, C, n] (n-contiguous, or C-contiguous = channels-last), wb [P, C], bb [P]

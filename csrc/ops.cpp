@@ -7,6 +7,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "attnpool fused kernels (CPU, and CUDA when built with it)";
   m.def("cluster_pool_forward_cpu", &attnpool::cluster_pool_forward_cpu);
   m.def("cluster_pool_backward_cpu", &attnpool::cluster_pool_backward_cpu);
+  m.def("cluster_pool_fc1_forward_cpu", &attnpool::cluster_pool_fc1_forward_cpu);
+  m.def("cluster_pool_fc1_backward_cpu", &attnpool::cluster_pool_fc1_backward_cpu);
   m.def("attentional_pool_forward_cpu", &attnpool::attentional_pool_forward_cpu);
   m.def("attentional_pool_backward_cpu", &attnpool::attentional_pool_backward_cpu);
   m.def("weighted_pool_forward_cpu", &attnpool::weighted_pool_forward_cpu);

@@ -182,6 +182,16 @@ def test_opcheck(backend, lengths):
         torch.ops.attnpool.cluster_pool_backward.default,
         (grad_out, x.detach(), attn.detach(), norm, alpha.detach(), beta.detach(), True, 1e-12,
          backend))
+    if backend == "cpp" and hasattr(attnpool.backends.extension(),
+                                    "cluster_pool_fc1_forward_cpu"):
+        out, attn, norm = torch.ops.attnpool.cluster_pool(x, None, weight, bias, lens, alpha,
+                                                          beta, True, 1e-12, backend)
+        grad_attn = torch.randn(B, N, L, generator=g, dtype=torch.float64)
+        for ga in (None, grad_attn):
+            torch.library.opcheck(
+                torch.ops.attnpool.cluster_pool_fc1_backward.default,
+                (grad_out, ga, x.detach(), weight.detach(), attn.detach(), norm,
+                 alpha.detach(), beta.detach(), True, 1e-12, backend))
 
 
 # ------------------------------------------------------------------ compile

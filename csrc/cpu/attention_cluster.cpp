@@ -376,7 +376,8 @@ struct ForwardJob {
   Shape s;
   Split units;  // tasks are (b, block of units)
   const scalar_t* x;
-  const scalar_t* scores;
+  const scalar_t* scores;  // [B, L, N], or nullptr with weight
+  const T* weight_t;       // fc1: weight^T [F, N] (opmath), scores = x weight^T per task
   const int64_t* lengths;  // or nullptr
   const T* alpha;
   const T* beta;
@@ -389,19 +390,20 @@ struct ForwardJob {
   // Softmax of the units [n0, n0 + nb) over the valid frames, into at[l*nb + r] (frame-major:
   // the units' scores at a frame are contiguous, so the loops run across units in SIMD) and
   // into their attn rows. Each unit's sums run over l in order, whatever the block.
-  ATTNPOOL_INLINE void softmax(int64_t b, int64_t n0, int64_t nb, int64_t len, T* at,
-                               T* mx, T* sum) const {
+  // Scores of frame l, unit r at sc[l*ld + r].
+  template <typename S>
+  ATTNPOOL_INLINE void softmax(const S* sc, int64_t ld, int64_t b, int64_t n0, int64_t nb,
+                               int64_t len, T* at, T* mx, T* sum) const {
     const int64_t L = s.L, N = s.N;
-    const scalar_t* sc = scores + b * L * N + n0;
     for (int64_t r = 0; r < nb; ++r) {
       mx[r] = -std::numeric_limits<T>::infinity();
       sum[r] = 0;
     }
     for (int64_t l = 0; l < len; ++l)
-      for (int64_t r = 0; r < nb; ++r) mx[r] = std::max(mx[r], static_cast<T>(sc[l * N + r]));
+      for (int64_t r = 0; r < nb; ++r) mx[r] = std::max(mx[r], static_cast<T>(sc[l * ld + r]));
     for (int64_t l = 0; l < len; ++l)
       for (int64_t r = 0; r < nb; ++r) {
-        const T e = exp_nonpositive(static_cast<T>(sc[l * N + r]) - mx[r]);
+        const T e = exp_nonpositive(static_cast<T>(sc[l * ld + r]) - mx[r]);
         at[l * nb + r] = e;
         sum[r] += e;
       }
@@ -478,6 +480,7 @@ struct ForwardJob {
     // and their per-unit max and sum; u of one panel of units.
     std::vector<T> xs(std::is_same_v<scalar_t, T> ? 0 : L * F);
     std::vector<T> a(units.block * L + 2 * units.block), u(R * F);
+    std::vector<T> sc(weight_t != nullptr ? units.block * L : 0);
     T* mx = a.data() + units.block * L;
     T* sum = mx + units.block;
     for (int64_t t = t0; t < t1; ++t) {
@@ -486,7 +489,12 @@ struct ForwardJob {
       const int64_t nb = std::min(N, n0 + units.block) - n0;
       const int64_t len = valid_length(lengths, b, L);
       const T* xb = as_opmath<T>(x + b * L * F, len * F, xs.data());
-      softmax(b, n0, nb, len, a.data(), mx, sum);
+      if (weight_t != nullptr) {  // fc1: the block's scores [len, nb] = X W^T, x in cache
+        gemm<kVec, R, Tile::kVecs>(len, nb, F, xb, F, 1, weight_t + n0, N, sc.data(), nb);
+        softmax(sc.data(), nb, b, n0, nb, len, a.data(), mx, sum);
+      } else {
+        softmax(scores + b * L * N + n0, N, b, n0, nb, len, a.data(), mx, sum);
+      }
       // Panels of at most R units, of near-equal size (see balanced_part).
       const int64_t panels = (nb + R - 1) / R;
       for (int64_t i = 0, p = 0; i < panels; ++i) {
@@ -519,10 +527,17 @@ struct BackwardJob {
   const T* beta;
   bool shift;
   T eps;
-  T* workspace;  // kUnits -> kFrames: DV of every sample [B, N, F]
+  T* workspace;  // kUnits -> kFrames: DV of every sample [B, N, F] (fc1: [B, 2N, F], DV; W)
   scalar_t* grad_x;
   scalar_t* grad_scores;
   double* partials;  // [B, N, 2]: per-sample grad_alpha, grad_beta
+  // fc1 (weight != nullptr): grad_x = A^T DV + GS W as one gemm over [A^T | GS] [DV; W];
+  // grad_scores go to gs_op (opmath [B, L, N]) instead of grad_scores.
+  const T* weight = nullptr;     // [N, F]
+  const T* grad_attn = nullptr;  // [B, N, L] or nullptr: added to da before the softmax backward
+  T* gs_op = nullptr;
+
+  int64_t dv_rows() const { return weight != nullptr ? 2 * s.N : s.N; }
 
   // v of unit (b, n) -> dv = d loss / d v in place; writes the unit's alpha/beta partials.
   // With r = ||u||, k = (u.g) / r^2:  du = c/r (g - k u),  dv = alpha du  (c = 1/sqrt(N));
@@ -598,23 +613,45 @@ struct BackwardJob {
     for (int64_t n = n0; n < n1; ++n) unit_backward(b, n, dv + n * F);
     // da = DV X^T, then the softmax backward grad_scores_l = a_l (da_l - sum_l' a_l' da_l').
     dots<kVec, Tile::kDotRows, Tile::kDotCols>(rows, L, F, dvb, F, xb, F, da, L);
-    scalar_t* gs = grad_scores + b * L * N;
+    if (grad_attn != nullptr) {
+      const T* ga = grad_attn + (b * N + n0) * L;
+      for (int64_t k = 0; k < rows * L; ++k) da[k] += ga[k];
+    }
+    scalar_t* gs = weight == nullptr ? grad_scores + b * L * N : nullptr;
+    T* gso = weight != nullptr ? gs_op + b * L * N : nullptr;
     for (int64_t r = 0; r < rows; ++r) {
       const T* ar = ab + r * L;
       const T* dr = da + r * L;
       T ad = 0;
       for (int64_t l = 0; l < L; ++l) ad += ar[l] * dr[l];
-      for (int64_t l = 0; l < L; ++l)
-        gs[l * N + n0 + r] = static_cast<scalar_t>(ar[l] * (dr[l] - ad));
+      if (weight != nullptr) {
+        for (int64_t l = 0; l < L; ++l) gso[l * N + n0 + r] = ar[l] * (dr[l] - ad);
+      } else {
+        for (int64_t l = 0; l < L; ++l)
+          gs[l * N + n0 + r] = static_cast<scalar_t>(ar[l] * (dr[l] - ad));
+      }
     }
   }
 
   // grad_x rows [l0, l1) of sample b: A^T DV.
+  // fc1: dv holds [DV; W] (2N rows) and ca is scratch of (l1 - l0) * 2N.
   template <int kVec>
-  ATTNPOOL_INLINE void do_frames(int64_t b, int64_t l0, int64_t l1, const T* dv) const {
+  ATTNPOOL_INLINE void do_frames(int64_t b, int64_t l0, int64_t l1, const T* dv, T* ca) const {
     using Tile = Tiling<kVec, T>;
     const int64_t L = s.L, F = s.F, N = s.N;
-    gemm<kVec, Tile::kRows, Tile::kVecs>(l1 - l0, F, N, attn + b * N * L + l0, 1, L, dv, F,
+    if (weight == nullptr) {
+      gemm<kVec, Tile::kRows, Tile::kVecs>(l1 - l0, F, N, attn + b * N * L + l0, 1, L, dv, F,
+                                     grad_x + (b * L + l0) * F, F);
+      return;
+    }
+    const T* ab = attn + b * N * L;
+    const T* gso = gs_op + b * L * N;
+    for (int64_t l = l0; l < l1; ++l) {
+      T* row = ca + (l - l0) * 2 * N;
+      for (int64_t n = 0; n < N; ++n) row[n] = ab[n * L + l];
+      for (int64_t n = 0; n < N; ++n) row[N + n] = gso[l * N + n];
+    }
+    gemm<kVec, Tile::kRows, Tile::kVecs>(l1 - l0, F, 2 * N, ca, 2 * N, 1, dv, F,
                                    grad_x + (b * L + l0) * F, F);
   }
 
@@ -622,21 +659,54 @@ struct BackwardJob {
   ATTNPOOL_INLINE void run(int64_t t0, int64_t t1) const {
     const int64_t L = s.L, F = s.F, N = s.N;
     std::vector<T> xs(std::is_same_v<scalar_t, T> || phase == kFrames ? 0 : L * F);
-    std::vector<T> dv(phase == kSample ? N * F : 0);
+    const int64_t D = dv_rows();
+    std::vector<T> dv(phase == kSample ? D * F : 0);
+    if (weight != nullptr && phase == kSample) std::memcpy(dv.data() + N * F, weight, N * F * sizeof(T));
     std::vector<T> da(phase == kFrames ? 0 : N * L);
+    std::vector<T> ca(weight != nullptr && phase != kUnits ? 2 * N * L : 0);
     for (int64_t t = t0; t < t1; ++t) {
       if (phase == kSample) {
         const T* xb = as_opmath<T>(x + t * L * F, L * F, xs.data());
         do_units<kVec>(t, 0, N, xb, dv.data(), da.data());
-        do_frames<kVec>(t, 0, L, dv.data());
+        do_frames<kVec>(t, 0, L, dv.data(), ca.data());
       } else if (phase == kUnits) {
         const int64_t b = t / units.blocks, n0 = (t % units.blocks) * units.block;
         const T* xb = as_opmath<T>(x + b * L * F, L * F, xs.data());
-        do_units<kVec>(b, n0, std::min(N, n0 + units.block), xb, workspace + b * N * F,
+        do_units<kVec>(b, n0, std::min(N, n0 + units.block), xb, workspace + b * D * F,
                        da.data());
       } else {
         const int64_t b = t / frames.blocks, l0 = (t % frames.blocks) * frames.block;
-        do_frames<kVec>(b, l0, std::min(L, l0 + frames.block), workspace + b * N * F);
+        do_frames<kVec>(b, l0, std::min(L, l0 + frames.block), workspace + b * D * F,
+                        ca.data());
+      }
+    }
+  }
+};
+
+// fc1 weight gradient: grad_weight[:, f0:f1] = GS^T X over all B*L frames, one in-order sum
+// per element (deterministic whatever the threads); a task is a block of kColBlock columns.
+template <typename scalar_t>
+struct WeightGradJob {
+  using T = at::opmath_type<scalar_t>;
+  static constexpr int64_t kColBlock = 64;
+  Shape s;
+  const scalar_t* x;
+  const T* gs;  // [B*L, N]
+  T* gw;        // [N, F]
+
+  template <int kVec>
+  ATTNPOOL_INLINE void run(int64_t t0, int64_t t1) const {
+    using Tile = Tiling<kVec, T>;
+    const int64_t K = s.B * s.L, F = s.F, N = s.N;
+    std::vector<T> xs(std::is_same_v<scalar_t, T> ? 0 : K * kColBlock);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t f0 = t * kColBlock, fw = std::min(F, f0 + kColBlock) - f0;
+      if constexpr (std::is_same_v<scalar_t, T>) {
+        gemm<kVec, Tile::kRows, Tile::kVecs>(N, fw, K, gs, 1, N, x + f0, F, gw + f0, F);
+      } else {
+        for (int64_t k = 0; k < K; ++k)
+          for (int64_t f = 0; f < fw; ++f) xs[k * fw + f] = static_cast<T>(x[k * F + f0 + f]);
+        gemm<kVec, Tile::kRows, Tile::kVecs>(N, fw, K, gs, 1, N, xs.data(), fw, gw + f0, F);
       }
     }
   }
@@ -703,18 +773,30 @@ void check_common(const at::Tensor& x, const at::Tensor& alpha, const at::Tensor
               "cluster_pool cpu: alpha and beta must be [N=", N, "]");
 }
 
-}  // namespace
-
-ClusterForward cluster_pool_forward_cpu(const at::Tensor& x, const at::Tensor& scores,
-                                        const c10::optional<at::Tensor>& lengths,
-                                        const at::Tensor& alpha, const at::Tensor& beta,
-                                        bool shift, double eps) {
-  TORCH_CHECK(scores.dim() == 3, "cluster_pool cpu: scores must be [B, L, N]");
-  const Shape s{x.size(0), x.size(1), x.size(2), scores.size(2)};
+// scores [B, L, N] given, or (fc1) computed from weight [N, F] in the tasks.
+ClusterForward forward_impl(const at::Tensor& x, const at::Tensor* scores,
+                            const at::Tensor* weight, const c10::optional<at::Tensor>& lengths,
+                            const at::Tensor& alpha, const at::Tensor& beta, bool shift,
+                            double eps) {
+  TORCH_CHECK(x.dim() == 3, "cluster_pool cpu: x must be [B, L, F], got ", x.sizes());
+  int64_t N;
+  if (scores != nullptr) {
+    TORCH_CHECK(scores->dim() == 3, "cluster_pool cpu: scores must be [B, L, N]");
+    N = scores->size(2);
+  } else {
+    TORCH_CHECK(weight->dim() == 2 && weight->size(1) == x.size(2),
+                "cluster_pool cpu: weight must be [N, F] with x's F, got ", weight->sizes());
+    N = weight->size(0);
+  }
+  const Shape s{x.size(0), x.size(1), x.size(2), N};
   check_common(x, alpha, beta, s.N);
-  check_tensor(scores, x.scalar_type(), "scores");
-  TORCH_CHECK(scores.size(0) == s.B && scores.size(1) == s.L,
-              "cluster_pool cpu: scores must be [B, L, N] with x's B, L, got ", scores.sizes());
+  if (scores != nullptr) {
+    check_tensor(*scores, x.scalar_type(), "scores");
+    TORCH_CHECK(scores->size(0) == s.B && scores->size(1) == s.L,
+                "cluster_pool cpu: scores must be [B, L, N] with x's B, L, got ", scores->sizes());
+  } else {
+    check_tensor(*weight, x.scalar_type(), "weight");
+  }
   const int64_t* len = nullptr;
   if (lengths.has_value()) {
     check_tensor(*lengths, at::kLong, "lengths");
@@ -723,6 +805,7 @@ ClusterForward cluster_pool_forward_cpu(const at::Tensor& x, const at::Tensor& s
   }
   const auto opmath = opmath_dtype(x.scalar_type());
   const at::Tensor al = alpha.to(opmath), be = beta.to(opmath);
+  const at::Tensor w = weight != nullptr ? weight->to(opmath).t().contiguous() : at::Tensor();
   at::Tensor out = at::empty({s.B, s.N * s.F}, x.options());
   at::Tensor attn = at::empty({s.B, s.N, s.L}, x.options().dtype(opmath));
   at::Tensor norm = at::empty({s.B, s.N}, x.options().dtype(opmath));
@@ -732,7 +815,8 @@ ClusterForward cluster_pool_forward_cpu(const at::Tensor& x, const at::Tensor& s
                                   "cluster_pool_forward_cpu", [&] {
     using T = at::opmath_type<scalar_t>;
     const ForwardJob<scalar_t> job{s, Split(s.B, s.N, kRowAlign), x.const_data_ptr<scalar_t>(),
-                                   scores.const_data_ptr<scalar_t>(), len,
+                                   scores ? scores->const_data_ptr<scalar_t>() : nullptr,
+                                   weight ? w.const_data_ptr<T>() : nullptr, len,
                                    al.const_data_ptr<T>(), be.const_data_ptr<T>(), shift,
                                    static_cast<T>(eps), out.mutable_data_ptr<scalar_t>(),
                                    attn.mutable_data_ptr<T>(), norm.mutable_data_ptr<T>()};
@@ -741,10 +825,13 @@ ClusterForward cluster_pool_forward_cpu(const at::Tensor& x, const at::Tensor& s
   return {out, attn, norm};
 }
 
-ClusterBackward cluster_pool_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x,
-                                          const at::Tensor& attn, const at::Tensor& norm,
-                                          const at::Tensor& alpha, const at::Tensor& beta,
-                                          bool shift, double eps) {
+// With weight (fc1), the second result is grad_weight [N, F] instead of grad_scores.
+ClusterBackward backward_impl(const at::Tensor& grad_out, const at::Tensor& x,
+                              const at::Tensor& attn, const at::Tensor& norm,
+                              const at::Tensor& alpha, const at::Tensor& beta, bool shift,
+                              double eps, const at::Tensor* weight,
+                              const c10::optional<at::Tensor>& grad_attn) {
+  TORCH_CHECK(x.dim() == 3, "cluster_pool cpu: x must be [B, L, F], got ", x.sizes());
   TORCH_CHECK(attn.dim() == 3, "cluster_pool cpu: attn must be [B, N, L]");
   const Shape s{x.size(0), x.size(1), x.size(2), attn.size(1)};
   check_common(x, alpha, beta, s.N);
@@ -756,18 +843,37 @@ ClusterBackward cluster_pool_backward_cpu(const at::Tensor& grad_out, const at::
                   attn.size(2) == s.L && norm.numel() == s.B * s.N,
               "cluster_pool cpu: grad_out must be [B, N*F], attn [B, N, L], norm [B, N]");
   const at::Tensor al = alpha.to(opmath), be = beta.to(opmath);
+  const bool fc1 = weight != nullptr;
+  at::Tensor w, gat;
+  if (fc1) {
+    check_tensor(*weight, x.scalar_type(), "weight");
+    TORCH_CHECK(weight->dim() == 2 && weight->size(0) == s.N && weight->size(1) == s.F,
+                "cluster_pool cpu: weight must be [N, F], got ", weight->sizes());
+    w = weight->to(opmath).contiguous();
+    if (grad_attn.has_value()) {
+      TORCH_CHECK(grad_attn->numel() == s.B * s.N * s.L,
+                  "cluster_pool cpu: grad_attn must be [B, N, L]");
+      gat = grad_attn->to(opmath).contiguous();
+    }
+  }
   at::Tensor grad_x = at::empty_like(x);
-  at::Tensor grad_scores = at::empty({s.B, s.L, s.N}, x.options());
+  at::Tensor grad_scores = fc1 ? at::empty({s.B, s.L, s.N}, x.options().dtype(opmath))
+                               : at::empty({s.B, s.L, s.N}, x.options());
   at::Tensor partials = at::empty({s.B, s.N, 2}, x.options().dtype(at::kDouble));
   if (x.numel() == 0 || attn.numel() == 0)
-    return {grad_x.zero_(), grad_scores.zero_(), at::zeros_like(alpha), at::zeros_like(beta)};
+    return {grad_x.zero_(), fc1 ? at::zeros_like(*weight) : grad_scores.zero_(),
+            at::zeros_like(alpha), at::zeros_like(beta)};
 
   // With fewer than two samples per thread, one task per sample would idle threads: then the
   // units of each sample and, after them, its frames are split over the threads, through a
   // DV workspace of B < 2 * threads samples.
   const bool split = s.B < 2 * at::get_num_threads();
   at::Tensor workspace;
-  if (split) workspace = at::empty({s.B, s.N, s.F}, x.options().dtype(opmath));
+  if (split) {
+    workspace = at::empty({s.B, fc1 ? 2 * s.N : s.N, s.F}, x.options().dtype(opmath));
+    if (fc1) workspace.narrow(1, s.N, s.N).copy_(w.unsqueeze(0).expand({s.B, s.N, s.F}));
+  }
+  at::Tensor grad_weight;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(),
                                   "cluster_pool_backward_cpu", [&] {
     using T = at::opmath_type<scalar_t>;
@@ -777,8 +883,14 @@ ClusterBackward cluster_pool_backward_cpu(const at::Tensor& grad_out, const at::
             attn.const_data_ptr<T>(), norm.const_data_ptr<T>(), al.const_data_ptr<T>(),
             be.const_data_ptr<T>(), shift, static_cast<T>(eps),
             split ? workspace.mutable_data_ptr<T>() : nullptr,
-            grad_x.mutable_data_ptr<scalar_t>(), grad_scores.mutable_data_ptr<scalar_t>(),
+            grad_x.mutable_data_ptr<scalar_t>(),
+            fc1 ? nullptr : grad_scores.mutable_data_ptr<scalar_t>(),
             partials.mutable_data_ptr<double>()};
+    if (fc1) {
+      job.weight = w.const_data_ptr<T>();
+      job.grad_attn = gat.defined() ? gat.const_data_ptr<T>() : nullptr;
+      job.gs_op = grad_scores.mutable_data_ptr<T>();
+    }
     if (!split) {
       parallel_run(s.B, job);
     } else {
@@ -786,6 +898,14 @@ ClusterBackward cluster_pool_backward_cpu(const at::Tensor& grad_out, const at::
       parallel_run(s.B * job.units.blocks, job);
       job.phase = Job::kFrames;
       parallel_run(s.B * job.frames.blocks, job);
+    }
+    if (fc1) {
+      using WJob = WeightGradJob<scalar_t>;
+      at::Tensor gw = at::empty({s.N, s.F}, x.options().dtype(opmath));
+      const WJob wjob{s, x.const_data_ptr<scalar_t>(), grad_scores.const_data_ptr<T>(),
+                      gw.mutable_data_ptr<T>()};
+      parallel_run((s.F + WJob::kColBlock - 1) / WJob::kColBlock, wjob);
+      grad_weight = gw.to(weight->scalar_type());
     }
   });
   // Per-sample partials summed over b in order.
@@ -799,7 +919,38 @@ ClusterBackward cluster_pool_backward_cpu(const at::Tensor& grad_out, const at::
       ga[n] += part[(b * s.N + n) * 2];
       gb[n] += part[(b * s.N + n) * 2 + 1];
     }
-  return {grad_x, grad_scores, grad_alpha.to(x.scalar_type()), grad_beta.to(x.scalar_type())};
+  return {grad_x, fc1 ? grad_weight : grad_scores, grad_alpha.to(x.scalar_type()),
+          grad_beta.to(x.scalar_type())};
+}
+
+}  // namespace
+
+ClusterForward cluster_pool_forward_cpu(const at::Tensor& x, const at::Tensor& scores,
+                                        const c10::optional<at::Tensor>& lengths,
+                                        const at::Tensor& alpha, const at::Tensor& beta,
+                                        bool shift, double eps) {
+  return forward_impl(x, &scores, nullptr, lengths, alpha, beta, shift, eps);
+}
+
+ClusterBackward cluster_pool_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x,
+                                          const at::Tensor& attn, const at::Tensor& norm,
+                                          const at::Tensor& alpha, const at::Tensor& beta,
+                                          bool shift, double eps) {
+  return backward_impl(grad_out, x, attn, norm, alpha, beta, shift, eps, nullptr, c10::nullopt);
+}
+
+ClusterForward cluster_pool_fc1_forward_cpu(const at::Tensor& x, const at::Tensor& weight,
+                                            const c10::optional<at::Tensor>& lengths,
+                                            const at::Tensor& alpha, const at::Tensor& beta,
+                                            bool shift, double eps) {
+  return forward_impl(x, nullptr, &weight, lengths, alpha, beta, shift, eps);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cluster_pool_fc1_backward_cpu(
+    const at::Tensor& grad_out, const c10::optional<at::Tensor>& grad_attn, const at::Tensor& x,
+    const at::Tensor& weight, const at::Tensor& attn, const at::Tensor& norm,
+    const at::Tensor& alpha, const at::Tensor& beta, bool shift, double eps) {
+  return backward_impl(grad_out, x, attn, norm, alpha, beta, shift, eps, &weight, grad_attn);
 }
 
 }  // namespace attnpool
