@@ -22,6 +22,7 @@
 #include <ATen/Version.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -410,6 +411,108 @@ struct BackwardJob {
   }
 };
 
+
+// ---------------------------------------------------------------- AVX-512 weighted-pool paths
+
+#if ATTNPOOL_MULTI_ISA
+#include <immintrin.h>
+
+// {x[0], x[ld], ..., x[15*ld]}: lane-masked broadcasts in 4 independent chains (cheaper than
+// a gather here).
+ATTNPOOL_TARGET_AVX512 C10_ALWAYS_INLINE __m512 column16(const float* x, int64_t ld) {
+  __m512 q[4];
+  for (int j = 0; j < 4; ++j) {
+    q[j] = _mm512_setzero_ps();
+    for (int r = j; r < 16; r += 4)
+      q[j] = _mm512_mask_broadcastss_ps(q[j], static_cast<__mmask16>(1u << r),
+                                        _mm_load_ss(x + r * ld));
+  }
+  return _mm512_or_ps(_mm512_or_ps(q[0], q[1]), _mm512_or_ps(q[2], q[3]));
+}
+
+// z[c] += dot_short(m, h, x + c*ld) for c < C, 16 rows at a time, same order as dot_short:
+// NF whole 16-lane chunks FMA'd into one accumulator per row, lanes folded by the same tree
+// (l += l+8, l+4, l+2, l+1; done transposed over 16 rows), then plus the row's scalar tail.
+template <int NF>
+ATTNPOOL_TARGET_AVX512 __attribute__((noinline)) void weighted_rows_avx512(
+    int64_t C, int64_t m, const float* h, const float* x, int64_t ld, float* z) {
+  __m512 hv[NF];
+  for (int k = 0; k < NF; ++k) hv[k] = _mm512_loadu_ps(h + 16 * k);
+  const __m512i perm =
+      _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+  int64_t c = 0;
+  for (; c + 16 <= C; c += 16) {
+    const float* xr = x + c * ld;
+    __m512 a[16];
+    for (int r = 0; r < 16; ++r) {
+      __m512 acc = _mm512_mul_ps(_mm512_loadu_ps(xr + r * ld), hv[0]);
+      for (int k = 1; k < NF; ++k)
+        acc = _mm512_fmadd_ps(_mm512_loadu_ps(xr + r * ld + 16 * k), hv[k], acc);
+      a[r] = acc;
+    }
+    __m512 t[8];
+    for (int r = 0; r < 8; ++r)
+      t[r] = _mm512_add_ps(_mm512_shuffle_f32x4(a[2 * r], a[2 * r + 1], 0x44),
+                           _mm512_shuffle_f32x4(a[2 * r], a[2 * r + 1], 0xEE));
+    __m512 u[4];
+    for (int s = 0; s < 4; ++s)
+      u[s] = _mm512_add_ps(_mm512_shuffle_f32x4(t[2 * s], t[2 * s + 1], 0x88),
+                           _mm512_shuffle_f32x4(t[2 * s], t[2 * s + 1], 0xDD));
+    __m512 w[2];
+    for (int q = 0; q < 2; ++q)
+      w[q] = _mm512_add_ps(
+          _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(u[2 * q]),
+                                              _mm512_castps_pd(u[2 * q + 1]))),
+          _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(u[2 * q]),
+                                              _mm512_castps_pd(u[2 * q + 1]))));
+    __m512 v = _mm512_add_ps(_mm512_shuffle_ps(w[0], w[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                             _mm512_shuffle_ps(w[0], w[1], _MM_SHUFFLE(3, 1, 3, 1)));
+    v = _mm512_permutexvar_ps(perm, v);  // lane r = row r
+    if (m > 16 * NF) {
+      __m512 tail = _mm512_mul_ps(column16(xr + 16 * NF, ld),
+                                  _mm512_set1_ps(h[16 * NF]));
+      for (int64_t k = 16 * NF + 1; k < m; ++k)
+        tail = _mm512_fmadd_ps(column16(xr + k, ld), _mm512_set1_ps(h[k]), tail);
+      v = _mm512_add_ps(v, tail);
+    }
+    _mm512_storeu_ps(z + c, _mm512_add_ps(_mm512_loadu_ps(z + c), v));
+  }
+  for (; c < C; ++c) z[c] += dot_short(m, h, x + c * ld);
+}
+
+// dst[c*n + i] = g[c] * h[i] for c < C (one contiguous [C, n] block), 16 rows (n vectors) at a
+// time; streaming stores when dst is 64-byte aligned. Same products as outer_row with P = 1.
+ATTNPOOL_TARGET_AVX512 __attribute__((noinline)) void outer_block_avx512(
+    int64_t C, int64_t n, const float* g, const float* h, float* dst) {
+  alignas(64) float hp[64 * 16];
+  alignas(64) int32_t ci[64 * 16];
+  for (int64_t e = 0; e < 16 * n; ++e) {
+    hp[e] = h[e % n];
+    ci[e] = static_cast<int32_t>(e / n);
+  }
+  int64_t c = 0;
+  for (; c + 16 <= C; c += 16) {
+    const __m512 gv = _mm512_loadu_ps(g + c);
+    float* d = dst + c * n;
+    const bool al = reinterpret_cast<uintptr_t>(d) % 64 == 0;
+    if (al) {
+      for (int64_t j = 0; j < n; ++j)
+        _mm512_stream_ps(d + 16 * j,
+                         _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_load_si512(ci + 16 * j), gv),
+                                       _mm512_load_ps(hp + 16 * j)));
+    } else {
+      for (int64_t j = 0; j < n; ++j)
+        _mm512_storeu_ps(d + 16 * j,
+                         _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_load_si512(ci + 16 * j), gv),
+                                       _mm512_load_ps(hp + 16 * j)));
+    }
+  }
+  for (; c < C; ++c)
+    for (int64_t i = 0; i < n; ++i) dst[c * n + i] = g[c] * h[i];
+  _mm_sfence();
+}
+#endif
+
 // ---------------------------------------------------------------- weighted pool (h given)
 
 // The forward without the h = wb x + bb step: tasks [t0, t1) add their block's share of z[b]
@@ -448,6 +551,19 @@ struct WeightedForwardJob {
         int64_t ld = n;
         const T* xr = as_opmath(xb + i0, C, ni, ld, xs.data());
         for (int64_t p = 0; p < P; ++p) convert(ni, hin + p * n + i0, hb.data() + p * ni);
+#if ATTNPOOL_MULTI_ISA
+        if constexpr (std::is_same_v<T, float>) {
+          if (runtime_isa() == Isa::kAvx512 && ni >= 16 && ni < 64) {
+            for (int64_t p = 0; p < P; ++p) {
+              const float* hp = hb.data() + p * ni;
+              if (ni < 32) weighted_rows_avx512<1>(C, ni, hp, xr, ld, z + p * C);
+              else if (ni < 48) weighted_rows_avx512<2>(C, ni, hp, xr, ld, z + p * C);
+              else weighted_rows_avx512<3>(C, ni, hp, xr, ld, z + p * C);
+            }
+            continue;
+          }
+        }
+#endif
         for (int64_t c = 0; c < C; ++c)
           for (int64_t p = 0; p < P; ++p)
             z[p * C + c] += dot_short(ni, hb.data() + p * ni, xr + c * ld);
@@ -504,6 +620,14 @@ struct WeightedBackwardJob {
         }
         gemv_t(ni, C, P, gzb, C, xr, ld, dh.data(), ni);
         for (int64_t p = 0; p < P; ++p) convert(ni, dh.data() + p * ni, ghout + p * n + i0);
+#if ATTNPOOL_MULTI_ISA
+        if constexpr (std::is_same_v<scalar_t, float>) {
+          if (runtime_isa() == Isa::kAvx512 && P == 1 && ni == n && n <= 64) {
+            outer_block_avx512(C, n, gzb, hb.data(), gxb);
+            continue;
+          }
+        }
+#endif
         for (int64_t c = 0; c < C; ++c)
           outer_row(ni, P, gzb + c, C, hb.data(), ni, tmp.data(), gxb + c * n + i0);
       }
