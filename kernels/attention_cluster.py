@@ -42,6 +42,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .common import block, div_rn, dot_precision, opmath, sqrt_rn
+
 __all__ = ["cluster_pool_forward", "cluster_pool_backward"]
 
 # Caps (BLOCK_N, BLOCK_L, BLOCK_F, num_warps) per kernel and dtype class; blocks are powers of
@@ -54,31 +56,8 @@ CONFIGS = {
     "bwd_scores": {"lowp": (32, 64, 32, 8), "fp32": (16, 32, 32, 8), "fp64": (16, 32, 32, 8)},
     "bwd_x": {"lowp": (32, 64, 128, 8), "fp32": (32, 64, 32, 8), "fp64": (16, 32, 32, 8)},
 }
-# input_precision of tl.dot for float32 inputs ("ieee": exact; "tf32" would be faster).
-FP32_DOT_PRECISION = "ieee"
-
 
 # =============================================================================== helpers
-@triton.jit
-def _sqrt(x):
-    """IEEE square root (tl.sqrt is the fast approximate one for float32 on GPUs)."""
-    if x.dtype == tl.float64:
-        r = tl.sqrt(x)
-    else:
-        r = tl.sqrt_rn(x)
-    return r
-
-
-@triton.jit
-def _div(x, y):
-    """IEEE division (x / y is approximate for float32 on GPUs): u / |u| is exactly +-1."""
-    if x.dtype == tl.float64:
-        r = x / y
-    else:
-        r = tl.math.div_rn(x, y)
-    return r
-
-
 @triton.jit
 def _load_scores(s_base, offs_n, n_mask, ll, length, N, ACC: tl.constexpr):
     """scores[b, ll, offs_n] as a [BLOCK_N, BLOCK_L] tile in opmath; -inf past ``length``.
@@ -211,10 +190,10 @@ def _cluster_fwd_kernel(
             u = alpha[:, None] * v + beta[:, None]
             u = tl.where(f_mask[None, :], u, 0.0)
             sumsq += tl.sum(u * u, axis=1)
-        nrm = _sqrt(sumsq)
+        nrm = sqrt_rn(sumsq)
         eps = tl.load(eps_ptr)
         r = tl.where(nrm < eps, eps, nrm)  # max(nrm, eps); NaN stays NaN
-        scale = _sqrt(tl.zeros([BLOCK_N], dtype=ACC) + N) * r  # sqrt(N) * max(nrm, eps)
+        scale = sqrt_rn(tl.zeros([BLOCK_N], dtype=ACC) + N) * r  # sqrt(N) * max(nrm, eps)
         for f0 in range(0, F, BLOCK_F):
             f = f0 + offs_f
             f_mask = f < F
@@ -235,7 +214,7 @@ def _cluster_fwd_kernel(
             tl.store(out_base + offs_n[:, None] * F + f[None, :], v.to(DT),
                      mask=n_mask[:, None] & f_mask[None, :])
             sumsq += tl.sum(v * v, axis=1)  # padded f: x was 0, so v is 0
-        nrm = _sqrt(sumsq)
+        nrm = sqrt_rn(sumsq)
     tl.store(norm_ptr + b * N + offs_n, nrm, mask=n_mask)
 
 
@@ -299,7 +278,7 @@ def _cluster_bwd_scores_kernel(
             v = _bwd_v_tile(x_base, attn_base, a_dot, xc, offs_n, n_mask, offs_l, f, f_mask,
                             L, F, SINGLE_L, BLOCK_N, BLOCK_L, BLOCK_F, ACC, DOT_PRECISION)
             u = alpha[:, None] * v + beta[:, None]
-            w = _div(u, r_w[:, None])
+            w = div_rn(u, r_w[:, None])
             w = tl.where(f_mask[None, :], w, 0.0)
             gf = g.to(ACC)
             s_wg += tl.sum(w * gf, axis=1)
@@ -310,7 +289,7 @@ def _cluster_bwd_scores_kernel(
             wx = tl.dot(w.to(DT), xc_t, wx, input_precision=DOT_PRECISION)
 
     if SHIFT:
-        c = 1.0 / _sqrt(tl.zeros([BLOCK_N], dtype=ACC) + N)
+        c = 1.0 / sqrt_rn(tl.zeros([BLOCK_N], dtype=ACC) + N)
         k = tl.where(clamped, 0.0, s_wg)
         cr = c / r
         p = alpha * cr  # dv = alpha du = p (g - k w)
@@ -408,7 +387,7 @@ def _cluster_bwd_x_kernel(
             k = tl.load(coef_ptr + (b * N + offs_n) * 3 + 1, mask=n_mask, other=0.0)
             r_w = tl.load(coef_ptr + (b * N + offs_n) * 3 + 2, mask=n_mask, other=1.0)
             u = alpha[:, None] * v + beta[:, None]
-            dv = p[:, None] * (g.to(ACC) - k[:, None] * _div(u, r_w[:, None]))
+            dv = p[:, None] * (g.to(ACC) - k[:, None] * div_rn(u, r_w[:, None]))
             dv = tl.where(nf_mask, dv, 0.0)
             acc = tl.dot(tl.trans(a_dot), dv.to(DT), acc, input_precision=DOT_PRECISION)
         else:
@@ -418,24 +397,12 @@ def _cluster_bwd_x_kernel(
 
 
 # =============================================================================== host side
-def _opmath(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _block(n: int, cap: int) -> int:
-    return max(16, min(cap, triton.next_power_of_2(n)))
-
-
 def _config(kernel: str, dtype: torch.dtype, L: int, F: int, N: int) -> dict:
     kind = {torch.float32: "fp32", torch.float64: "fp64"}.get(dtype, "lowp")
     cap_n, cap_l, cap_f, num_warps = CONFIGS[kernel][kind]
-    block_l = _block(L, cap_l)
-    return dict(BLOCK_N=_block(N, cap_n), BLOCK_L=block_l, BLOCK_F=_block(F, cap_f),
+    block_l = block(L, cap_l)
+    return dict(BLOCK_N=block(N, cap_n), BLOCK_L=block_l, BLOCK_F=block(F, cap_f),
                 SINGLE_L=L <= block_l, num_warps=num_warps)
-
-
-def _dot_precision(dtype: torch.dtype) -> str:
-    return FP32_DOT_PRECISION if dtype == torch.float32 else "ieee"
 
 
 def cluster_pool_forward(x: Tensor, scores: Tensor, lengths: Tensor | None, alpha: Tensor,
@@ -443,7 +410,7 @@ def cluster_pool_forward(x: Tensor, scores: Tensor, lengths: Tensor | None, alph
     """x [B, L, F], scores [B, L, N] -> out [B, N*F] (x.dtype), attn [B, N, L], norm [B, N]."""
     B, L, F = x.shape
     N = scores.shape[-1]
-    acc = _opmath(x.dtype)
+    acc = opmath(x.dtype)
     out = torch.empty(B, N * F, dtype=x.dtype, device=x.device)
     attn = torch.empty(B, N, L, dtype=acc, device=x.device)
     norm = torch.empty(B, N, dtype=acc, device=x.device)
@@ -454,7 +421,7 @@ def cluster_pool_forward(x: Tensor, scores: Tensor, lengths: Tensor | None, alph
     grid = (B, triton.cdiv(N, cfg["BLOCK_N"]))
     _cluster_fwd_kernel[grid](
         x, scores, len_arg, alpha, beta, eps_t, out, attn, norm, L, F, N,
-        SHIFT=bool(shift), HAS_LENGTHS=has_lengths, DOT_PRECISION=_dot_precision(x.dtype), **cfg,
+        SHIFT=bool(shift), HAS_LENGTHS=has_lengths, DOT_PRECISION=dot_precision(x.dtype), **cfg,
     )
     return out, attn, norm
 
@@ -470,10 +437,10 @@ def cluster_pool_backward(grad_out: Tensor, x: Tensor, attn: Tensor, norm: Tenso
     which is better conditioned than adding a second softmax backward afterwards."""
     B, L, F = x.shape
     N = attn.shape[1]
-    acc = _opmath(x.dtype)
+    acc = opmath(x.dtype)
     dev = x.device
     shift = bool(shift)
-    prec = _dot_precision(x.dtype)
+    prec = dot_precision(x.dtype)
     cs = _config("bwd_scores", x.dtype, L, F, N)
     cx = _config("bwd_x", x.dtype, L, F, N)
     single_l = cs["SINGLE_L"]

@@ -69,6 +69,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .common import block, div_rn, dot_precision, opmath
+
 __all__ = ["attentional_pool_forward", "attentional_pool_backward",
            "weighted_pool_forward", "weighted_pool_backward"]
 
@@ -82,24 +84,11 @@ MAX_BLOCK_C = 32
 MAX_BLOCK_I = 64
 NUM_WARPS = 8
 NUM_STAGES = 2
-# input_precision of tl.dot for float32 inputs ("ieee": exact; "tf32" would be faster).
-FP32_DOT_PRECISION = "ieee"
-
 # Compile-time layout of x (and grad_x): which of its strides is the literal 1.
 _GENERIC, _N_CONTIG, _C_CONTIG = 0, 1, 2
 
 
 # =============================================================================== helpers
-@triton.jit
-def _div(x, y):
-    """IEEE division (x / y is approximate for float32 on GPUs)."""
-    if x.dtype == tl.float64:
-        r = x / y
-    else:
-        r = tl.math.div_rn(x, y)
-    return r
-
-
 @triton.jit
 def _x_offsets(c, i, s_c, s_i, LAYOUT: tl.constexpr):
     """Offsets [len(c), len(i)] of x[b, c, i] inside a sample; the unit stride is literal."""
@@ -195,7 +184,7 @@ def _store_z(h_hi, h_lo, x_base, z_ptr, zp_ptr, b, pid_i, offs_p, p_mask, offs_i
         pc_mask = p_mask[:, None] & c_mask[None, :]
         if SINGLE_I:
             tl.store(z_ptr + (b * P + offs_p[:, None]) * C + c[None, :],
-                     _div(zp, nf).to(DT), mask=pc_mask)
+                     div_rn(zp, nf).to(DT), mask=pc_mask)
         else:
             tl.store(zp_ptr + ((b * n_tiles + pid_i) * P + offs_p[:, None]) * C + c[None, :],
                      zp, mask=pc_mask)
@@ -293,7 +282,7 @@ def _attpool_bwd_kernel(
     gh = tl.load(gh_ptr + pi_off, mask=pi_mask, other=0.0).to(ACC)
     # Rows past P must be exactly 0 (not 0 * Inf = NaN from a padded grad_z row): they meet
     # wb's zero padding in the grad_x dot.
-    dh = tl.where(pi_mask, gh + _div(acc, nf), 0.0)
+    dh = tl.where(pi_mask, gh + div_rn(acc, nf), 0.0)
     if not FUSE_X:
         tl.store(dh_ptr + pi_off, dh, mask=pi_mask)
     tl.store(pbb_ptr + (b * n_tiles + pid_i) * P + offs_p, tl.sum(dh, axis=1), mask=p_mask)
@@ -316,7 +305,7 @@ def _attpool_bwd_kernel(
             w_t = tl.trans(_load_pc(wb_ptr, offs_p, p_mask, c, c_mask, C))
             gx = tl.dot(gz_t, h_dot, tl.zeros([BLOCK_C, BLOCK_I], dtype=ACC),
                         input_precision=DOT_PRECISION)  # [BLOCK_C, BLOCK_I]
-            gx = _div(gx, nf)
+            gx = div_rn(gx, nf)
             gx = _dot_split(w_t, w_t, dh_hi, dh_lo, gx, False, SPLIT, DOT_PRECISION)
             tl.store(gx_ptr + b * g_b + _x_offsets(c, offs_i, g_c, g_i, G_LAYOUT), gx.to(DT),
                      mask=c_mask[:, None] & i_mask[None, :])
@@ -358,7 +347,7 @@ def _attpool_bwd_x_kernel(
             dh_hi, dh_lo = _split(tl.load(dh_ptr + pi_off, mask=pi_mask, other=0.0), DT, SPLIT)
             acc_h = _dot_split(w_t, w_t, dh_hi, dh_lo, acc_h, False, SPLIT, DOT_PRECISION)
     nf = tl.zeros([1, 1], dtype=ACC) + n
-    gx = _div(acc_z, nf)
+    gx = div_rn(acc_z, nf)
     if WITH_WB:
         gx = gx + acc_h
     tl.store(gx_ptr + b * g_b + _x_offsets(c, offs_i, g_c, g_i, G_LAYOUT), gx.to(DT),
@@ -391,7 +380,7 @@ def _wpool_bwd_kernel(
     # ---- grad_h = (grad_z @ x) / n   (full C reduction; grad_z enters unscaled)
     acc = _pc_x_dot(tl.zeros([BLOCK_P, BLOCK_I], dtype=ACC), gz_base, offs_p, p_mask,
                     x_base, offs_i, i_mask, C, s_c, s_i, LAYOUT, BLOCK_C, DOT_PRECISION)
-    tl.store(gh_ptr + pi_off, _div(acc, nf).to(DT), mask=pi_mask)
+    tl.store(gh_ptr + pi_off, div_rn(acc, nf).to(DT), mask=pi_mask)
 
     # ---- grad_x tile = (grad_z^T @ h) / n, when this program holds all of P
     if FUSE_X:
@@ -404,28 +393,16 @@ def _wpool_bwd_kernel(
             gx = tl.dot(gz_t, h_dot, tl.zeros([BLOCK_C, BLOCK_I], dtype=ACC),
                         input_precision=DOT_PRECISION)  # [BLOCK_C, BLOCK_I]
             tl.store(gx_ptr + b * g_b + _x_offsets(c, offs_i, g_c, g_i, G_LAYOUT),
-                     _div(gx, nf).to(DT), mask=c_mask[:, None] & i_mask[None, :])
+                     div_rn(gx, nf).to(DT), mask=c_mask[:, None] & i_mask[None, :])
 
 
 # =============================================================================== host side
-def _opmath(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _block(size: int, cap: int) -> int:
-    return max(16, min(cap, triton.next_power_of_2(size)))
-
-
 def _blocks(C: int, n: int, P: int) -> tuple[int, int, int]:
-    return _block(P, MAX_BLOCK_P), _block(C, MAX_BLOCK_C), _block(n, MAX_BLOCK_I)
+    return block(P, MAX_BLOCK_P), block(C, MAX_BLOCK_C), block(n, MAX_BLOCK_I)
 
 
 def _split_dots(dtype: torch.dtype) -> bool:
     return dtype in (torch.float16, torch.bfloat16)
-
-
-def _dot_precision(dtype: torch.dtype) -> str:
-    return FP32_DOT_PRECISION if dtype == torch.float32 else "ieee"
 
 
 def _layout(t: Tensor) -> int:
@@ -451,7 +428,7 @@ def attentional_pool_forward(x: Tensor, wb: Tensor, bb: Tensor) -> tuple[Tensor,
     """x [B, C, n] (n- or C-contiguous), wb [P, C], bb [P] -> z [B, P, C], h [B, P, n]."""
     B, C, n = x.shape
     P = wb.shape[0]
-    acc = _opmath(x.dtype)
+    acc = opmath(x.dtype)
     dev = x.device
     wb = wb.contiguous()
     bb = bb.contiguous()
@@ -468,7 +445,7 @@ def attentional_pool_forward(x: Tensor, wb: Tensor, bb: Tensor) -> tuple[Tensor,
         x, wb, bb, z, h, zp, C, n, P, *_strides(x, layout), n_tiles,
         LAYOUT=layout, SINGLE_I=single_i, SPLIT=_split_dots(x.dtype),
         BLOCK_P=block_p, BLOCK_C=block_c, BLOCK_I=block_i,
-        DOT_PRECISION=_dot_precision(x.dtype), num_warps=NUM_WARPS, num_stages=NUM_STAGES,
+        DOT_PRECISION=dot_precision(x.dtype), num_warps=NUM_WARPS, num_stages=NUM_STAGES,
     )
     if not single_i:
         z.copy_(zp.sum(1).div_(n))  # fixed-order reduction over the tiles
@@ -480,7 +457,7 @@ def attentional_pool_backward(grad_z: Tensor, grad_h: Tensor, x: Tensor, h: Tens
     """Gradients w.r.t. x (x's layout), wb [P, C] and bb [P], all in x.dtype."""
     B, C, n = x.shape
     P = wb.shape[0]
-    acc = _opmath(x.dtype)
+    acc = opmath(x.dtype)
     dev = x.device
     grad_z = grad_z.contiguous()
     grad_h = grad_h.contiguous()
@@ -496,7 +473,7 @@ def attentional_pool_backward(grad_z: Tensor, grad_h: Tensor, x: Tensor, h: Tens
     pwb = torch.empty(B, n_tiles, P, C, dtype=acc, device=dev)
     pbb = torch.empty(B, n_tiles, P, dtype=acc, device=dev)
     dh = pwb if fuse_x else torch.empty(B, P, n, dtype=acc, device=dev)  # fuse_x: never used
-    prec = _dot_precision(x.dtype)
+    prec = dot_precision(x.dtype)
     split = _split_dots(x.dtype)
     g_strides = _strides(grad_x, g_layout)
     _attpool_bwd_kernel[(B, n_tiles, p_tiles)](
@@ -522,7 +499,7 @@ def weighted_pool_forward(x: Tensor, h: Tensor) -> Tensor:
     """x [B, C, n] (n- or C-contiguous), h [B, P, n] (x.dtype) -> z [B, P, C] = h @ x^T / n."""
     B, C, n = x.shape
     P = h.shape[1]
-    acc = _opmath(x.dtype)
+    acc = opmath(x.dtype)
     dev = x.device
     h = h.contiguous()
     block_p, block_c, block_i = _blocks(C, n, P)
@@ -535,7 +512,7 @@ def weighted_pool_forward(x: Tensor, h: Tensor) -> Tensor:
     _wpool_fwd_kernel[(B, n_tiles, triton.cdiv(P, block_p))](
         x, h, z, zp, C, n, P, *_strides(x, layout), n_tiles,
         LAYOUT=layout, SINGLE_I=single_i, BLOCK_P=block_p, BLOCK_C=block_c, BLOCK_I=block_i,
-        DOT_PRECISION=_dot_precision(x.dtype), num_warps=NUM_WARPS, num_stages=NUM_STAGES,
+        DOT_PRECISION=dot_precision(x.dtype), num_warps=NUM_WARPS, num_stages=NUM_STAGES,
     )
     if not single_i:
         z.copy_(zp.sum(1).div_(n))  # fixed-order reduction over the tiles
@@ -546,7 +523,7 @@ def weighted_pool_backward(grad_z: Tensor, x: Tensor, h: Tensor) -> tuple[Tensor
     """Gradients w.r.t. x (x's shape and layout) and h ([B, P, n], contiguous), in x.dtype."""
     B, C, n = x.shape
     P = h.shape[1]
-    acc = _opmath(x.dtype)
+    acc = opmath(x.dtype)
     dev = x.device
     grad_z = grad_z.contiguous()
     h = h.contiguous()
@@ -558,7 +535,7 @@ def weighted_pool_backward(grad_z: Tensor, x: Tensor, h: Tensor) -> tuple[Tensor
     grad_x = torch.empty_like(x)  # keeps x's strides
     g_layout = _layout(grad_x)
     grad_h = torch.empty(B, P, n, dtype=x.dtype, device=dev)
-    prec = _dot_precision(x.dtype)
+    prec = dot_precision(x.dtype)
     g_strides = _strides(grad_x, g_layout)
     _wpool_bwd_kernel[(B, n_tiles, p_tiles)](
         grad_z, x, h, grad_x, grad_h, C, n, P, *_strides(x, layout), *g_strides,

@@ -48,6 +48,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .common import div_rn, sqrt_rn
+
 __all__ = ["st_regularizer_forward", "st_regularizer_backward"]
 
 # Module-level so that tests can force the multi-program / chunked paths. Untuned (no GPU):
@@ -60,26 +62,6 @@ NUM_WARPS = 4
 
 
 # =============================================================================== helpers
-@triton.jit
-def _div(x, y):
-    """IEEE division (x / y is approximate for float32 on GPUs)."""
-    if x.dtype == tl.float64:
-        r = x / y
-    else:
-        r = tl.math.div_rn(x, y)
-    return r
-
-
-@triton.jit
-def _sqrt(x):
-    """IEEE square root (tl.sqrt is the fast approximate one for float32 on GPUs)."""
-    if x.dtype == tl.float64:
-        r = tl.sqrt(x)
-    else:
-        r = tl.sqrt_rn(x)
-    return r
-
-
 @triton.jit
 def _scalar(v, ACC: tl.constexpr):
     """A scalar kernel argument (int, float32, or an int specialised to a constexpr 1) as an
@@ -115,9 +97,9 @@ def _q(w_l, w_c, w_r, ACC: tl.constexpr):
 def _combine(tv, con, u, tv_hi, tv_lo, con_hi, con_lo, u_hi, u_lo, tv_div, con_div, u_div,
              ACC: tl.constexpr):
     """total = tv_w * TV / tv_div + con_w * CON / B + u_w * U / u_div (0-dim opmath)."""
-    return (_weight(tv_hi, tv_lo, ACC) * _div(tv, _scalar(tv_div, ACC))
-            + _weight(con_hi, con_lo, ACC) * _div(con, _scalar(con_div, ACC))
-            + _weight(u_hi, u_lo, ACC) * _div(u, _scalar(u_div, ACC)))
+    return (_weight(tv_hi, tv_lo, ACC) * div_rn(tv, _scalar(tv_div, ACC))
+            + _weight(con_hi, con_lo, ACC) * div_rn(con, _scalar(con_div, ACC))
+            + _weight(u_hi, u_lo, ACC) * div_rn(u, _scalar(u_div, ACC)))
 
 
 # =============================================================================== forward
@@ -163,7 +145,7 @@ def _st_fwd_kernel(
     q = _q(w_l, w_c, w_r, ACC)
     r = tl.where(q <= 0, 0.0, q)  # relu; NaN stays NaN
     if SQRT:
-        r = _sqrt(r)
+        r = sqrt_rn(r)
     r = tl.where(u_ok, r, 0.0)
     tv_s = tl.sum(tl.sum(tv, axis=1), axis=0)
     con_s = tl.sum(tl.sum(con, axis=1), axis=0)
@@ -213,9 +195,9 @@ def _st_bwd_kernel(
     DT = gm_ptr.dtype.element_ty
     pid = tl.program_id(0)
     g = tl.load(gt_ptr).to(ACC)
-    g_tv = _div(g * _weight(tv_hi, tv_lo, ACC), _scalar(tv_div, ACC))
-    g_con = _div(g * _weight(con_hi, con_lo, ACC), _scalar(con_div, ACC))
-    g_u = _div(g * _weight(u_hi, u_lo, ACC), _scalar(u_div, ACC))
+    g_tv = div_rn(g * _weight(tv_hi, tv_lo, ACC), _scalar(tv_div, ACC))
+    g_con = div_rn(g * _weight(con_hi, con_lo, ACC), _scalar(con_div, ACC))
+    g_u = div_rn(g * _weight(u_hi, u_lo, ACC), _scalar(u_div, ACC))
     offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     m_mask = offs_m < BT
     row_off = offs_m.to(tl.int64)[:, None] * HW  # [BLOCK_M, 1]
@@ -267,7 +249,7 @@ def _dq(q, g_u, SQRT: tl.constexpr):
     """d(term)/dq times g_u: relu passes the gradient unless q <= 0 (so NaN passes, as
     torch's threshold_backward); sqrt's slope 1 / (2 sqrt(q))."""
     if SQRT:
-        d = _div(g_u, 2.0 * _sqrt(q))
+        d = div_rn(g_u, 2.0 * sqrt_rn(q))
     else:
         d = g_u + tl.zeros_like(q)
     return tl.where(q <= 0, 0.0, d)

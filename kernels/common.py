@@ -1,0 +1,45 @@
+"""Pieces every Triton kernel module shares: IEEE division and square root inside kernels,
+and the host-side choices of accumulation dtype, dot precision and block sizes."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+# input_precision of tl.dot for float32 inputs ("ieee": exact; "tf32" would be faster).
+FP32_DOT_PRECISION = "ieee"
+
+
+@triton.jit
+def div_rn(x, y):
+    """IEEE division (x / y is approximate for float32 on GPUs)."""
+    if x.dtype == tl.float64:
+        r = x / y
+    else:
+        r = tl.math.div_rn(x, y)
+    return r
+
+
+@triton.jit
+def sqrt_rn(x):
+    """IEEE square root (tl.sqrt is the fast approximate one for float32 on GPUs)."""
+    if x.dtype == tl.float64:
+        r = tl.sqrt(x)
+    else:
+        r = tl.sqrt_rn(x)
+    return r
+
+
+def opmath(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype: float64 for float64, else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    return FP32_DOT_PRECISION if dtype == torch.float32 else "ieee"
+
+
+def block(size: int, cap: int) -> int:
+    """A power-of-two block >= 16 (tl.dot's minimum) covering ``size``, at most ``cap``."""
+    return max(16, min(cap, triton.next_power_of_2(size)))
