@@ -207,16 +207,23 @@ def attentional_pooling(
     if name == "reference":
         return reference.attentional_pooling(x, weight_bottom_up, bias_bottom_up,
                                              weight_top_down, bias_top_down)
-    lead = x.shape[:-3]
     feats = x.reshape(-1, C, H * W)  # a view for NCHW and channels-last alike
     bb = bias_bottom_up if bias_bottom_up is not None else x.new_zeros(P)
     z, h, m = ops.attentional_pool(feats, weight_bottom_up, bb, name)
+    return _factored_logits(x, z, h, m, weight_top_down, bias_top_down)
+
+
+def _factored_logits(x: Tensor, z: Tensor, h: Tensor, m: Tensor, weight_top_down: Tensor,
+                     bias_top_down: Tensor | None) -> tuple[Tensor, Tensor]:
+    """logit_k = Σ_p weight_top_down[p,k]·z_p + bias_top_down[p,k]·m_p (m = mean of h, in
+    opmath or h's dtype), per-frame logits averaged over T for clips; and the maps h."""
     logits = torch.einsum("bpc,pkc->bk", z, weight_top_down)
     if bias_top_down is not None:
         logits = logits + (m @ bias_top_down.to(m.dtype)).to(x.dtype)
+    lead = x.shape[:-3]
     if x.dim() == 5:
-        logits = logits.reshape(*lead, K).mean(1)
-    return logits, h.reshape(*lead, P, H, W)
+        logits = logits.reshape(*lead, logits.shape[-1]).mean(1)
+    return logits, h.reshape(*lead, h.shape[1], *x.shape[-2:])
 
 
 def pose_attentional_pooling(
@@ -228,7 +235,6 @@ def pose_attentional_pooling(
     in the fused ``weighted_pool`` kernel. Returns ``(logits [B, K], maps [B, (T,) P, H, W])``."""
     C, H, W = x.shape[-3:]
     D = q.shape[-3]
-    lead = x.shape[:-3]
     feats = x.reshape(-1, C, H * W)
     h = torch.einsum("pd,bdn->bpn", weight_bottom_up, q.reshape(-1, D, H * W))
     if bias_bottom_up is not None:
@@ -236,12 +242,7 @@ def pose_attentional_pooling(
     name = backends.resolve("weighted_pool", backend, x.device, x.dtype)
     z = reference.weighted_pool(feats, h) if name == "reference" else \
         ops.weighted_pool(feats, h, name)
-    logits = torch.einsum("bpc,pkc->bk", z, weight_top_down)
-    if bias_top_down is not None:
-        logits = logits + h.mean(-1) @ bias_top_down
-    if x.dim() == 5:
-        logits = logits.reshape(*lead, logits.shape[-1]).mean(1)
-    return logits, h.reshape(*lead, h.shape[1], H, W)
+    return _factored_logits(x, z, h, h.mean(-1), weight_top_down, bias_top_down)
 
 
 # ================================================ spatio-temporal attention

@@ -234,21 +234,25 @@ def attentional_pooling(
     x ``[B, C, H, W]`` or a clip ``[B, T, C, H, W]`` (per-frame scores averaged over T).
     Returns (logits ``[B, K]``, bottom-up maps ``[B, (T,) P, H, W]``).
     """
-    clip = x.dim() == 5
+    return _bilinear_pooling(x, x, weight_bottom_up, bias_bottom_up, weight_top_down,
+                             bias_top_down)
+
+
+def _bilinear_pooling(x, q, weight_bottom_up, bias_bottom_up, weight_top_down, bias_top_down):
+    """The paper's form with the bottom-up maps computed from q (x itself, or the pose
+    pre-logits) and the top-down maps from x."""
+    D, H, W = q.shape[-3:]
     lead = x.shape[:-3]
-    C, H, W = x.shape[-3:]
-    feats = x.reshape(-1, C, H * W)  # [B', C, n]
-    h = torch.einsum("pc,bcn->bpn", weight_bottom_up, feats)  # bottom-up, class-agnostic
-    t = torch.einsum("pkc,bcn->bpkn", weight_top_down, feats)  # top-down, one map per class
+    h = torch.einsum("pd,bdn->bpn", weight_bottom_up, q.reshape(-1, D, H * W))  # bottom-up
     if bias_bottom_up is not None:
         h = h + bias_bottom_up[:, None]
-    if bias_top_down is not None:
+    t = torch.einsum("pkc,bcn->bpkn", weight_top_down, x.reshape(-1, x.shape[-3], H * W))
+    if bias_top_down is not None:  # top-down, one map per class
         t = t + bias_top_down[..., None]
     logits = (h[:, :, None, :] * t).mean(-1).sum(1)  # mean over positions, ranks summed
-    maps = h.reshape(*lead, h.shape[1], H, W)
-    if clip:
+    if x.dim() == 5:
         logits = logits.reshape(*lead, logits.shape[-1]).mean(1)
-    return logits, maps
+    return logits, h.reshape(*lead, h.shape[1], H, W)
 
 
 def attentional_pool(x: Tensor, weight_bottom_up: Tensor, bias_bottom_up: Tensor | None
@@ -280,18 +284,8 @@ def pose_attentional_pooling(
 ) -> tuple[Tensor, Tensor]:
     """Attentional pooling whose bottom-up maps come from the pose pre-logits q
     ``[B, (T,) D, H, W]`` (weight_bottom_up ``[P, D]``) and top-down maps from x (paper form)."""
-    D, H, W = q.shape[-3:]
-    lead = x.shape[:-3]
-    h = torch.einsum("pd,bdn->bpn", weight_bottom_up, q.reshape(-1, D, H * W))
-    if bias_bottom_up is not None:
-        h = h + bias_bottom_up[:, None]
-    t = torch.einsum("pkc,bcn->bpkn", weight_top_down, x.reshape(-1, x.shape[-3], H * W))
-    if bias_top_down is not None:
-        t = t + bias_top_down[..., None]
-    logits = (h[:, :, None, :] * t).mean(-1).sum(1)
-    if x.dim() == 5:
-        logits = logits.reshape(*lead, logits.shape[-1]).mean(1)
-    return logits, h.reshape(*lead, h.shape[1], H, W)
+    return _bilinear_pooling(x, q, weight_bottom_up, bias_bottom_up, weight_top_down,
+                             bias_top_down)
 
 
 class AttentionalPooling(nn.Module):
