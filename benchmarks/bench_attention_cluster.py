@@ -33,16 +33,13 @@ def cases(B, L, F, N, device, dtype):
     yield harness.Case(OP, "eager", shape, harness.call_setup(lambda: ref, x0, grad))
     yield harness.Case(OP, "compile", shape,
                        harness.call_setup(lambda: torch.compile(ref), x0, grad))
-    for backend in ("cpp", "cuda", "triton"):
-        if attnpool.available(OP, torch.device(device), dtype)[backend] is None:
-            if device == "cpu" and backend == "triton":
-                continue  # the interpreter is a test vehicle, not a provider
-            def fused(backend=backend):
-                m = attnpool.AttentionCluster(F, N, backend=backend).to(device, dtype)
-                m.load_state_dict(ref.state_dict())
-                return m
-            yield harness.Case(OP, f"attnpool-{backend}", shape,
-                               harness.call_setup(fused, x0, grad))
+    for backend in harness.kernel_backends(OP, device, dtype):
+        def fused(backend=backend):
+            m = attnpool.AttentionCluster(F, N, backend=backend).to(device, dtype)
+            m.load_state_dict(ref.state_dict())
+            return m
+        yield harness.Case(OP, f"attnpool-{backend}", shape,
+                           harness.call_setup(fused, x0, grad))
 
 
 if __name__ == "__main__":

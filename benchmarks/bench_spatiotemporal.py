@@ -18,7 +18,6 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness  # noqa: E402
 
-import attnpool  # noqa: E402
 from attnpool import functional, reference  # noqa: E402
 
 # (B, T, C, H, W): §5 (GPU) and scaled to the CPU (x 32 MB instead of 240 MB).
@@ -35,7 +34,6 @@ def cases(B, T, C, H, W, device, dtype):
     one = torch.ones((), device=device, dtype=dtype)
     grads = (torch.randn(B, C, device=device, dtype=dtype), torch.randn(B, T, device=device,
                                                                         dtype=dtype))
-    dev = torch.device(device)
     reg_shape, pool_shape = f"B={B},T={T},H={H},W={W}", f"B={B},T={T},C={C},H={H},W={W}"
 
     yield harness.Case("st_regularizer", "eager", reg_shape,
@@ -49,17 +47,14 @@ def cases(B, T, C, H, W, device, dtype):
     yield harness.Case("temporal_attention_pool", "compile", pool_shape,
                        harness.call_setup(lambda: torch.compile(reference.temporal_attention_pool),
                                           (x, mask, scores), grads))
-    for backend in ("cpp", "cuda", "triton"):
-        if device == "cpu" and backend == "triton":
-            continue  # the interpreter is a test vehicle, not a provider
-        if attnpool.available("st_regularizer", dev, dtype)[backend] is None:
-            reg = functools.partial(functional.st_regularizer, backend=backend)
-            yield harness.Case("st_regularizer", f"attnpool-{backend}", reg_shape,
-                               harness.call_setup(lambda reg=reg: reg, (mask, w), one))
-        if attnpool.available("weighted_pool", dev, dtype)[backend] is None:
-            pool = functools.partial(functional.temporal_attention_pool, backend=backend)
-            yield harness.Case("temporal_attention_pool", f"attnpool-{backend}", pool_shape,
-                               harness.call_setup(lambda pool=pool: pool, (x, mask, scores), grads))
+    for backend in harness.kernel_backends("st_regularizer", device, dtype):
+        reg = functools.partial(functional.st_regularizer, backend=backend)
+        yield harness.Case("st_regularizer", f"attnpool-{backend}", reg_shape,
+                           harness.call_setup(lambda reg=reg: reg, (mask, w), one))
+    for backend in harness.kernel_backends("weighted_pool", device, dtype):
+        pool = functools.partial(functional.temporal_attention_pool, backend=backend)
+        yield harness.Case("temporal_attention_pool", f"attnpool-{backend}", pool_shape,
+                           harness.call_setup(lambda pool=pool: pool, (x, mask, scores), grads))
 
 
 if __name__ == "__main__":

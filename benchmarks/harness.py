@@ -169,6 +169,16 @@ def speedups(rows: list[dict], ours: str) -> list[str]:
     return lines
 
 
+def kernel_backends(op: str, device: str, dtype: torch.dtype) -> list[str]:
+    """The attnpool kernel backends to time for ``op`` here: those available, except
+    Triton on the CPU (its interpreter is a test vehicle, not a provider)."""
+    import attnpool
+
+    reasons = attnpool.available(op, torch.device(device), dtype)
+    return [b for b in ("cpp", "cuda", "triton")
+            if reasons[b] is None and not (device == "cpu" and b == "triton")]
+
+
 def call_setup(make_fn: Callable[[], Callable], inputs: torch.Tensor | tuple[torch.Tensor, ...],
                grads: torch.Tensor | tuple[torch.Tensor, ...]) -> Callable:
     """A Case.setup that runs ``make_fn()(*inputs)`` and backpropagates ``grads`` into the
