@@ -19,6 +19,7 @@
 // Deterministic: no atomics, every sum in a fixed order that depends neither on the number of
 // threads nor on the task split (grad_alpha/beta: per-(b, n) partials summed over b in order).
 #include "attnpool.h"
+#include "cpu/isa.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -33,18 +34,9 @@
 #include <type_traits>
 #include <vector>
 
-// The extension is built for baseline x86-64 (no -march), which leaves AVX2 and AVX-512 idle.
-// So the task loops are compiled once per instruction set (target attributes; every helper is
-// force-inlined into them, hence vectorised for that set) and the one matching torch's CPU
-// capability runs.
-#if defined(__GNUC__) && defined(__x86_64__)
-#define ATTNPOOL_MULTI_ISA 1
+#if defined(__GNUC__)
 #define ATTNPOOL_INLINE inline __attribute__((always_inline))
-#define ATTNPOOL_TARGET_AVX2 __attribute__((target("avx2,fma,f16c")))
-#define ATTNPOOL_TARGET_AVX512 \
-  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")))
 #else
-#define ATTNPOOL_MULTI_ISA 0
 #define ATTNPOOL_INLINE inline
 #endif
 
@@ -713,17 +705,6 @@ struct WeightGradJob {
 };
 
 // ---------------------------------------------------------------- ISA dispatch
-
-enum class Isa { kDefault, kAvx2, kAvx512 };
-
-Isa runtime_isa() {
-  // torch's choice, so ATEN_CPU_CAPABILITY=default|avx2 also applies here.
-  static const Isa isa = [] {
-    const std::string cap = at::get_cpu_capability();
-    return cap == "AVX512" ? Isa::kAvx512 : cap == "AVX2" ? Isa::kAvx2 : Isa::kDefault;
-  }();
-  return isa;
-}
 
 template <typename Job>
 void run_default(const Job& job, int64_t begin, int64_t end) {

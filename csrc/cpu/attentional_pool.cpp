@@ -15,6 +15,7 @@
 // the results are bitwise reproducible for a given shape and thread count (the thread count
 // sets how a small batch is split, and how many grad_wb/grad_bb partials are summed).
 #include "attnpool.h"
+#include "cpu/isa.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -27,18 +28,6 @@
 #include <type_traits>
 #include <vector>
 
-// The extension is built for baseline x86-64 (no -march), which leaves AVX2 and AVX-512 idle.
-// So the task loops are compiled once per instruction set (target attributes; every helper is
-// C10_ALWAYS_INLINE, hence inlined into them and vectorised for that set) and the one matching
-// torch's CPU capability runs. The loops are plain C++ that GCC and Clang vectorise at -O3.
-#if defined(__GNUC__) && defined(__x86_64__)
-#define ATTNPOOL_MULTI_ISA 1
-#define ATTNPOOL_TARGET_AVX2 __attribute__((target("avx2,fma")))
-#define ATTNPOOL_TARGET_AVX512 \
-  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")))
-#else
-#define ATTNPOOL_MULTI_ISA 0
-#endif
 
 namespace attnpool {
 namespace {
@@ -228,17 +217,6 @@ void check_inputs(const at::Tensor& x, const at::Tensor& wb) {
 }
 
 // ---------------------------------------------------------------- ISA dispatch
-
-enum class Isa { kDefault, kAvx2, kAvx512 };
-
-Isa runtime_isa() {
-  // torch's choice, so ATEN_CPU_CAPABILITY=default|avx2 also applies here.
-  static const Isa isa = [] {
-    const std::string cap = at::get_cpu_capability();
-    return cap == "AVX512" ? Isa::kAvx512 : cap == "AVX2" ? Isa::kAvx2 : Isa::kDefault;
-  }();
-  return isa;
-}
 
 template <typename Job>
 void run_default(const Job& job, int64_t begin, int64_t end) {
