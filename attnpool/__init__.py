@@ -1,7 +1,8 @@
 """attnpool: fused kernels for attention pooling in action recognition.
 
 Modules: :class:`AttentionCluster`, :class:`MultimodalAttentionClusters`,
-:class:`AttentionalPooling`, :class:`SpatioTemporalAttention` (+ :mod:`attnpool.losses`).
+:class:`AttentionalPooling`, :class:`SpatioTemporalAttention`,
+:class:`PyramidAttention` (+ :mod:`attnpool.losses`).
 Model surgery: :mod:`attnpool.swap`.
 Backends: ``backend=`` argument, :func:`use_backend`, or ``ATTNPOOL_BACKEND``.
 """
@@ -12,6 +13,7 @@ from attnpool.nn import (
     AttentionalPooling,
     AttentionCluster,
     MultimodalAttentionClusters,
+    PyramidAttention,
     SpatioTemporalAttention,
 )
 
@@ -22,6 +24,7 @@ __all__ = [
     "AttentionalPooling",
     "BackendUnavailableError",
     "MultimodalAttentionClusters",
+    "PyramidAttention",
     "SpatioTemporalAttention",
     "available",
     "functional",

@@ -15,7 +15,7 @@ from attnpool import backends, ops, reference
 
 __all__ = [
     "attention_cluster", "attentional_pooling", "masked_frame_means", "pose_attentional_pooling",
-    "st_regularizer", "temporal_attention_pool",
+    "pyramid_attention", "st_regularizer", "temporal_attention_pool",
 ]
 
 
@@ -340,3 +340,49 @@ def temporal_attention_pool(x: Tensor, mask: Tensor, scores: Tensor, *,
     f = masked_frame_means(x, mask, backend=backend)
     w = torch.softmax(scores, dim=1)
     return torch.einsum("bt,btc->bc", w, f), w
+
+
+# ============================================= interaction-aware pyramid attention
+def pyramid_attention(
+    maps: list[Tensor],
+    score_weights: list[Tensor],
+    score_bias: Tensor,
+    eps: float = 1e-12,
+    diversity_weight: float = 1.0,
+    *,
+    backend: str | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Interaction-aware pyramid attention (our formulation of Du et al., ECCV 2018).
+
+    Args:
+        maps: one feature map per level, all ``[B, C_s, H_s, W_s]`` or all clips
+            ``[B, T, C_s, H_s, W_s]``; each is average-pooled to the last map's H×W.
+        score_weights: level s's scoring weights ``[C_s]``; score_bias ``[S]``.
+        eps: lower bound of each score map's norm. diversity_weight: λ of the loss.
+    Returns ``(out [B, Σ C_s], loss)``: the levels pooled under one fused softmax
+    attention, and the PCA-guided + diversity loss (a 0-dim batch mean). The inputs are
+    read once; the backward writes their gradients once.
+    """
+    if isinstance(score_weights, Tensor) or not isinstance(score_weights, (list, tuple)):
+        raise TypeError("score_weights must be a list of [C_s] tensors, got "
+                        f"{type(score_weights).__name__}")
+    channels = []
+    for s, w in enumerate(score_weights):
+        _check_float(f"score_weights[{s}]", w, "[C_s]")
+        if w.dim() != 1 or w.shape[0] < 1:
+            raise ValueError(f"score_weights[{s}] must have shape [C_s], got {list(w.shape)}")
+        channels.append(w.shape[0])
+    reference.check_pyramid_maps(maps, channels)
+    maps = _autocast(*maps)
+    x = maps[0]
+    for s, w in enumerate(score_weights):
+        _check_like(f"score_weights[{s}]", w, x, (channels[s],))
+    _check_like("score_bias", score_bias, x, (len(channels),))
+    name = backends.resolve("pyramid_attention", backend, x.device, x.dtype)
+    if name == "reference":
+        return reference.pyramid_attention(maps, list(score_weights), score_bias, eps,
+                                           diversity_weight)
+    clips = [m if m.dim() == 5 else m.unsqueeze(1) for m in maps]
+    out, loss, _, _ = ops.pyramid_attention(clips, list(score_weights), score_bias, float(eps),
+                                            float(diversity_weight), name)
+    return out, loss

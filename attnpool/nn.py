@@ -7,7 +7,8 @@ from torch import Tensor
 from attnpool import functional, losses, reference
 
 __all__ = [
-    "AttentionCluster", "AttentionalPooling", "MultimodalAttentionClusters", "SpatioTemporalAttention",
+    "AttentionCluster", "AttentionalPooling", "MultimodalAttentionClusters", "PyramidAttention",
+    "SpatioTemporalAttention",
 ]
 
 
@@ -112,3 +113,36 @@ class SpatioTemporalAttention(reference.SpatioTemporalAttention):
 
     def _frame_means(self, x: Tensor, mask: Tensor) -> Tensor:
         return functional.masked_frame_means(x, mask, backend=self.backend)
+
+
+class PyramidAttention(reference.PyramidAttention):
+    """Interaction-aware pyramid attention (our formulation of Du et al., ECCV 2018) with
+    fused kernels.
+
+    Each level's map is average-pooled to the last map's H×W (R), scored per position
+    (``y_s = R(X_s)·w_s + b_s``); one softmax over the summed scores pools every level, and
+    the outputs are concatenated. The loss rewards the variance of each level's centred map
+    along its unit score map (PCA guidance) and penalises overlap between levels' score maps.
+
+    Args:
+        in_channels: C_s of each level, e.g. ``[256, 512, 1024, 2048]``.
+        eps: lower bound of each score map's norm. diversity_weight: λ of the overlap term.
+        backend: None (context / ``ATTNPOOL_BACKEND`` / auto), "auto", "reference", "cpp",
+            "cuda" or "triton".
+
+    ``forward(maps, return_loss=False)``: maps ``[B, C_s, H_s, W_s]`` or clips
+    ``[B, T, C_s, H_s, W_s]`` -> ``out [B, Σ C_s]`` (and the 0-dim loss with
+    ``return_loss=True``). Parameters ``score_weights`` (level s: ``[C_s]``) and
+    ``score_bias [S]``, as :class:`attnpool.reference.PyramidAttention`.
+    """
+
+    def __init__(self, in_channels: list[int], eps: float = 1e-12, diversity_weight: float = 1.0,
+                 *, backend: str | None = None, **kwargs) -> None:
+        super().__init__(in_channels, eps, diversity_weight, **kwargs)
+        self.backend = backend
+
+    def forward(self, maps: list[Tensor], return_loss: bool = False):
+        out, loss = functional.pyramid_attention(
+            maps, list(self.score_weights), self.score_bias, self.eps, self.diversity_weight,
+            backend=self.backend)
+        return (out, loss) if return_loss else out

@@ -415,3 +415,92 @@ st_regularizer.register_autograd(_streg_backward, setup_context=_streg_setup)
 st_regularizer_backward.register_autograd(
     _no_double_backward("st_regularizer"), setup_context=lambda ctx, inputs, output: None
 )
+
+
+# ============================================= interaction-aware pyramid attention
+_register_kernels("pyramid_attention", "pyramid_attention", "pyramid_attention")
+
+
+@torch.library.custom_op("attnpool::pyramid_attention", mutates_args=())
+def pyramid_attention(xs: list[Tensor], weights: list[Tensor], bias: Tensor, eps: float,
+                      lam: float, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Fused pyramid attention: xs[s] [B, T, C_s, H_s, W_s], weights[s] [C_s], bias [S] ->
+    out [B, Σ C_s], loss (0-dim, batch mean), and for the backward the pooled maps
+    [B, Σ C_s, n] and the scores y [B, S, n] (opmath), n = T·H·W of the last level."""
+    B, T = xs[0].shape[:2]
+    Ctot, n = sum(w.shape[0] for w in weights), T * xs[-1].shape[-2] * xs[-1].shape[-1]
+    if B == 0:  # the batch mean of nothing, as torch's
+        stat = _opmath(xs[0].dtype)
+        return (xs[0].new_empty(0, Ctot), xs[0].new_full((), float("nan")),
+                xs[0].new_empty(0, Ctot, n, dtype=stat), xs[0].new_empty(0, len(xs), n, dtype=stat))
+    impl = backends.implementation("pyramid_attention", backend)
+    return impl.forward([x.contiguous() for x in xs], [w.contiguous() for w in weights],
+                        bias.contiguous(), eps, lam)
+
+
+@pyramid_attention.register_fake
+def _(xs, weights, bias, eps, lam, backend):
+    B, T = xs[0].shape[:2]
+    Ctot, n = sum(w.shape[0] for w in weights), T * xs[-1].shape[-2] * xs[-1].shape[-1]
+    stat = _opmath(xs[0].dtype)
+    return (xs[0].new_empty(B, Ctot), xs[0].new_empty(()), xs[0].new_empty(B, Ctot, n, dtype=stat),
+            xs[0].new_empty(B, len(xs), n, dtype=stat))
+
+
+@torch.library.custom_op("attnpool::pyramid_attention_backward", mutates_args=())
+def pyramid_attention_backward(grad_out: Tensor, grad_loss: Tensor, pooled: Tensor, y: Tensor,
+                               weights: list[Tensor], eps: float, lam: float, sizes: list[int],
+                               backend: str) -> list[Tensor]:
+    """Gradients of pyramid_attention: [grad_xs..., grad_weights..., grad_bias] (S + S + 1
+    tensors; sizes = [H_0, W_0, ..., H_{S-1}, W_{S-1}] of the inputs)."""
+    impl = backends.implementation("pyramid_attention", backend)
+    grad_xs, grad_ws, grad_bias = impl.backward(
+        grad_out.contiguous(), grad_loss, pooled.contiguous(), y.contiguous(),
+        [w.contiguous() for w in weights], eps, lam, sizes)
+    return list(grad_xs) + list(grad_ws) + [grad_bias]
+
+
+@pyramid_attention_backward.register_fake
+def _(grad_out, grad_loss, pooled, y, weights, eps, lam, sizes, backend):
+    B, S, n = y.shape
+    T = n // (sizes[-2] * sizes[-1])
+    return ([grad_out.new_empty(B, T, w.shape[0], sizes[2 * s], sizes[2 * s + 1])
+             for s, w in enumerate(weights)]
+            + [torch.empty_like(w, memory_format=torch.contiguous_format) for w in weights]
+            + [grad_out.new_empty(S)])
+
+
+def _pyramid_setup(ctx, inputs, output):
+    xs, weights, _, eps, lam, backend = inputs
+    _, _, pooled, y = output
+    ctx.save_for_backward(pooled, y, *weights)
+    ctx.sizes = [d for x in xs for d in x.shape[-2:]]
+    ctx.params = (eps, lam, backend)
+    ctx.mark_non_differentiable(pooled, y)
+    ctx.set_materialize_grads(False)
+
+
+def _pyramid_backward(ctx, grad_out, grad_loss, grad_pooled, grad_y):
+    pooled, y, *weights = ctx.saved_tensors
+    S = len(weights)
+    eps, lam, backend = ctx.params
+    dtype = weights[0].dtype
+    if grad_out is None:
+        grad_out = pooled.new_zeros(pooled.shape[:2], dtype=dtype)
+    if grad_loss is None:
+        grad_loss = pooled.new_zeros((), dtype=dtype)
+    if pooled.shape[0] == 0:
+        B, n = 0, y.shape[-1]
+        T = n // (ctx.sizes[-2] * ctx.sizes[-1])
+        grad_xs = [grad_out.new_zeros(B, T, w.shape[0], ctx.sizes[2 * s], ctx.sizes[2 * s + 1])
+                   for s, w in enumerate(weights)]
+        return grad_xs, [torch.zeros_like(w) for w in weights], grad_out.new_zeros(S), None, None, None
+    grads = pyramid_attention_backward(grad_out, grad_loss, pooled, y, weights, eps, lam,
+                                       ctx.sizes, backend)
+    return grads[:S], grads[S:2 * S], grads[2 * S], None, None, None
+
+
+pyramid_attention.register_autograd(_pyramid_backward, setup_context=_pyramid_setup)
+pyramid_attention_backward.register_autograd(
+    _no_double_backward("pyramid_attention"), setup_context=lambda ctx, inputs, output: None
+)

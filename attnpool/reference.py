@@ -23,6 +23,8 @@ __all__ = [
     "attention_scores",
     "cluster_pool",
     "init_attention_cluster_",
+    "PyramidAttention",
+    "pyramid_attention",
 ]
 
 
@@ -508,3 +510,113 @@ class SpatioTemporalAttention(nn.Module):
         w = torch.softmax(self.temporal_scorer(f).squeeze(-1), dim=1)
         pooled = torch.einsum("bt,btc->bc", w, f)
         return (pooled, mask, w) if return_attention else pooled
+
+
+# --------------------------------------------------------------------------
+# Interaction-aware pyramid attention (Du et al., ECCV 2018), DESIGN 3.4 — our
+# formulation: the paper's equations were not available, see the README.
+# --------------------------------------------------------------------------
+def pyramid_pool(maps: list[Tensor]) -> list[Tensor]:
+    """R: each map [B, C_s, H_s, W_s] (or clips [B, T, C_s, H_s, W_s]) adaptively
+    average-pooled to the last map's H×W -> [B, C_s, n], n = (T·)H·W, frame-major."""
+    Ho, Wo = maps[-1].shape[-2:]
+    pooled = []
+    for x in maps:
+        frames = x.flatten(0, 1) if x.dim() == 5 else x          # [B·T, C, H, W]
+        r = F.adaptive_avg_pool2d(frames, (Ho, Wo))
+        if x.dim() == 5:
+            r = r.unflatten(0, x.shape[:2]).transpose(1, 2)      # [B, C, T, Ho, Wo]
+        pooled.append(r.flatten(2))
+    return pooled
+
+
+def pyramid_attention(maps: list[Tensor], score_weights: list[Tensor], score_bias: Tensor,
+                      eps: float = 1e-12, diversity_weight: float = 1.0
+                      ) -> tuple[Tensor, Tensor]:
+    """-> (out [B, Σ C_s], loss): fused attention over the pooled pyramid and the
+    PCA-guided + diversity loss, averaged over the batch (DESIGN 3.4)."""
+    pooled = pyramid_pool(maps)                                           # R(X_s) [B, C_s, n]
+    scores = [torch.einsum("bcn,c->bn", p, w) + b                          # y_s [B, n]
+              for p, w, b in zip(pooled, score_weights, score_bias)]
+    a = torch.softmax(torch.stack(scores).sum(0), dim=1)                  # fused attention
+    out = torch.cat([torch.einsum("bcn,bn->bc", p, a) for p in pooled], dim=1)
+    unit = [F.normalize(y, dim=1, eps=eps) for y in scores]               # ŷ_s
+    # PCA guidance: the variance each channel's centred map shows along ŷ_s
+    variance = sum(torch.einsum("bcn,bn->bc", p - p.mean(2, keepdim=True), u).pow(2).sum(1)
+                   / p.shape[1] for p, u in zip(pooled, unit)) / len(pooled)
+    # diversity: levels orthogonal to each other (off-diagonal of Ŷ Ŷᵀ)
+    Y = torch.stack(unit, dim=1)                                          # [B, S, n]
+    gram = Y @ Y.transpose(1, 2)
+    off_diagonal = 1 - torch.eye(len(pooled), dtype=gram.dtype, device=gram.device)
+    overlap = (gram.pow(2) * off_diagonal).sum((1, 2))
+    loss = (diversity_weight * overlap - variance).mean()
+    return out, loss
+
+
+def check_pyramid_maps(maps, in_channels: list[int]) -> None:
+    """ValueError / TypeError naming the map and the expected shape (DESIGN 6): one map per
+    level, all ``[B, C_s, H_s, W_s]`` or all ``[B, T, C_s, H_s, W_s]``, one dtype and device."""
+    S = len(in_channels)
+    if isinstance(maps, Tensor) or not isinstance(maps, (list, tuple)):
+        raise TypeError(f"maps must be a list of {S} tensors, got {type(maps).__name__}")
+    if len(maps) != S:
+        raise ValueError(f"maps must hold {S} levels, got {len(maps)}")
+    first = maps[0]
+    if not isinstance(first, Tensor) or first.dim() not in (4, 5):
+        raise ValueError("maps[0] must be [B, C, H, W] or [B, T, C, H, W], got "
+                         f"{list(getattr(first, 'shape', [])) or type(first).__name__}")
+    lead = list(first.shape[:first.dim() - 3])
+    for s, (x, c) in enumerate(zip(maps, in_channels)):
+        want = "[" + ", ".join([str(d) for d in lead] + [str(c), "H", "W"]) + "]"
+        if not isinstance(x, Tensor):
+            raise TypeError(f"maps[{s}] must be a Tensor of shape {want}, got {type(x).__name__}")
+        if x.dim() != first.dim() or list(x.shape[:x.dim() - 3]) != lead or x.shape[-3] != c:
+            raise ValueError(f"maps[{s}] must have shape {want}, got {list(x.shape)}")
+        if min(x.shape[-2:]) < 1 or (x.dim() == 5 and x.shape[1] < 1):
+            raise ValueError(f"maps[{s}] must have T, H, W >= 1, got {list(x.shape)}")
+        if not x.is_floating_point() or x.dtype != first.dtype:
+            raise TypeError(f"maps[{s}] must have maps[0]'s floating dtype {first.dtype}, got {x.dtype}")
+        if x.device != first.device:
+            raise ValueError(f"maps[{s}] must be on maps[0]'s device {first.device}, got {x.device}")
+
+
+class PyramidAttention(nn.Module):
+    """Reference interaction-aware pyramid attention (our formulation of Du et al.).
+
+    ``forward(maps, return_loss=False)``: maps, one per level, ``[B, C_s, H_s, W_s]`` or
+    clips ``[B, T, C_s, H_s, W_s]``; the last map's H×W is the common scale. Returns
+    ``out [B, Σ C_s]`` (and the loss with ``return_loss=True``). Parameters
+    ``score_weights`` (level s: ``[C_s]``) and ``score_bias [S]``.
+    """
+
+    def __init__(self, in_channels: list[int], eps: float = 1e-12, diversity_weight: float = 1.0,
+                 *, device=None, dtype=None) -> None:
+        super().__init__()
+        in_channels = [int(c) for c in in_channels]
+        if not in_channels or min(in_channels) < 1:
+            raise ValueError(f"in_channels must be a non-empty list of sizes >= 1, got {in_channels}")
+        kw = {"device": device, "dtype": dtype}
+        self.in_channels, self.eps, self.diversity_weight = in_channels, float(eps), float(diversity_weight)
+        self.score_weights = nn.ParameterList([nn.Parameter(torch.empty(c, **kw)) for c in in_channels])
+        self.score_bias = nn.Parameter(torch.empty(len(in_channels), **kw))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # as nn.Linear(C_s, 1) per level
+        for s, (w, c) in enumerate(zip(self.score_weights, self.in_channels)):
+            nn.init.uniform_(w, -1 / math.sqrt(c), 1 / math.sqrt(c))
+            with torch.no_grad():
+                self.score_bias[s].uniform_(-1 / math.sqrt(c), 1 / math.sqrt(c))
+
+    def extra_repr(self) -> str:
+        return f"in_channels={self.in_channels}, eps={self.eps}, diversity_weight={self.diversity_weight}"
+
+    @property
+    def out_features(self) -> int:
+        return sum(self.in_channels)
+
+    def forward(self, maps: list[Tensor], return_loss: bool = False):
+        check_pyramid_maps(maps, self.in_channels)
+        out, loss = pyramid_attention(list(maps), list(self.score_weights), self.score_bias,
+                                      self.eps, self.diversity_weight)
+        return (out, loss) if return_loss else out

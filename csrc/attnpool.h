@@ -5,6 +5,7 @@
 #include <torch/extension.h>
 
 #include <tuple>
+#include <vector>
 
 namespace attnpool {
 
@@ -80,6 +81,27 @@ std::tuple<at::Tensor, at::Tensor> st_regularizer_backward_cpu(
     const at::Tensor& grad_total, const at::Tensor& mask, const at::Tensor& w, double tv_weight,
     double contrast_weight, double unimodal_weight, bool sqrt, bool tv_mean, bool unimodal_mean);
 
+// Interaction-aware pyramid attention (DESIGN 3.4; spec: the reference's pyramid_attention):
+//   xs[s] [B, T, C_s, H_s, W_s] (contiguous; maps come as T = 1), weights[s] [C_s], bias [S],
+//   one dtype -> out [B, Ctot] (xs' dtype; Ctot = sum C_s, level-major), loss (0-dim, xs'
+//   dtype, batch mean), pooled [B, Ctot, n] = R(X_s) stacked (opmath), y [B, S, n] the raw
+//   scores (opmath); n = T*Ho*Wo (the last level's Ho x Wo), i = t*Ho*Wo + oh*Wo + ow.
+using PyramidForward = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+// grad_out [B, Ctot] (xs' dtype), grad_loss (0-dim), pooled and y as the forward returned
+// them, sizes = {H_0, W_0, ..., H_{S-1}, W_{S-1}}
+//   -> grad_xs[s] [B, T, C_s, H_s, W_s], grad_weights[s] [C_s], grad_bias [S] (xs' dtype).
+using PyramidBackward = std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor>;
+
+PyramidForward pyramid_attention_forward_cpu(const std::vector<at::Tensor>& xs,
+                                             const std::vector<at::Tensor>& weights,
+                                             const at::Tensor& bias, double eps, double lam);
+PyramidBackward pyramid_attention_backward_cpu(const at::Tensor& grad_out,
+                                               const at::Tensor& grad_loss,
+                                               const at::Tensor& pooled, const at::Tensor& y,
+                                               const std::vector<at::Tensor>& weights,
+                                               double eps, double lam,
+                                               const std::vector<int64_t>& sizes);
+
 #ifdef ATTNPOOL_WITH_CUDA
 ClusterForward cluster_pool_forward_cuda(const at::Tensor& x, const at::Tensor& scores,
                                          const c10::optional<at::Tensor>& lengths,
@@ -105,6 +127,15 @@ at::Tensor st_regularizer_forward_cuda(const at::Tensor& mask, const at::Tensor&
 std::tuple<at::Tensor, at::Tensor> st_regularizer_backward_cuda(
     const at::Tensor& grad_total, const at::Tensor& mask, const at::Tensor& w, double tv_weight,
     double contrast_weight, double unimodal_weight, bool sqrt, bool tv_mean, bool unimodal_mean);
+PyramidForward pyramid_attention_forward_cuda(const std::vector<at::Tensor>& xs,
+                                              const std::vector<at::Tensor>& weights,
+                                              const at::Tensor& bias, double eps, double lam);
+PyramidBackward pyramid_attention_backward_cuda(const at::Tensor& grad_out,
+                                                const at::Tensor& grad_loss,
+                                                const at::Tensor& pooled, const at::Tensor& y,
+                                                const std::vector<at::Tensor>& weights,
+                                                double eps, double lam,
+                                                const std::vector<int64_t>& sizes);
 #endif
 
 }  // namespace attnpool

@@ -15,6 +15,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("weighted_pool_backward_cpu", &attnpool::weighted_pool_backward_cpu);
   m.def("st_regularizer_forward_cpu", &attnpool::st_regularizer_forward_cpu);
   m.def("st_regularizer_backward_cpu", &attnpool::st_regularizer_backward_cpu);
+  m.def("pyramid_attention_forward_cpu", &attnpool::pyramid_attention_forward_cpu);
+  m.def("pyramid_attention_backward_cpu", &attnpool::pyramid_attention_backward_cpu);
 #ifdef ATTNPOOL_WITH_CUDA
   m.def("cluster_pool_forward_cuda", &attnpool::cluster_pool_forward_cuda);
   m.def("cluster_pool_backward_cuda", &attnpool::cluster_pool_backward_cuda);
@@ -24,6 +26,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("weighted_pool_backward_cuda", &attnpool::weighted_pool_backward_cuda);
   m.def("st_regularizer_forward_cuda", &attnpool::st_regularizer_forward_cuda);
   m.def("st_regularizer_backward_cuda", &attnpool::st_regularizer_backward_cuda);
+  m.def("pyramid_attention_forward_cuda", &attnpool::pyramid_attention_forward_cuda);
+  m.def("pyramid_attention_backward_cuda", &attnpool::pyramid_attention_backward_cuda);
   m.attr("with_cuda") = true;
 #else
   m.attr("with_cuda") = false;
