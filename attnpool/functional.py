@@ -373,7 +373,9 @@ def pyramid_attention(
             raise ValueError(f"score_weights[{s}] must have shape [C_s], got {list(w.shape)}")
         channels.append(w.shape[0])
     reference.check_pyramid_maps(maps, channels)
-    maps = _autocast(*maps)
+    S = len(channels)
+    cast = _autocast(*maps, *score_weights, score_bias)
+    maps, score_weights, score_bias = cast[:S], cast[S:2 * S], cast[2 * S]
     x = maps[0]
     for s, w in enumerate(score_weights):
         _check_like(f"score_weights[{s}]", w, x, (channels[s],))

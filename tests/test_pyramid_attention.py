@@ -1,0 +1,235 @@
+"""Interaction-aware pyramid attention (our formulation of Du et al.; DESIGN §3.4): every
+backend against the float64 reference, forward and every gradient (DESIGN §4, §6)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import assert_close, backends_for
+from hypothesis import given
+from hypothesis import strategies as st
+
+import attnpool
+from attnpool import functional as AF
+from attnpool import reference
+
+BACKENDS = backends_for("pyramid_attention", "cpu", torch.float64)
+
+
+def make_case(B, T, levels, seed, layout="contiguous"):
+    """Maps (clips when T is not None) with levels = [(C, H, W), ...], weights, bias,
+    the output and loss weights, all float64."""
+    g = torch.Generator().manual_seed(seed)
+    maps = []
+    for C, H, W in levels:
+        lead = (B,) if T is None else (B, T)
+        if layout == "transposed":  # H and W strides swapped
+            x = torch.randn(*lead, C, W, H, generator=g, dtype=torch.float64).transpose(-1, -2)
+        else:
+            x = torch.randn(*lead, C, H, W, generator=g, dtype=torch.float64)
+            if layout == "channels_last" and T is None:
+                x = x.to(memory_format=torch.channels_last)
+        maps.append(x)
+    weights = [torch.randn(C, generator=g, dtype=torch.float64) for C, _, _ in levels]
+    bias = torch.randn(len(levels), generator=g, dtype=torch.float64)
+    grad_out = torch.randn(B, sum(C for C, _, _ in levels), generator=g, dtype=torch.float64)
+    return maps, weights, bias, grad_out
+
+
+def run(case, backend, dtype, eps=1e-12, lam=0.7, grad_loss=1.3):
+    maps, weights, bias, grad_out = case
+    maps = [m.detach().clone().to(dtype).requires_grad_() for m in maps]
+    weights = [w.detach().clone().to(dtype).requires_grad_() for w in weights]
+    bias = bias.detach().clone().to(dtype).requires_grad_()
+    out, loss = AF.pyramid_attention(maps, weights, bias, eps, lam, backend=backend)
+    grads = torch.autograd.grad((out * grad_out.to(dtype)).sum() + grad_loss * loss,
+                                maps + weights + [bias])
+    S = len(maps)
+    # Gradients compared norm-wise per group: a parameter's gradient can be exactly 0 in exact
+    # arithmetic (a 1x1 level upsampled: the softmax's gradient sums to 0 over its positions),
+    # and a rounding-level residue is no error relative to the gradient as a whole.
+    return {"out": out.detach(), "loss": loss.detach(),
+            "grad_maps": torch.cat([g.flatten() for g in grads[:S]]),
+            "grad_params": torch.cat([g.flatten() for g in grads[S:]])}
+
+
+level = st.tuples(st.integers(1, 6), st.integers(1, 9), st.integers(1, 9))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@given(B=st.integers(1, 3), T=st.none() | st.integers(1, 3), levels=st.lists(level, min_size=1, max_size=4),
+       layout=st.sampled_from(["contiguous", "channels_last", "transposed"]),
+       eps=st.sampled_from([1e-12, 3.0]), lam=st.sampled_from([0.0, 0.7]),
+       dtype=st.sampled_from([torch.float32, torch.float64]), seed=st.integers(0, 2**31 - 1))
+def test_matches_reference(backend, B, T, levels, layout, eps, lam, dtype, seed):
+    """Any sizes, including H_s < H_last, non-divisible (overlapping) windows and n = 1;
+    eps = 3 puts some levels' score norms under eps (the clamped branch)."""
+    case = make_case(B, T, levels, seed, layout)
+    ref = run(case, "reference", torch.float64, eps, lam)
+    ref_lowp = run(case, "reference", dtype, eps, lam)
+    got = run(case, backend, dtype, eps, lam)
+    for name in ref:
+        assert got[name].dtype == dtype, name
+        assert_close(got[name], ref[name], f"{backend}/{name}", ref_lowp[name])
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "triton"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision(backend, dtype):
+    case = make_case(2, None, [(24, 16, 16), (40, 8, 8), (48, 4, 4)], seed=3)
+    ref = run(case, "reference", torch.float64)
+    ref_lowp = run(case, "reference", dtype)
+    got = run(case, backend, dtype)
+    for name in ref:
+        assert got[name].dtype == dtype, name
+        assert_close(got[name], ref[name], f"{backend}/{dtype}/{name}", ref_lowp[name])
+
+
+@pytest.mark.parametrize("backend", ["reference"] + BACKENDS)
+@pytest.mark.parametrize("T", [None, 2])
+def test_gradcheck(backend, T):
+    maps, weights, bias, _ = make_case(2, T, [(3, 5, 4), (2, 3, 3), (4, 2, 2)], seed=4)
+    inputs = tuple(t.requires_grad_() for t in maps + weights + [bias])
+
+    def fn(*a):
+        out, loss = AF.pyramid_attention(list(a[:3]), list(a[3:6]), a[6], 1e-12, 0.7,
+                                         backend=backend)
+        return out, loss
+
+    assert torch.autograd.gradcheck(fn, inputs)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_opcheck(backend):
+    maps, weights, bias, grad_out = make_case(2, 2, [(3, 5, 4), (2, 3, 3)], seed=5)
+    maps = [m.requires_grad_() for m in maps]
+    weights = [w.requires_grad_() for w in weights]
+    bias.requires_grad_()
+    torch.library.opcheck(torch.ops.attnpool.pyramid_attention.default,
+                          (maps, weights, bias, 1e-12, 0.7, backend))
+    _, _, pooled, y = torch.ops.attnpool.pyramid_attention(maps, weights, bias, 1e-12, 0.7, backend)
+    torch.library.opcheck(torch.ops.attnpool.pyramid_attention_backward.default,
+                          (grad_out, torch.tensor(1.3, dtype=torch.float64), pooled, y,
+                           [w.detach() for w in weights], 1e-12, 0.7, [5, 4, 3, 3], backend))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_deterministic(backend):
+    case = make_case(3, 2, [(5, 9, 7), (4, 4, 3)], seed=6)
+    first = run(case, backend, torch.float32)
+    second = run(case, backend, torch.float32)
+    for name in first:
+        assert torch.equal(first[name], second[name]), name
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nan_propagates_as_reference(backend):
+    case = make_case(2, None, [(3, 6, 6), (2, 3, 3)], seed=7)
+    case[0][0][1, 2, 4, 1] = float("nan")  # sample 1 only
+    ref = run(case, "reference", torch.float64)
+    got = run(case, backend, torch.float64)
+    for name in ref:
+        assert_close(got[name], ref[name], f"{backend}/{name}")
+
+
+# ------------------------------------------------------------------ module
+def test_module_state_dict_and_outputs_match_reference():
+    torch.manual_seed(0)
+    fused = attnpool.PyramidAttention([4, 6, 3], diversity_weight=0.5).double()
+    ref = reference.PyramidAttention([4, 6, 3], diversity_weight=0.5).double()
+    assert fused.state_dict().keys() == ref.state_dict().keys()
+    assert [tuple(w.shape) for w in fused.score_weights] == [(4,), (6,), (3,)]
+    assert fused.score_bias.shape == (3,)
+    ref.load_state_dict(fused.state_dict())
+    maps = [torch.randn(2, c, h, h, dtype=torch.float64, requires_grad=True)
+            for c, h in ((4, 12), (6, 6), (3, 3))]
+    outs = []
+    for m in (fused, ref):
+        out, loss = m(maps, return_loss=True)
+        assert torch.equal(m(maps), out)
+        outs.append((out, loss, *torch.autograd.grad(out.square().sum() + loss,
+                                                     maps + list(m.parameters()))))
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_module_compile_fullgraph():
+    torch._dynamo.reset()
+    m = attnpool.PyramidAttention([3, 4])
+    maps = [torch.randn(2, 3, 6, 6, requires_grad=True), torch.randn(2, 4, 3, 3)]
+    compiled = torch.compile(m, fullgraph=True, backend="aot_eager")
+    out, loss = compiled(maps, return_loss=True)
+    want_out, want_loss = m(maps, return_loss=True)
+    torch.testing.assert_close(out, want_out)
+    torch.testing.assert_close(loss, want_loss)
+    (out.sum() + loss).backward()
+    assert maps[0].grad is not None
+
+
+def test_autocast_cpu_bf16():
+    m = attnpool.PyramidAttention([3, 4])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, loss = m([torch.randn(2, 3, 6, 6), torch.randn(2, 4, 3, 3)], return_loss=True)
+    assert out.dtype == torch.bfloat16 and loss.dtype == torch.bfloat16
+
+
+# ------------------------------------------------------------------ bad input
+@pytest.mark.parametrize("backend", ["reference"] + BACKENDS)
+def test_bad_input(backend):
+    m = attnpool.PyramidAttention([3, 4], backend=backend).double()
+    a, b = torch.randn(2, 3, 6, 6, dtype=torch.float64), torch.randn(2, 4, 3, 3, dtype=torch.float64)
+    with pytest.raises(TypeError, match="maps must be a list of 2 tensors"):
+        m(a)
+    with pytest.raises(ValueError, match="maps must hold 2 levels"):
+        m([a])
+    with pytest.raises(ValueError, match=r"maps\[1\] must have shape \[2, 4, H, W\]"):
+        m([a, b[:1]])
+    with pytest.raises(ValueError, match=r"maps\[1\] must have shape \[2, 4, H, W\]"):
+        m([a, b[:, :3]])
+    with pytest.raises(ValueError, match=r"maps\[0\] must be \[B, C, H, W\] or \[B, T, C, H, W\]"):
+        m([a[0], b])
+    with pytest.raises(ValueError, match=r"maps\[1\] must have shape \[2, 1, 4, H, W\]"):
+        m([a.unsqueeze(1), b])
+    with pytest.raises(TypeError, match=r"maps\[1\] must have maps\[0\]'s floating dtype"):
+        m([a, b.float()])
+    with pytest.raises(ValueError, match=r"score_bias must have shape \[2\]"):
+        AF.pyramid_attention([a, b], list(m.score_weights), m.score_bias[:1], backend=backend)
+    with pytest.raises(TypeError, match="score_weights must be a list"):
+        AF.pyramid_attention([a, b], m.score_bias, m.score_bias, backend=backend)
+    with pytest.raises(ValueError, match="in_channels must be a non-empty list"):
+        attnpool.PyramidAttention([])
+
+
+@pytest.mark.parametrize("backend", ["reference"] + BACKENDS)
+def test_empty_batch(backend):
+    maps, weights, bias, _ = make_case(0, None, [(3, 4, 4), (2, 2, 2)], seed=8)
+    maps = [m.requires_grad_() for m in maps]
+    out, loss = AF.pyramid_attention(maps, weights, bias, backend=backend)
+    assert out.shape == (0, 5) and torch.isnan(loss)  # the mean of no samples, as torch's
+    out.sum().backward()
+    assert maps[0].grad.shape == maps[0].shape
+
+
+# ------------------------------------------------------------------ GPU
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_gpu_matches_reference(backend, dtype):
+    if backend not in backends_for("pyramid_attention", "cuda", dtype):
+        pytest.skip(f"{backend} not available on this GPU build")
+    case = make_case(4, None, [(64, 56, 56), (128, 28, 28), (256, 14, 14), (512, 7, 7)], seed=9)
+    ref = run(case, "reference", torch.float64)
+    cuda_case = tuple([t.cuda() for t in part] if isinstance(part, list) else part.cuda()
+                      for part in case)
+    ref_lowp = run(cuda_case, "reference", dtype)
+    got = run(cuda_case, backend, dtype)
+    for name in ref:
+        assert_close(got[name].cpu(), ref[name], f"{backend}/{dtype}/{name}", ref_lowp[name].cpu())
+    clip_case = make_case(2, 3, [(32, 14, 14), (64, 7, 7)], seed=10)
+    ref = run(clip_case, "reference", torch.float64)
+    cuda_case = tuple([t.cuda() for t in part] if isinstance(part, list) else part.cuda()
+                      for part in clip_case)
+    got = run(cuda_case, backend, dtype)
+    ref_lowp = run(cuda_case, "reference", dtype)
+    for name in ref:
+        assert_close(got[name].cpu(), ref[name], f"{backend}/{dtype}/clip/{name}", ref_lowp[name].cpu())
