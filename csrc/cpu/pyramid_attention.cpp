@@ -40,6 +40,7 @@ struct Level {
   int64_t C, H, W, off;  // channels, input plane, channel offset in Ctot
   std::vector<int64_t> rs, re, cs, ce;    // output row / column windows
   std::vector<int64_t> hlo, hhi, wlo, whi;  // output rows / cols whose window holds h / w
+  bool identity;                             // H x W is the common grid: R is the identity
 };
 
 struct Pyramid {
@@ -81,6 +82,7 @@ Pyramid make_pyramid(int64_t B, int64_t T, const std::vector<int64_t>& C,
     };
     windows(l.H, p.Ho, l.rs, l.re, l.hlo, l.hhi);
     windows(l.W, p.Wo, l.cs, l.ce, l.wlo, l.whi);
+    l.identity = l.H == p.Ho && l.W == p.Wo;
     p.levels.push_back(std::move(l));
   }
   return p;
@@ -104,27 +106,43 @@ std::vector<Task> plane_tasks(const Pyramid& p) {
 }
 
 // ------------------------------------------------------------------------- forward
+// 1 / window size of every output cell of level l.
+template <typename T>
+std::vector<T> inverse_counts(const Pyramid& p, const Level& l) {
+  std::vector<T> inv(p.Ho * p.Wo);
+  for (int64_t oh = 0; oh < p.Ho; ++oh)
+    for (int64_t ow = 0; ow < p.Wo; ++ow)
+      inv[oh * p.Wo + ow] =
+          T(1) / static_cast<T>((l.re[oh] - l.rs[oh]) * (l.ce[ow] - l.cs[ow]));
+  return inv;
+}
+
 template <typename scalar_t>
 void pool_task(const Pyramid& p, const Task& k, const scalar_t* x, at::opmath_type<scalar_t>* pooled) {
   using T = at::opmath_type<scalar_t>;
   const Level& l = p.levels[k.s];
   const int64_t H = l.H, W = l.W, HW = H * W, HoWo = p.Ho * p.Wo;
+  const std::vector<T> inv = inverse_counts<T>(p, l);
   std::vector<T> row(W);
   for (int64_t c = k.c0; c < k.c1; ++c) {
     const scalar_t* plane = x + ((k.b * p.T + k.t) * l.C + c) * HW;
     T* dst = pooled + (k.b * p.Ctot + l.off + c) * p.n + k.t * HoWo;
+    if (l.identity) {
+      for (int64_t i = 0; i < HW; ++i) dst[i] = static_cast<T>(plane[i]);
+      continue;
+    }
     for (int64_t oh = 0; oh < p.Ho; ++oh) {
       const int64_t r0 = l.rs[oh], r1 = l.re[oh];
-      for (int64_t w = 0; w < W; ++w) row[w] = static_cast<T>(plane[r0 * W + w]);
+      T* acc = row.data();
+      for (int64_t w = 0; w < W; ++w) acc[w] = static_cast<T>(plane[r0 * W + w]);
       for (int64_t h = r0 + 1; h < r1; ++h) {
         const scalar_t* src = plane + h * W;
-        for (int64_t w = 0; w < W; ++w) row[w] += static_cast<T>(src[w]);
+        for (int64_t w = 0; w < W; ++w) acc[w] += static_cast<T>(src[w]);
       }
       for (int64_t ow = 0; ow < p.Wo; ++ow) {
-        const int64_t c0 = l.cs[ow], c1 = l.ce[ow];
         T sum = 0;
-        for (int64_t w = c0; w < c1; ++w) sum += row[w];
-        dst[oh * p.Wo + ow] = sum / static_cast<T>((r1 - r0) * (c1 - c0));
+        for (int64_t w = l.cs[ow]; w < l.ce[ow]; ++w) sum += acc[w];
+        dst[oh * p.Wo + ow] = sum * inv[oh * p.Wo + ow];
       }
     }
   }
@@ -305,17 +323,19 @@ void unpool_task(const Pyramid& p, const Task& k, const std::vector<const scalar
   const T* a = &f.a[k.b * p.n + pos];
   const T* gy = &f.gy[(k.b * p.S + k.s) * p.n + pos];
   const T* yc = &f.yc[(k.b * p.S + k.s) * p.n + pos];
+  const std::vector<T> inv = inverse_counts<T>(p, l);
   std::vector<T> d(HoWo), rows(Ho * W), line(W);
   for (int64_t c = k.c0; c < k.c1; ++c) {
     const T gz = f.gz[k.b * p.Ctot + l.off + c];
     const T wc = static_cast<T>(w[k.s][c]);
     const T ku = f.ku[k.b * p.Ctot + l.off + c];
-    for (int64_t oh = 0; oh < Ho; ++oh)
-      for (int64_t ow = 0; ow < Wo; ++ow) {
-        const int64_t i = oh * Wo + ow;
-        const T cnt = static_cast<T>((l.re[oh] - l.rs[oh]) * (l.ce[ow] - l.cs[ow]));
-        d[i] = (gz * a[i] + wc * gy[i] + ku * yc[i]) / cnt;
-      }
+    scalar_t* plane = gx + ((k.b * p.T + k.t) * l.C + c) * HW;
+    if (l.identity) {
+      for (int64_t i = 0; i < HW; ++i)
+        plane[i] = static_cast<scalar_t>(gz * a[i] + wc * gy[i] + ku * yc[i]);
+      continue;
+    }
+    for (int64_t i = 0; i < HoWo; ++i) d[i] = (gz * a[i] + wc * gy[i] + ku * yc[i]) * inv[i];
     // rows[oh, w]: the gradient of input column w from output row oh
     for (int64_t oh = 0; oh < Ho; ++oh)
       for (int64_t ww = 0; ww < W; ++ww) {
@@ -323,7 +343,6 @@ void unpool_task(const Pyramid& p, const Task& k, const std::vector<const scalar
         for (int64_t ow = l.wlo[ww]; ow <= l.whi[ww]; ++ow) acc += d[oh * Wo + ow];
         rows[oh * W + ww] = acc;
       }
-    scalar_t* plane = gx + ((k.b * p.T + k.t) * l.C + c) * HW;
     for (int64_t h = 0; h < H; ++h) {
       const int64_t o0 = l.hlo[h], o1 = l.hhi[h];
       scalar_t* dst = plane + h * W;
