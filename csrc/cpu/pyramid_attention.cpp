@@ -39,7 +39,7 @@ int64_t win_end(int64_t o, int64_t in, int64_t out) { return ((o + 1) * in + out
 struct Level {
   int64_t C, H, W, off;  // channels, input plane, channel offset in Ctot
   std::vector<int64_t> rs, re, cs, ce;    // output row / column windows
-  std::vector<int64_t> hlo, hhi, wlo, whi;  // output rows / cols whose window holds h / w
+  std::vector<int64_t> hlo, hhi;  // output rows whose window holds input row h
   bool identity;                             // H x W is the common grid: R is the identity
 };
 
@@ -66,22 +66,22 @@ Pyramid make_pyramid(int64_t B, int64_t T, const std::vector<int64_t>& C,
     l.off = p.Ctot;
     p.Ctot += l.C;
     auto windows = [](int64_t in, int64_t out, std::vector<int64_t>& st, std::vector<int64_t>& en,
-                      std::vector<int64_t>& lo, std::vector<int64_t>& hi) {
+                      std::vector<int64_t>* lo, std::vector<int64_t>* hi) {
       st.resize(out);
       en.resize(out);
-      lo.assign(in, out);
-      hi.assign(in, -1);
+      if (lo) lo->assign(in, out);
+      if (hi) hi->assign(in, -1);
       for (int64_t o = 0; o < out; ++o) {
         st[o] = win_start(o, in, out);
         en[o] = win_end(o, in, out);
-        for (int64_t k = st[o]; k < en[o]; ++k) {
-          lo[k] = std::min(lo[k], o);
-          hi[k] = std::max(hi[k], o);
+        for (int64_t k = st[o]; lo && k < en[o]; ++k) {
+          (*lo)[k] = std::min((*lo)[k], o);
+          (*hi)[k] = std::max((*hi)[k], o);
         }
       }
     };
-    windows(l.H, p.Ho, l.rs, l.re, l.hlo, l.hhi);
-    windows(l.W, p.Wo, l.cs, l.ce, l.wlo, l.whi);
+    windows(l.H, p.Ho, l.rs, l.re, &l.hlo, &l.hhi);
+    windows(l.W, p.Wo, l.cs, l.ce, nullptr, nullptr);
     l.identity = l.H == p.Ho && l.W == p.Wo;
     p.levels.push_back(std::move(l));
   }
@@ -158,11 +158,20 @@ void softmax(const T* e, int64_t n, T* a) {
   for (int64_t i = 0; i < n; ++i) a[i] /= sum;
 }
 
+// Dot products with kLanes independent partial sums (the loop vectorises; a single running
+// sum would serialise on the add latency), combined in a fixed order.
+constexpr int64_t kLanes = 16;
+
 template <typename T>
 T dot(const T* u, const T* v, int64_t n) {
-  T acc = 0;
-  for (int64_t i = 0; i < n; ++i) acc += u[i] * v[i];
-  return acc;
+  T acc[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int64_t j = 0; j < kLanes; ++j) acc[j] += u[i + j] * v[i + j];
+  for (int64_t j = 0; i + j < n; ++j) acc[j] += u[i + j] * v[i + j];
+  T total = 0;
+  for (int64_t j = 0; j < kLanes; ++j) total += acc[j];
+  return total;
 }
 
 // Per-sample quantities both heads need, from pooled and y of sample b.
@@ -192,15 +201,11 @@ struct Sample {
 // u[c] = sum_i (P[c,i] - mu[c]) yh[i] and mu[c] for the C rows of P.
 template <typename T>
 void pca_projection(const T* P, int64_t C, int64_t n, const T* yh, T sig, T* u, T* mu) {
+  const std::vector<T> ones(n, T(1));
   for (int64_t c = 0; c < C; ++c) {
     const T* row = P + c * n;
-    T s = 0, m = 0;
-    for (int64_t i = 0; i < n; ++i) {
-      s += row[i] * yh[i];
-      m += row[i];
-    }
-    mu[c] = m / static_cast<T>(n);
-    u[c] = s - mu[c] * sig;
+    mu[c] = dot(row, ones.data(), n) / static_cast<T>(n);
+    u[c] = dot(row, yh, n) - mu[c] * sig;
   }
 }
 
@@ -336,13 +341,20 @@ void unpool_task(const Pyramid& p, const Task& k, const std::vector<const scalar
       continue;
     }
     for (int64_t i = 0; i < HoWo; ++i) d[i] = (gz * a[i] + wc * gy[i] + ku * yc[i]) * inv[i];
-    // rows[oh, w]: the gradient of input column w from output row oh
-    for (int64_t oh = 0; oh < Ho; ++oh)
-      for (int64_t ww = 0; ww < W; ++ww) {
-        T acc = 0;
-        for (int64_t ow = l.wlo[ww]; ow <= l.whi[ww]; ++ow) acc += d[oh * Wo + ow];
-        rows[oh * W + ww] = acc;
+    // rows[oh, w]: the gradient of input column w from output row oh. Windows advance
+    // monotonically, so columns below `covered` already hold an earlier window's share
+    // (overlaps only where the sizes do not divide); others are assigned.
+    for (int64_t oh = 0; oh < Ho; ++oh) {
+      T* r = &rows[oh * W];
+      int64_t covered = 0;
+      for (int64_t ow = 0; ow < Wo; ++ow) {
+        const T v = d[oh * Wo + ow];
+        const int64_t c0 = l.cs[ow], c1 = l.ce[ow], mid = std::min(c1, covered);
+        for (int64_t ww = c0; ww < mid; ++ww) r[ww] += v;
+        for (int64_t ww = std::max(c0, mid); ww < c1; ++ww) r[ww] = v;
+        covered = std::max(covered, c1);
       }
+    }
     for (int64_t h = 0; h < H; ++h) {
       const int64_t o0 = l.hlo[h], o1 = l.hhi[h];
       scalar_t* dst = plane + h * W;
