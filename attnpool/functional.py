@@ -139,14 +139,15 @@ def attention_cluster(
             weight1=weight1, bias1=bias1, shift=shift, eps=eps)
 
     if attention == "fc1":  # the op takes the scoring layer itself (see ops.cluster_pool)
-        out, attn, _ = ops.cluster_pool(x, None, weight, bias, lengths, alpha, beta, shift, eps,
-                                        name)
+        out, attn, _ = ops.call(ops.cluster_pool, x, None, weight, bias, lengths, alpha, beta,
+                                shift, eps, name)
         return out, attn.to(x.dtype)
     if attention == "average":
         scores = x.new_zeros(B, L, N)
     else:
         scores = F.linear(torch.tanh(F.linear(x, weight1, bias1)), weight, bias)
-    out, attn, _ = ops.cluster_pool(x, scores, None, None, lengths, alpha, beta, shift, eps, name)
+    out, attn, _ = ops.call(ops.cluster_pool, x, scores, None, None, lengths, alpha, beta, shift,
+                            eps, name)
     return out, attn.to(x.dtype)
 
 
@@ -209,7 +210,7 @@ def attentional_pooling(
                                              weight_top_down, bias_top_down)
     feats = x.reshape(-1, C, H * W)  # a view for NCHW and channels-last alike
     bb = bias_bottom_up if bias_bottom_up is not None else x.new_zeros(P)
-    z, h, m = ops.attentional_pool(feats, weight_bottom_up, bb, name)
+    z, h, m = ops.call(ops.attentional_pool, feats, weight_bottom_up, bb, name)
     return _factored_logits(x, z, h, m, weight_top_down, bias_top_down)
 
 
@@ -241,7 +242,7 @@ def pose_attentional_pooling(
         h = h + bias_bottom_up[:, None]
     name = backends.resolve("weighted_pool", backend, x.device, x.dtype)
     z = reference.weighted_pool(feats, h) if name == "reference" else \
-        ops.weighted_pool(feats, h, name)
+        ops.call(ops.weighted_pool, feats, h, name)
     return _factored_logits(x, z, h, h.mean(-1), weight_top_down, bias_top_down)
 
 
@@ -292,7 +293,7 @@ def st_regularizer(
     if name == "reference":
         return reference.st_regularizer(mask, w, *args, sqrt=sqrt, tv_reduction=tv_reduction,
                                         unimodal_reduction=unimodal_reduction)
-    return ops.st_regularizer(mask, w, *args, sqrt, tv_reduction == "mean",
+    return ops.call(ops.st_regularizer, mask, w, *args, sqrt, tv_reduction == "mean",
                               unimodal_reduction == "mean", name)
 
 
@@ -317,7 +318,7 @@ def masked_frame_means(x: Tensor, mask: Tensor, *, backend: str | None = None) -
     if name == "reference":
         return reference.masked_frame_means(x, mask)
     B, T, C, H, W = x.shape
-    z = ops.weighted_pool(x.reshape(B * T, C, H * W), mask.reshape(B * T, 1, H * W), name)
+    z = ops.call(ops.weighted_pool, x.reshape(B * T, C, H * W), mask.reshape(B * T, 1, H * W), name)
     return z.reshape(B, T, C)
 
 

@@ -31,6 +31,7 @@ TWINS: dict[type, type] = {
     reference.AttentionalPooling: fused.AttentionalPooling,
     reference.SpatioTemporalAttention: fused.SpatioTemporalAttention,
     reference.SpatioTemporalRegularizer: losses.SpatioTemporalRegularizer,
+    reference.PyramidAttention: fused.PyramidAttention,
 }
 
 

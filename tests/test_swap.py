@@ -22,6 +22,7 @@ class VideoModel(nn.Module):
         self.heads = nn.ModuleDict({
             "pool": reference.AttentionalPooling(8, 5, rank=2),
             "st": reference.SpatioTemporalAttention(8, (6, 4)),
+            "pyramid": reference.PyramidAttention([3, 8]),
         })
         self.cluster = nn.Sequential(reference.MultimodalAttentionClusters({"rgb": (8, 3)}))
 
@@ -33,7 +34,9 @@ class VideoModel(nn.Module):
         pooled, mask, w = self.heads["st"](f, return_attention=True)
         frames = f.mean((-2, -1))
         multi = self.cluster[0]({"rgb": frames})
-        return logits, pooled, multi, self.heads["st"].regularizer(mask, w)
+        pyramid, pyramid_loss = self.heads["pyramid"]([clip, f[..., ::2, ::2]], return_loss=True)
+        return (logits, pooled, multi, self.heads["st"].regularizer(mask, w), pyramid,
+                pyramid_loss)
 
 
 def randomise(model):
@@ -52,8 +55,8 @@ def test_swap_nested_model_keeps_everything():
     want = before(clip)
 
     replaced = attnpool.swap(model, backend="auto")
-    assert set(replaced) == {"heads.pool", "heads.st", "heads.st.regularizer", "cluster.0",
-                             "cluster.0.clusters.rgb"}
+    assert set(replaced) == {"heads.pool", "heads.st", "heads.st.regularizer", "heads.pyramid",
+                             "cluster.0", "cluster.0.clusters.rgb"}
     assert replaced["heads.pool"] is reference.AttentionalPooling
     assert isinstance(model.heads["pool"], attnpool.AttentionalPooling)
     assert isinstance(model.heads["st"], attnpool.SpatioTemporalAttention)
