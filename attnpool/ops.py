@@ -97,8 +97,9 @@ def call(op, *args):
 
 
 def _backward_op(ctx, op):
-    """The backward op, or in an eager graph its plain function."""
-    return _RAW[op] if getattr(ctx, "eager", False) else op
+    """The backward op, or in an eager graph its plain function (unless create_graph: the op's
+    own autograd then raises on double backward)."""
+    return _RAW[op] if getattr(ctx, "eager", False) and not torch.is_grad_enabled() else op
 
 
 # =========================================================== attention clusters
