@@ -88,7 +88,7 @@ def test_low_precision(backend, dtype):
 @pytest.mark.parametrize("backend", ["reference"] + BACKENDS)
 @pytest.mark.parametrize("T", [None, 2])
 def test_gradcheck(backend, T):
-    maps, weights, bias, _ = make_case(2, T, [(3, 5, 4), (2, 3, 3), (4, 2, 2)], seed=4)
+    maps, weights, bias, _ = make_case(2, T, [(2, 5, 4), (2, 3, 3), (1, 2, 2)], seed=4)
     inputs = tuple(t.requires_grad_() for t in maps + weights + [bias])
 
     def fn(*a):
@@ -96,7 +96,8 @@ def test_gradcheck(backend, T):
                                          backend=backend)
         return out, loss
 
-    assert torch.autograd.gradcheck(fn, inputs)
+    # the interpreter runs a kernel in about a second: Triton checks random directions
+    assert torch.autograd.gradcheck(fn, inputs, fast_mode=backend == "triton")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

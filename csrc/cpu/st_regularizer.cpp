@@ -71,32 +71,39 @@ void check_inputs(const at::Tensor& mask, const at::Tensor& w) {
               "st_regularizer cpu: w must have mask's dtype ", mask.scalar_type());
 }
 
+// Sum of f(k) over k in [0, n) in kLanes independent partial sums (the loop vectorises; a
+// single running sum would serialise on the add latency), combined in a fixed order.
+constexpr int64_t kLanes = 8;
+
+template <typename T, typename F>
+C10_ALWAYS_INLINE T lane_sum(int64_t n, F f) {
+  T acc[kLanes] = {};
+  int64_t k = 0;
+  for (; k + kLanes <= n; k += kLanes)
+    for (int64_t j = 0; j < kLanes; ++j) acc[j] += f(k + j);
+  for (int64_t j = 0; k + j < n; ++j) acc[j] += f(k + j);
+  T total = 0;
+  for (int64_t j = 0; j < kLanes; ++j) total += acc[j];
+  return total;
+}
+
 // Forward of maps [m0, m1) (one chunk): sums of |differences|, of contrast and of the
-// unimodality terms owned by these maps, into part[0..2].
+// unimodality terms owned by these maps, into part[0..2]. `row_end[k]` marks the last
+// column of a map row (k = i*W + j): no horizontal pair starts there.
 template <typename scalar_t>
 void forward_chunk(const Shape& s, const scalar_t* mask, const scalar_t* w, bool sqrt, int64_t m0,
-                   int64_t m1, at::opmath_type<scalar_t>* part) {
+                   int64_t m1, const std::vector<char>& row_end, at::opmath_type<scalar_t>* part) {
   using T = at::opmath_type<scalar_t>;
-  const int64_t H = s.H, W = s.W, HW = H * W;
+  const int64_t W = s.W, HW = s.H * W;
   T tv = 0, con = 0, uni = 0;
   for (int64_t m = m0; m < m1; ++m) {
     const scalar_t* M = mask + m * HW;
-    T tv_m = 0, con_m = 0;
-    for (int64_t i = 0; i < H; ++i) {
-      const scalar_t* row = M + i * W;
-      T v = static_cast<T>(row[0]);
-      for (int64_t j = 0; j < W; ++j) {
-        con_m += contrast(v);
-        if (i + 1 < H) tv_m += std::abs(static_cast<T>(row[j + W]) - v);
-        if (j + 1 < W) {
-          const T next = static_cast<T>(row[j + 1]);
-          tv_m += std::abs(next - v);
-          v = next;
-        }
-      }
-    }
-    tv += tv_m;
-    con += con_m;
+    auto v = [M](int64_t k) { return static_cast<T>(M[k]); };
+    tv += lane_sum<T>(HW - W, [&](int64_t k) { return std::abs(v(k + W) - v(k)); });
+    tv += lane_sum<T>(HW - 1, [&](int64_t k) {
+      return row_end[k] ? T(0) : std::abs(v(k + 1) - v(k));
+    });
+    con += lane_sum<T>(HW, [&](int64_t k) { return contrast(v(k)); });
     const int64_t b = m / s.T, t = m % s.T;
     if (t >= 1 && t + 1 < s.T) {
       T q = unimodal_q<T>(w + b * s.T, t);
@@ -183,12 +190,14 @@ at::Tensor st_regularizer_forward_cpu(const at::Tensor& mask_in, const at::Tenso
     const int64_t chunk = std::max<int64_t>(1, kChunkElems / std::max<int64_t>(HW, 1));  // maps per partial
     const int64_t chunks = divup(maps, chunk);
     std::vector<T> parts(3 * chunks);
+    std::vector<char> row_end(HW);
+    for (int64_t k = 0; k < HW; ++k) row_end[k] = k % s.W == s.W - 1;
     const scalar_t* M = mask.const_data_ptr<scalar_t>();
     const scalar_t* wp = w.const_data_ptr<scalar_t>();
     at::parallel_for(0, chunks, divup(grain_maps(std::max<int64_t>(HW, 1)), chunk), [&](int64_t c0, int64_t c1) {
       for (int64_t c = c0; c < c1; ++c)
         forward_chunk<scalar_t>(s, M, wp, sqrt, c * chunk, std::min(maps, (c + 1) * chunk),
-                                parts.data() + 3 * c);
+                                row_end, parts.data() + 3 * c);
     });
     T tv = parts[0], con = parts[1], uni = parts[2];
     for (int64_t c = 1; c < chunks; ++c) {  // chunk order
