@@ -704,34 +704,6 @@ struct WeightGradJob {
   }
 };
 
-// ---------------------------------------------------------------- ISA dispatch
-
-template <typename Job>
-void run_default(const Job& job, int64_t begin, int64_t end) {
-  job.template run<16>(begin, end);
-}
-#if ATTNPOOL_MULTI_ISA
-template <typename Job>
-ATTNPOOL_TARGET_AVX2 void run_avx2(const Job& job, int64_t begin, int64_t end) {
-  job.template run<32>(begin, end);
-}
-template <typename Job>
-ATTNPOOL_TARGET_AVX512 void run_avx512(const Job& job, int64_t begin, int64_t end) {
-  job.template run<64>(begin, end);
-}
-#endif
-
-// job.run<kVec>(begin, end) over [0, items) on the intra-op threads, for the machine's ISA.
-template <typename Job>
-void parallel_run(int64_t items, const Job& job) {
-  void (*run)(const Job&, int64_t, int64_t) = run_default<Job>;
-#if ATTNPOOL_MULTI_ISA
-  if (runtime_isa() == Isa::kAvx512) run = run_avx512<Job>;
-  if (runtime_isa() == Isa::kAvx2) run = run_avx2<Job>;
-#endif
-  at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) { run(job, begin, end); });
-}
-
 // ---------------------------------------------------------------- checks
 
 at::ScalarType opmath_dtype(at::ScalarType t) {

@@ -216,34 +216,6 @@ void check_inputs(const at::Tensor& x, const at::Tensor& wb) {
               "attentional_pool cpu: wb must have x's dtype ", x.scalar_type());
 }
 
-// ---------------------------------------------------------------- ISA dispatch
-
-template <typename Job>
-void run_default(const Job& job, int64_t begin, int64_t end) {
-  job(begin, end);
-}
-#if ATTNPOOL_MULTI_ISA
-template <typename Job>
-ATTNPOOL_TARGET_AVX2 void run_avx2(const Job& job, int64_t begin, int64_t end) {
-  job(begin, end);
-}
-template <typename Job>
-ATTNPOOL_TARGET_AVX512 void run_avx512(const Job& job, int64_t begin, int64_t end) {
-  job(begin, end);
-}
-#endif
-
-// job(begin, end) over [0, items) on the intra-op threads, compiled for the machine's ISA.
-template <typename Job>
-void parallel_run(int64_t items, const Job& job) {
-  void (*run)(const Job&, int64_t, int64_t) = run_default<Job>;
-#if ATTNPOOL_MULTI_ISA
-  if (runtime_isa() == Isa::kAvx512) run = run_avx512<Job>;
-  if (runtime_isa() == Isa::kAvx2) run = run_avx2<Job>;
-#endif
-  at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) { run(job, begin, end); });
-}
-
 // ---------------------------------------------------------------- forward
 
 // Tasks [t0, t1): h of each task's block, and its share of z[b] (unscaled) in zpart[task].
@@ -257,7 +229,8 @@ struct ForwardJob {
   scalar_t* h;    // [B, P, n]
   T* zpart;       // [B * blocks, P, C], zero-filled
 
-  C10_ALWAYS_INLINE void operator()(int64_t t0, int64_t t1) const {
+  template <int>
+  C10_ALWAYS_INLINE void run(int64_t t0, int64_t t1) const {
     const int64_t C = g.C, n = g.n, P = g.P;
     constexpr bool kConvert = !std::is_same_v<scalar_t, T>;
     // Per-thread scratch: h of a block (or row group) and the opmath copy of x's rows.
@@ -333,7 +306,8 @@ struct BackwardJob {
   T* wb_parts;             // [groups, P, C], zero-filled
   T* bb_parts;             // [groups, P], zero-filled
 
-  C10_ALWAYS_INLINE void operator()(int64_t k0, int64_t k1) const {
+  template <int>
+  C10_ALWAYS_INLINE void run(int64_t k0, int64_t k1) const {
     const int64_t C = g.C, n = g.n, P = g.P, PC = P * C, tasks = g.B * g.blocks;
     constexpr bool kConvert = !std::is_same_v<scalar_t, T>;
     const int64_t rows = g.channels_last ? kRows : g.block;
@@ -503,7 +477,8 @@ struct WeightedForwardJob {
   const scalar_t* h;  // [B, P, n]
   T* zpart;           // [B * blocks, P, C], zero-filled
 
-  C10_ALWAYS_INLINE void operator()(int64_t t0, int64_t t1) const {
+  template <int>
+  C10_ALWAYS_INLINE void run(int64_t t0, int64_t t1) const {
     const int64_t C = g.C, n = g.n, P = g.P;
     constexpr bool kConvert = !std::is_same_v<scalar_t, T>;
     const int64_t rows = g.channels_last ? kRows : g.block;
@@ -562,7 +537,8 @@ struct WeightedBackwardJob {
   scalar_t* grad_x;   // x's layout
   scalar_t* grad_h;   // [B, P, n]
 
-  C10_ALWAYS_INLINE void operator()(int64_t t0, int64_t t1) const {
+  template <int>
+  C10_ALWAYS_INLINE void run(int64_t t0, int64_t t1) const {
     const int64_t C = g.C, n = g.n, P = g.P, PC = P * C;
     constexpr bool kConvert = !std::is_same_v<scalar_t, T>;
     const int64_t rows = g.channels_last ? kRows : g.block;

@@ -4,6 +4,7 @@
 // them, hence vectorised for that set) and runs the one matching torch's CPU capability.
 #pragma once
 
+#include <ATen/Parallel.h>
 #include <ATen/Version.h>
 
 #include <string>
@@ -17,6 +18,13 @@
 #define ATTNPOOL_MULTI_ISA 0
 #endif
 
+// after a lambda's parameter list: inline it into each instruction set's copy of the caller
+#if defined(__GNUC__)
+#define ATTNPOOL_INLINE_LAMBDA __attribute__((always_inline))
+#else
+#define ATTNPOOL_INLINE_LAMBDA
+#endif
+
 namespace attnpool {
 
 enum class Isa { kDefault, kAvx2, kAvx512 };
@@ -28,6 +36,34 @@ inline Isa runtime_isa() {
     return cap == "AVX512" ? Isa::kAvx512 : cap == "AVX2" ? Isa::kAvx2 : Isa::kDefault;
   }();
   return isa;
+}
+
+// job.run<kVec>(begin, end) with kVec the SIMD register width in bytes, compiled once per
+// instruction set (everything the job calls must be force-inlined into it).
+template <typename Job>
+void run_default(const Job& job, int64_t begin, int64_t end) {
+  job.template run<16>(begin, end);
+}
+#if ATTNPOOL_MULTI_ISA
+template <typename Job>
+ATTNPOOL_TARGET_AVX2 void run_avx2(const Job& job, int64_t begin, int64_t end) {
+  job.template run<32>(begin, end);
+}
+template <typename Job>
+ATTNPOOL_TARGET_AVX512 void run_avx512(const Job& job, int64_t begin, int64_t end) {
+  job.template run<64>(begin, end);
+}
+#endif
+
+// The job over [0, items) on the intra-op threads, for the machine's instruction set.
+template <typename Job>
+void parallel_run(int64_t items, const Job& job) {
+  void (*run)(const Job&, int64_t, int64_t) = run_default<Job>;
+#if ATTNPOOL_MULTI_ISA
+  if (runtime_isa() == Isa::kAvx512) run = run_avx512<Job>;
+  if (runtime_isa() == Isa::kAvx2) run = run_avx2<Job>;
+#endif
+  at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) { run(job, begin, end); });
 }
 
 }  // namespace attnpool

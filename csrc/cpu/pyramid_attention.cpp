@@ -17,6 +17,7 @@
 // Everything accumulates in opmath (float, or double for double); every sum has a fixed
 // order set by the shapes alone, so results are bitwise reproducible.
 #include "attnpool.h"
+#include "cpu/isa.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -31,6 +32,7 @@ namespace attnpool {
 namespace {
 
 constexpr int64_t kTaskElems = 1 << 15;
+constexpr int64_t kCols = 16;  // columns of a pooling step
 
 // torch's adaptive pooling window of output o of `out` over `in`: [start, end).
 int64_t win_start(int64_t o, int64_t in, int64_t out) { return (o * in) / out; }
@@ -108,7 +110,7 @@ std::vector<Task> plane_tasks(const Pyramid& p) {
 // ------------------------------------------------------------------------- forward
 // 1 / window size of every output cell of level l.
 template <typename T>
-std::vector<T> inverse_counts(const Pyramid& p, const Level& l) {
+C10_ALWAYS_INLINE std::vector<T> inverse_counts(const Pyramid& p, const Level& l) {
   std::vector<T> inv(p.Ho * p.Wo);
   for (int64_t oh = 0; oh < p.Ho; ++oh)
     for (int64_t ow = 0; ow < p.Wo; ++ow)
@@ -117,13 +119,62 @@ std::vector<T> inverse_counts(const Pyramid& p, const Level& l) {
   return inv;
 }
 
+// The window rows r0..r1 of plane summed over kBlk columns from w0 (rows inner: the partial
+// sums stay in registers).
+template <int kBlk, typename T, typename scalar_t>
+C10_ALWAYS_INLINE void column_sums(const scalar_t* plane, int64_t W, int64_t r0, int64_t r1,
+                                   int64_t w0, T* part) {
+  for (int j = 0; j < kBlk; ++j) part[j] = static_cast<T>(plane[r0 * W + w0 + j]);
+  for (int64_t h = r0 + 1; h < r1; ++h)
+    for (int j = 0; j < kBlk; ++j) part[j] += static_cast<T>(plane[h * W + w0 + j]);
+}
+
+// One output row of a level whose column windows are all kK wide (W = kK * Wo): blocks of
+// kBlk columns hold whole windows, reduced straight from registers; a last block overlapping
+// the previous one covers a W that kBlk does not divide (its windows are written twice, alike).
+template <int kBlk, int kK, typename T, typename scalar_t>
+C10_ALWAYS_INLINE void pool_row_uniform(const scalar_t* plane, int64_t W, int64_t r0, int64_t r1,
+                                        const T* inv, T* dst) {
+  auto block = [&](int64_t w0) ATTNPOOL_INLINE_LAMBDA {
+    T part[kBlk];
+    column_sums<kBlk>(plane, W, r0, r1, w0, part);
+    for (int g = 0; g < kBlk / kK; ++g) {
+      T sum = part[g * kK];
+      for (int j = 1; j < kK; ++j) sum += part[g * kK + j];
+      const int64_t ow = w0 / kK + g;
+      dst[ow] = sum * inv[ow];
+    }
+  };
+  int64_t w0 = 0;
+  for (; w0 + kBlk <= W; w0 += kBlk) block(w0);
+  if (w0 < W) block(W - kBlk);
+}
+
+// Any windows (overlapping, or narrower than the output): column sums into row, then each
+// window's share of row.
+template <typename T, typename scalar_t>
+C10_ALWAYS_INLINE void pool_row_general(const Pyramid& p, const Level& l, const scalar_t* plane,
+                                        int64_t r0, int64_t r1, const T* inv, T* row, T* dst) {
+  const int64_t W = l.W;
+  int64_t w0 = 0;
+  for (; w0 + kCols <= W; w0 += kCols) column_sums<kCols>(plane, W, r0, r1, w0, row + w0);
+  for (; w0 < W; ++w0) column_sums<1>(plane, W, r0, r1, w0, row + w0);
+  for (int64_t ow = 0; ow < p.Wo; ++ow) {
+    T sum = 0;
+    for (int64_t w = l.cs[ow]; w < l.ce[ow]; ++w) sum += row[w];
+    dst[ow] = sum * inv[ow];
+  }
+}
+
 template <typename scalar_t>
-void pool_task(const Pyramid& p, const Task& k, const scalar_t* x, at::opmath_type<scalar_t>* pooled) {
+C10_ALWAYS_INLINE void pool_task(const Pyramid& p, const Task& k, const scalar_t* x,
+                                 at::opmath_type<scalar_t>* pooled) {
   using T = at::opmath_type<scalar_t>;
   const Level& l = p.levels[k.s];
-  const int64_t H = l.H, W = l.W, HW = H * W, HoWo = p.Ho * p.Wo;
+  const int64_t H = l.H, W = l.W, HW = H * W, Wo = p.Wo, HoWo = p.Ho * Wo;
   const std::vector<T> inv = inverse_counts<T>(p, l);
   std::vector<T> row(W);
+  const int64_t K = W % Wo == 0 ? W / Wo : 0;  // uniform column windows, K wide
   for (int64_t c = k.c0; c < k.c1; ++c) {
     const scalar_t* plane = x + ((k.b * p.T + k.t) * l.C + c) * HW;
     T* dst = pooled + (k.b * p.Ctot + l.off + c) * p.n + k.t * HoWo;
@@ -133,24 +184,22 @@ void pool_task(const Pyramid& p, const Task& k, const scalar_t* x, at::opmath_ty
     }
     for (int64_t oh = 0; oh < p.Ho; ++oh) {
       const int64_t r0 = l.rs[oh], r1 = l.re[oh];
-      T* acc = row.data();
-      for (int64_t w = 0; w < W; ++w) acc[w] = static_cast<T>(plane[r0 * W + w]);
-      for (int64_t h = r0 + 1; h < r1; ++h) {
-        const scalar_t* src = plane + h * W;
-        for (int64_t w = 0; w < W; ++w) acc[w] += static_cast<T>(src[w]);
-      }
-      for (int64_t ow = 0; ow < p.Wo; ++ow) {
-        T sum = 0;
-        for (int64_t w = l.cs[ow]; w < l.ce[ow]; ++w) sum += acc[w];
-        dst[oh * p.Wo + ow] = sum * inv[oh * p.Wo + ow];
-      }
+      const T* iv = &inv[oh * Wo];
+      T* d = dst + oh * Wo;
+      if (W >= 16 && K == 8) pool_row_uniform<16, 8>(plane, W, r0, r1, iv, d);
+      else if (W >= 16 && K == 4) pool_row_uniform<16, 4>(plane, W, r0, r1, iv, d);
+      else if (W >= 16 && K == 2) pool_row_uniform<16, 2>(plane, W, r0, r1, iv, d);
+      else if (W >= 16 && K == 1) pool_row_uniform<16, 1>(plane, W, r0, r1, iv, d);
+      else if (W >= 8 && K == 2) pool_row_uniform<8, 2>(plane, W, r0, r1, iv, d);
+      else if (W >= 8 && K == 1) pool_row_uniform<8, 1>(plane, W, r0, r1, iv, d);
+      else pool_row_general(p, l, plane, r0, r1, iv, row.data(), d);
     }
   }
 }
 
 // Softmax of e [n] into a.
 template <typename T>
-void softmax(const T* e, int64_t n, T* a) {
+C10_ALWAYS_INLINE void softmax(const T* e, int64_t n, T* a) {
   T mx = -std::numeric_limits<T>::infinity();
   for (int64_t i = 0; i < n; ++i) mx = std::max(mx, e[i]);
   T sum = 0;
@@ -163,7 +212,7 @@ void softmax(const T* e, int64_t n, T* a) {
 constexpr int64_t kLanes = 16;
 
 template <typename T>
-T dot(const T* u, const T* v, int64_t n) {
+C10_ALWAYS_INLINE T dot(const T* u, const T* v, int64_t n) {
   T acc[kLanes] = {};
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes)
@@ -178,7 +227,7 @@ T dot(const T* u, const T* v, int64_t n) {
 template <typename T>
 struct Sample {
   std::vector<T> a, yh, r, sig, gram;  // [n], [S, n], [S], [S], [S, S]
-  Sample(const Pyramid& p, const T* y, double eps) : a(p.n), yh(p.S * p.n), r(p.S), sig(p.S),
+  C10_ALWAYS_INLINE Sample(const Pyramid& p, const T* y, double eps) : a(p.n), yh(p.S * p.n), r(p.S), sig(p.S),
                                                      gram(p.S * p.S) {
     const int64_t n = p.n, S = p.S;
     std::vector<T> e(y, y + n);
@@ -200,7 +249,7 @@ struct Sample {
 
 // u[c] = sum_i (P[c,i] - mu[c]) yh[i] and mu[c] for the C rows of P.
 template <typename T>
-void pca_projection(const T* P, int64_t C, int64_t n, const T* yh, T sig, T* u, T* mu) {
+C10_ALWAYS_INLINE void pca_projection(const T* P, int64_t C, int64_t n, const T* yh, T sig, T* u, T* mu) {
   const std::vector<T> ones(n, T(1));
   for (int64_t c = 0; c < C; ++c) {
     const T* row = P + c * n;
@@ -210,7 +259,7 @@ void pca_projection(const T* P, int64_t C, int64_t n, const T* yh, T sig, T* u, 
 }
 
 template <typename scalar_t>
-at::opmath_type<scalar_t> head_forward(const Pyramid& p, int64_t b,
+C10_ALWAYS_INLINE at::opmath_type<scalar_t> head_forward(const Pyramid& p, int64_t b,
                                        const std::vector<const scalar_t*>& w, const scalar_t* bias,
                                        double eps, double lam,
                                        const at::opmath_type<scalar_t>* pooled,
@@ -257,7 +306,7 @@ struct Factors {
 };
 
 template <typename scalar_t>
-void head_backward(const Pyramid& p, int64_t b, const std::vector<const scalar_t*>& w,
+C10_ALWAYS_INLINE void head_backward(const Pyramid& p, int64_t b, const std::vector<const scalar_t*>& w,
                    double eps, double lam, double gl, const scalar_t* grad_out,
                    const at::opmath_type<scalar_t>* pooled, const at::opmath_type<scalar_t>* y,
                    Factors<at::opmath_type<scalar_t>>& f, at::opmath_type<scalar_t>* gw_part,
@@ -319,7 +368,7 @@ void head_backward(const Pyramid& p, int64_t b, const std::vector<const scalar_t
 }
 
 template <typename scalar_t>
-void unpool_task(const Pyramid& p, const Task& k, const std::vector<const scalar_t*>& w,
+C10_ALWAYS_INLINE void unpool_task(const Pyramid& p, const Task& k, const std::vector<const scalar_t*>& w,
                  const Factors<at::opmath_type<scalar_t>>& f, scalar_t* gx) {
   using T = at::opmath_type<scalar_t>;
   const Level& l = p.levels[k.s];
@@ -385,12 +434,24 @@ void check_levels(const std::vector<at::Tensor>& weights, at::ScalarType dtype) 
                 dtype);
 }
 
-template <typename scalar_t>
-std::vector<const scalar_t*> weight_ptrs(const std::vector<at::Tensor>& weights) {
-  std::vector<const scalar_t*> ptrs;
-  for (const auto& w : weights) ptrs.push_back(w.const_data_ptr<scalar_t>());
+// Data pointers of one tensor per level (P is `const scalar_t` or `scalar_t`).
+template <typename P>
+std::vector<P*> level_ptrs(const std::vector<at::Tensor>& ts) {
+  std::vector<P*> ptrs;
+  for (const auto& t : ts) ptrs.push_back(static_cast<P*>(t.data_ptr()));
   return ptrs;
 }
+
+// A parallel_run job calling fn(i) for every item i (fn force-inlined into each ISA's copy).
+template <typename Fn>
+struct Tasks {
+  Fn fn;
+  explicit Tasks(Fn f) : fn(f) {}
+  template <int>
+  C10_ALWAYS_INLINE void run(int64_t begin, int64_t end) const {
+    for (int64_t i = begin; i < end; ++i) fn(i);
+  }
+};
 
 }  // namespace
 
@@ -433,17 +494,18 @@ PyramidForward pyramid_attention_forward_cpu(const std::vector<at::Tensor>& xs_i
                                   [&] {
     using Op = at::opmath_type<scalar_t>;
     Op* P = pooled.mutable_data_ptr<Op>();
-    at::parallel_for(0, static_cast<int64_t>(tasks.size()), 1, [&](int64_t t0, int64_t t1) {
-      for (int64_t k = t0; k < t1; ++k)
-        pool_task<scalar_t>(p, tasks[k], xs[tasks[k].s].const_data_ptr<scalar_t>(), P);
-    });
-    const auto w = weight_ptrs<scalar_t>(weights);
+    const auto x = level_ptrs<const scalar_t>(xs);
+    parallel_run(static_cast<int64_t>(tasks.size()), Tasks([&](int64_t k) ATTNPOOL_INLINE_LAMBDA {
+      pool_task<scalar_t>(p, tasks[k], x[tasks[k].s], P);
+    }));
+    const auto w = level_ptrs<const scalar_t>(weights);
     std::vector<Op> loss_b(B);
-    at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
-      for (int64_t b = b0; b < b1; ++b)
-        loss_b[b] = head_forward<scalar_t>(p, b, w, bias.const_data_ptr<scalar_t>(), eps, lam, P,
-                                           y.mutable_data_ptr<Op>(), out.mutable_data_ptr<scalar_t>());
-    });
+    Op* yp = y.mutable_data_ptr<Op>();
+    scalar_t* outp = out.mutable_data_ptr<scalar_t>();
+    parallel_run(B, Tasks([&](int64_t b) ATTNPOOL_INLINE_LAMBDA {
+      loss_b[b] = head_forward<scalar_t>(p, b, w, bias.const_data_ptr<scalar_t>(), eps, lam, P,
+                                         yp, outp);
+    }));
     Op total = 0;
     for (int64_t b = 0; b < B; ++b) total += loss_b[b];
     *loss.mutable_data_ptr<scalar_t>() = static_cast<scalar_t>(total / static_cast<Op>(B));
@@ -492,20 +554,22 @@ PyramidBackward pyramid_attention_backward_cpu(const at::Tensor& grad_out_in,
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype,
                                   "pyramid_attention_backward_cpu", [&] {
     using Op = at::opmath_type<scalar_t>;
-    const auto w = weight_ptrs<scalar_t>(weights);
+    const auto w = level_ptrs<const scalar_t>(weights);
+    const auto gx = level_ptrs<scalar_t>(grad_xs);
     Factors<Op> f{std::vector<Op>(B * n), std::vector<Op>(B * S * n), std::vector<Op>(B * S * n),
                   std::vector<Op>(B * p.Ctot), std::vector<Op>(B * p.Ctot)};
-    at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
-      for (int64_t b = b0; b < b1; ++b)
-        head_backward<scalar_t>(p, b, w, eps, lam, gl, grad_out.const_data_ptr<scalar_t>(),
-                                pooled.const_data_ptr<Op>(), y.const_data_ptr<Op>(), f,
-                                gw_part.mutable_data_ptr<Op>(), gb_part.mutable_data_ptr<Op>());
-    });
+    const scalar_t* go = grad_out.const_data_ptr<scalar_t>();
+    const Op* P = pooled.const_data_ptr<Op>();
+    const Op* yp = y.const_data_ptr<Op>();
+    Op* gw = gw_part.mutable_data_ptr<Op>();
+    Op* gb = gb_part.mutable_data_ptr<Op>();
+    parallel_run(B, Tasks([&](int64_t b) ATTNPOOL_INLINE_LAMBDA {
+      head_backward<scalar_t>(p, b, w, eps, lam, gl, go, P, yp, f, gw, gb);
+    }));
     const std::vector<Task> tasks = plane_tasks(p);
-    at::parallel_for(0, static_cast<int64_t>(tasks.size()), 1, [&](int64_t t0, int64_t t1) {
-      for (int64_t k = t0; k < t1; ++k)
-        unpool_task<scalar_t>(p, tasks[k], w, f, grad_xs[tasks[k].s].mutable_data_ptr<scalar_t>());
-    });
+    parallel_run(static_cast<int64_t>(tasks.size()), Tasks([&](int64_t k) ATTNPOOL_INLINE_LAMBDA {
+      unpool_task<scalar_t>(p, tasks[k], w, f, gx[tasks[k].s]);
+    }));
   });
   // batch sums in a fixed order (sum over dim 0 of a contiguous [B, .] tensor)
   const at::Tensor gw = gw_part.sum(0).to(dtype), gb = gb_part.sum(0).to(dtype);
