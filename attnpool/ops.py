@@ -73,13 +73,18 @@ def _register_autograd(op, backward, setup) -> None:
     """op.register_autograd, plus the eager twin :func:`call` uses."""
     op.register_autograd(backward, setup_context=setup)
 
-    def eager_setup(ctx, inputs, output):
+    raw = _RAW[op]
+
+    # forward(ctx, ...) rather than a separate setup_context: apply() would otherwise bind
+    # the arguments through inspect.signature on every call (~40 us)
+    def forward(ctx, *inputs):
+        output = raw(*inputs)
         setup(ctx, inputs, output)
         ctx.eager = True
+        return output
 
     _FUNCTIONS[op] = type(f"{op._name}_eager", (torch.autograd.Function,), {
-        "forward": staticmethod(_RAW[op]), "setup_context": staticmethod(eager_setup),
-        "backward": staticmethod(backward)})
+        "forward": staticmethod(forward), "backward": staticmethod(backward)})
 
 
 def _traced(args) -> bool:
