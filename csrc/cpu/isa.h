@@ -55,15 +55,33 @@ ATTNPOOL_TARGET_AVX512 void run_avx512(const Job& job, int64_t begin, int64_t en
 }
 #endif
 
+// A parallel_run job calling fn(i) for every item i; fn is a lambda marked
+// ATTNPOOL_INLINE_LAMBDA, so it is compiled into each instruction set's copy.
+template <typename Fn>
+struct Tasks {
+  Fn fn;
+  explicit Tasks(Fn f) : fn(f) {}
+  template <int>
+  C10_ALWAYS_INLINE void run(int64_t begin, int64_t end) const {
+    for (int64_t i = begin; i < end; ++i) fn(i);
+  }
+};
+
 // The job over [0, items) on the intra-op threads, for the machine's instruction set.
+// At least `grain` items per thread (fewer items run on the calling thread alone).
 template <typename Job>
-void parallel_run(int64_t items, const Job& job) {
+void parallel_run(int64_t items, int64_t grain, const Job& job) {
   void (*run)(const Job&, int64_t, int64_t) = run_default<Job>;
 #if ATTNPOOL_MULTI_ISA
   if (runtime_isa() == Isa::kAvx512) run = run_avx512<Job>;
   if (runtime_isa() == Isa::kAvx2) run = run_avx2<Job>;
 #endif
-  at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) { run(job, begin, end); });
+  at::parallel_for(0, items, grain, [&](int64_t begin, int64_t end) { run(job, begin, end); });
+}
+
+template <typename Job>
+void parallel_run(int64_t items, const Job& job) {
+  parallel_run(items, 1, job);
 }
 
 }  // namespace attnpool

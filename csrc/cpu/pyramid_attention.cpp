@@ -442,16 +442,6 @@ std::vector<P*> level_ptrs(const std::vector<at::Tensor>& ts) {
   return ptrs;
 }
 
-// A parallel_run job calling fn(i) for every item i (fn force-inlined into each ISA's copy).
-template <typename Fn>
-struct Tasks {
-  Fn fn;
-  explicit Tasks(Fn f) : fn(f) {}
-  template <int>
-  C10_ALWAYS_INLINE void run(int64_t begin, int64_t end) const {
-    for (int64_t i = begin; i < end; ++i) fn(i);
-  }
-};
 
 }  // namespace
 

@@ -10,6 +10,7 @@
 // chunk partials in chunk order, so the result does not even depend on the thread count; the
 // backward has no sums across maps.
 #include "attnpool.h"
+#include "cpu/isa.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -18,6 +19,7 @@
 #include <algorithm>
 #include <cmath>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 namespace attnpool {
@@ -71,39 +73,32 @@ void check_inputs(const at::Tensor& mask, const at::Tensor& w) {
               "st_regularizer cpu: w must have mask's dtype ", mask.scalar_type());
 }
 
-// Sum of f(k) over k in [0, n) in kLanes independent partial sums (the loop vectorises; a
-// single running sum would serialise on the add latency), combined in a fixed order.
-constexpr int64_t kLanes = 8;
-
-template <typename T, typename F>
-C10_ALWAYS_INLINE T lane_sum(int64_t n, F f) {
-  T acc[kLanes] = {};
-  int64_t k = 0;
-  for (; k + kLanes <= n; k += kLanes)
-    for (int64_t j = 0; j < kLanes; ++j) acc[j] += f(k + j);
-  for (int64_t j = 0; k + j < n; ++j) acc[j] += f(k + j);
-  T total = 0;
-  for (int64_t j = 0; j < kLanes; ++j) total += acc[j];
-  return total;
-}
-
 // Forward of maps [m0, m1) (one chunk): sums of |differences|, of contrast and of the
-// unimodality terms owned by these maps, into part[0..2]. `row_end[k]` marks the last
-// column of a map row (k = i*W + j): no horizontal pair starts there.
+// unimodality terms owned by these maps, into part[0..2]. The chunk's maps are contiguous, so
+// each sum is one long vectorised loop over them all; keep_v[k] / keep_h[k] are 1 at flat
+// positions k that start a vertical / horizontal pair and 0 in a map's last row / column.
+// (A pair across maps is multiplied by 0, which turns an inf difference into NaN; the
+// contrast of that inf is NaN already, and so is every weighted total.)
 template <typename scalar_t>
-void forward_chunk(const Shape& s, const scalar_t* mask, const scalar_t* w, bool sqrt, int64_t m0,
-                   int64_t m1, const std::vector<char>& row_end, at::opmath_type<scalar_t>* part) {
+C10_ALWAYS_INLINE void forward_chunk(const Shape& s, const scalar_t* mask, const scalar_t* w,
+                                     bool sqrt, int64_t m0, int64_t m1,
+                                     const at::opmath_type<scalar_t>* keep_v,
+                                     const at::opmath_type<scalar_t>* keep_h,
+                                     at::opmath_type<scalar_t>* part) {
   using T = at::opmath_type<scalar_t>;
-  const int64_t W = s.W, HW = s.H * W;
-  T tv = 0, con = 0, uni = 0;
+  const int64_t W = s.W, HW = s.H * W, L = (m1 - m0) * HW;
+  const scalar_t* M = mask + m0 * HW;
+  T tv = 0, tvh = 0, con = 0, uni = 0;
+  // omp simd reassociates these sums: a fixed order per instruction set
+#pragma omp simd reduction(+ : tv)
+  for (int64_t k = 0; k < L - W; ++k)
+    tv += keep_v[k] * std::abs(static_cast<T>(M[k + W]) - static_cast<T>(M[k]));
+#pragma omp simd reduction(+ : tvh)
+  for (int64_t k = 0; k < L - 1; ++k)
+    tvh += keep_h[k] * std::abs(static_cast<T>(M[k + 1]) - static_cast<T>(M[k]));
+#pragma omp simd reduction(+ : con)
+  for (int64_t k = 0; k < L; ++k) con += contrast(static_cast<T>(M[k]));
   for (int64_t m = m0; m < m1; ++m) {
-    const scalar_t* M = mask + m * HW;
-    auto v = [M](int64_t k) { return static_cast<T>(M[k]); };
-    tv += lane_sum<T>(HW - W, [&](int64_t k) { return std::abs(v(k + W) - v(k)); });
-    tv += lane_sum<T>(HW - 1, [&](int64_t k) {
-      return row_end[k] ? T(0) : std::abs(v(k + 1) - v(k));
-    });
-    con += lane_sum<T>(HW, [&](int64_t k) { return contrast(v(k)); });
     const int64_t b = m / s.T, t = m % s.T;
     if (t >= 1 && t + 1 < s.T) {
       T q = unimodal_q<T>(w + b * s.T, t);
@@ -111,48 +106,48 @@ void forward_chunk(const Shape& s, const scalar_t* mask, const scalar_t* w, bool
       uni += sqrt ? std::sqrt(r) : r;
     }
   }
-  part[0] = tv;
+  part[0] = tv + tvh;
   part[1] = con;
   part[2] = uni;
 }
 
-// Backward of maps [m0, m1): grad_mask of each map and grad_w[b, t] of each map (b, t).
-// d TV / d M is a sum of signs, a small integer, so it is exact in any order: it is gathered
-// by whole-map passes without branches (they vectorise), then scaled.
+// Backward of maps [m0, m1) (one chunk, flat as in the forward): grad_mask and grad_w[b, t]
+// of each map (b, t). d TV / d M is a sum of signs, a small integer, so it is exact in any
+// order: each pair's sign (times keep, 0 across maps) goes to both its ends, in whole-chunk
+// loops without branches (they vectorise), then it is scaled.
 template <typename scalar_t>
-void backward_maps(const Shape& s, const scalar_t* mask, const scalar_t* w, bool sqrt,
-                   at::opmath_type<scalar_t> tv_s, at::opmath_type<scalar_t> con_s,
-                   at::opmath_type<scalar_t> uni_s, int64_t m0, int64_t m1, scalar_t* grad_mask,
-                   scalar_t* grad_w) {
+C10_ALWAYS_INLINE void backward_maps(const Shape& s, const scalar_t* mask, const scalar_t* w,
+                                     bool sqrt, at::opmath_type<scalar_t> tv_s,
+                                     at::opmath_type<scalar_t> con_s,
+                                     at::opmath_type<scalar_t> uni_s, int64_t m0, int64_t m1,
+                                     const at::opmath_type<scalar_t>* keep_v,
+                                     const at::opmath_type<scalar_t>* keep_h,
+                                     scalar_t* grad_mask, scalar_t* grad_w) {
   using T = at::opmath_type<scalar_t>;
-  const int64_t H = s.H, W = s.W, HW = H * W, TT = s.T;
+  const int64_t W = s.W, HW = s.H * W, TT = s.T, L = (m1 - m0) * HW;
   const T half(0.5);
-  std::vector<T> mv(std::is_same_v<scalar_t, T> ? 0 : HW), gv(HW), sv(HW);
+  std::vector<T> mv(std::is_same_v<scalar_t, T> ? 0 : L), gv(L, T(0)), dv(L);
+  const T* v;
+  if constexpr (std::is_same_v<scalar_t, T>) {
+    v = mask + m0 * HW;
+  } else {
+    for (int64_t k = 0; k < L; ++k) mv[k] = static_cast<T>(mask[m0 * HW + k]);
+    v = mv.data();
+  }
+  T* g = gv.data();
+  T* d = dv.data();
+  for (int64_t k = 0; k < L - W; ++k) d[k] = keep_v[k] * sign(v[k + W] - v[k]);
+  for (int64_t k = 0; k < L - W; ++k) g[k] -= d[k];
+  for (int64_t k = W; k < L; ++k) g[k] += d[k - W];
+  for (int64_t k = 0; k < L - 1; ++k) d[k] = keep_h[k] * sign(v[k + 1] - v[k]);
+  for (int64_t k = 0; k < L - 1; ++k) g[k] -= d[k];
+  for (int64_t k = 1; k < L; ++k) g[k] += d[k - 1];
+  scalar_t* out = grad_mask + m0 * HW;
+  for (int64_t k = 0; k < L; ++k) {
+    const T c = half * static_cast<T>(v[k] < half) - half * static_cast<T>(v[k] > half);
+    out[k] = static_cast<scalar_t>(tv_s * g[k] + con_s * c);
+  }
   for (int64_t m = m0; m < m1; ++m) {
-    const T* v;
-    if constexpr (std::is_same_v<scalar_t, T>) {
-      v = mask + m * HW;
-    } else {
-      for (int64_t k = 0; k < HW; ++k) mv[k] = static_cast<T>(mask[m * HW + k]);
-      v = mv.data();
-    }
-    T* g = gv.data();
-    T* d = sv.data();
-    std::fill_n(g, HW, T(0));
-    // vertical differences M[i+1, j] - M[i, j], flat index k = i*W + j < (H-1)*W
-    for (int64_t k = 0; k < HW - W; ++k) d[k] = sign(v[k + W] - v[k]);
-    for (int64_t k = 0; k < HW - W; ++k) g[k] -= d[k];
-    for (int64_t k = W; k < HW; ++k) g[k] += d[k - W];
-    // horizontal differences M[i, j+1] - M[i, j]: flat k < HW-1, except at the row ends
-    for (int64_t k = 0; k + 1 < HW; ++k) d[k] = sign(v[k + 1] - v[k]);
-    for (int64_t i = 1; i < H; ++i) d[i * W - 1] = T(0);
-    for (int64_t k = 0; k + 1 < HW; ++k) g[k] -= d[k];
-    for (int64_t k = 1; k < HW; ++k) g[k] += d[k - 1];
-    scalar_t* out = grad_mask + m * HW;
-    for (int64_t k = 0; k < HW; ++k) {
-      const T c = half * static_cast<T>(v[k] < half) - half * static_cast<T>(v[k] > half);
-      out[k] = static_cast<scalar_t>(tv_s * g[k] + con_s * c);
-    }
     // grad_w[b, t]: t is the left neighbour of term t+1, the centre of term t and the right
     // neighbour of term t-1 (terms 1..T-2).
     const int64_t b = m / TT, t = m % TT;
@@ -167,6 +162,21 @@ void backward_maps(const Shape& s, const scalar_t* mask, const scalar_t* w, bool
     grad_w[m] = static_cast<scalar_t>(gw);
   }
 }
+
+// keep_v, keep_h of `chunk` maps (see forward_chunk).
+template <typename T>
+std::pair<std::vector<T>, std::vector<T>> pair_masks(const Shape& s, int64_t chunk) {
+  const int64_t HW = s.H * s.W;
+  std::vector<T> keep_v(chunk * HW, T(1)), keep_h(chunk * HW, T(1));
+  for (int64_t m = 0; m < chunk; ++m) {
+    for (int64_t j = 0; j < s.W; ++j) keep_v[m * HW + HW - s.W + j] = 0;
+    for (int64_t i = 0; i < s.H; ++i) keep_h[m * HW + i * s.W + s.W - 1] = 0;
+  }
+  return {keep_v, keep_h};
+}
+
+// Maps per chunk: about kChunkElems elements.
+int64_t chunk_maps(int64_t HW) { return std::max<int64_t>(1, kChunkElems / std::max<int64_t>(HW, 1)); }
 
 // Maps per parallel_for grain: at least kThreadElems elements per thread.
 int64_t grain_maps(int64_t map_elems) { return std::max<int64_t>(1, kThreadElems / map_elems); }
@@ -187,18 +197,20 @@ at::Tensor st_regularizer_forward_cpu(const at::Tensor& mask_in, const at::Tenso
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, mask.scalar_type(),
                                   "st_regularizer_forward_cpu", [&] {
     using T = at::opmath_type<scalar_t>;
-    const int64_t chunk = std::max<int64_t>(1, kChunkElems / std::max<int64_t>(HW, 1));  // maps per partial
+    const int64_t chunk = chunk_maps(HW);  // maps per partial
     const int64_t chunks = divup(maps, chunk);
     std::vector<T> parts(3 * chunks);
-    std::vector<char> row_end(HW);
-    for (int64_t k = 0; k < HW; ++k) row_end[k] = k % s.W == s.W - 1;
+    const auto keep = pair_masks<T>(s, chunk);
+    const T* sv = keep.first.data();
+    const T* sh = keep.second.data();
     const scalar_t* M = mask.const_data_ptr<scalar_t>();
     const scalar_t* wp = w.const_data_ptr<scalar_t>();
-    at::parallel_for(0, chunks, divup(grain_maps(std::max<int64_t>(HW, 1)), chunk), [&](int64_t c0, int64_t c1) {
-      for (int64_t c = c0; c < c1; ++c)
-        forward_chunk<scalar_t>(s, M, wp, sqrt, c * chunk, std::min(maps, (c + 1) * chunk),
-                                row_end, parts.data() + 3 * c);
-    });
+    T* pp = parts.data();
+    parallel_run(chunks, divup(grain_maps(std::max<int64_t>(HW, 1)), chunk),
+                 Tasks([&](int64_t c) ATTNPOOL_INLINE_LAMBDA {
+      forward_chunk<scalar_t>(s, M, wp, sqrt, c * chunk, std::min(maps, (c + 1) * chunk),
+                              sv, sh, pp + 3 * c);
+    }));
     T tv = parts[0], con = parts[1], uni = parts[2];
     for (int64_t c = 1; c < chunks; ++c) {  // chunk order
       tv += parts[3 * c];
@@ -242,10 +254,16 @@ std::tuple<at::Tensor, at::Tensor> st_regularizer_backward_cpu(
     const scalar_t* wp = w.const_data_ptr<scalar_t>();
     scalar_t* gm = grad_mask.mutable_data_ptr<scalar_t>();
     scalar_t* gw = grad_w.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, maps, grain_maps(std::max<int64_t>(HW, 1)), [&](int64_t m0, int64_t m1) {
+    const int64_t chunk = chunk_maps(HW);
+    const auto keep = pair_masks<T>(s, chunk);
+    const T* sv = keep.first.data();
+    const T* sh = keep.second.data();
+    parallel_run(divup(maps, chunk), divup(grain_maps(std::max<int64_t>(HW, 1)), chunk),
+                 Tasks([&](int64_t c) ATTNPOOL_INLINE_LAMBDA {
       backward_maps<scalar_t>(s, M, wp, sqrt, static_cast<T>(tv_s), static_cast<T>(con_s),
-                              static_cast<T>(uni_s), m0, m1, gm, gw);
-    });
+                              static_cast<T>(uni_s), c * chunk, std::min(maps, (c + 1) * chunk),
+                              sv, sh, gm, gw);
+    }));
   });
   return {grad_mask, grad_w};
 }
