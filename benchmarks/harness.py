@@ -196,6 +196,8 @@ def call_setup(make_fn: Callable[[], Callable], inputs: torch.Tensor | tuple[tor
             state["out"] = out if isinstance(out, tuple) else (out,)
 
         def backward():
+            for leaf in leaves:  # as after optimizer.zero_grad(): a fresh .grad, no accumulation
+                leaf.grad = None
             torch.autograd.backward(state["out"][:len(grads)], grads, retain_graph=True)
 
         return forward, backward
