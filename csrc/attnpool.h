@@ -90,6 +90,15 @@ using PyramidForward = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor
 // grad_out [B, Ctot] (xs' dtype), grad_loss (0-dim), pooled and y as the forward returned
 // them, sizes = {H_0, W_0, ..., H_{S-1}, W_{S-1}}
 //   -> grad_xs[s] [B, T, C_s, H_s, W_s], grad_weights[s] [C_s], grad_bias [S] (xs' dtype).
+// Per sample, with P_s its pooled maps, a = softmax(sum_s y_s), yh_s = y_s / max(r_s, eps)
+// (r_s = ||y_s||), sig_s = sum_i yh_s[i], mu_s = mean_i P_s, u_s = P_s yh_s - mu_s sig_s,
+// G = [yh_s . yh_t], gl = grad_loss / B, gz_s = grad_out's level-s slice:
+//   ga = sum_s gz_s P_s;  ge = a (ga - a.ga);  kappa_s = -2 gl / (S C_s)
+//   gyh_s = kappa_s (u_s P_s - u_s.mu_s) + 4 lam gl sum_{t != s} G_st yh_t
+//   gy_s = ge + (r_s >= eps ? (gyh_s - yh_s (yh_s.gyh_s)) / r_s : gyh_s / eps)
+//   grad_weights[s] = sum_b P_s gy_s,  grad_bias[s] = sum_b sum_i gy_s[i]
+//   grad_xs[s] = R^T dP_s,  dP_s = gz_s (x) a + w_s (x) gy_s + kappa_s u_s (x) (yh_s - sig_s/n)
+// (dP_s is never materialised: R^T spreads each pooled cell over its window / its size).
 using PyramidBackward = std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor>;
 
 PyramidForward pyramid_attention_forward_cpu(const std::vector<at::Tensor>& xs,

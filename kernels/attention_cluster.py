@@ -1,6 +1,6 @@
 """Fused Triton kernels of the attention-cluster op (softmax pooling + shift + L2 norm).
 
-Contract: /work/notes/cluster_contract.md; executable spec: attnpool.reference.cluster_pool.
+Contract: csrc/attnpool.h; executable spec: attnpool.reference.cluster_pool.
 
     cluster_pool_forward(x, scores, lengths, alpha, beta, shift, eps) -> (out, attn, norm)
     cluster_pool_backward(grad_out, x, attn, norm, alpha, beta, shift, eps)

@@ -1,7 +1,7 @@
 """Fused Triton kernels of the attentional-pooling op (Girdhar & Ramanan, NeurIPS 2017)
 and of the weighted pool (the same op with the maps h given: pose variant, DESIGN 3.3).
 
-Contracts: /work/notes/attpool_contract.md, /work/notes/st_contract.md; executable spec:
+Contract: csrc/attnpool.h; executable specs:
 attnpool.reference.attentional_pool and attnpool.reference.weighted_pool.
 
     attentional_pool_forward(x, wb, bb) -> (z [B, P, C], h [B, P, n])

@@ -1,8 +1,8 @@
 """Fused Triton kernels of the interaction-aware pyramid attention (Du et al., ECCV 2018; our
 formulation, DESIGN 3.4).
 
-Contract: /work/notes/pyramid_contract.md; executable spec: /work/notes/pyramid_spec.py
-(paper form: attnpool.reference.pyramid_attention).
+Contract (forward and backward formulas): csrc/attnpool.h; executable spec:
+attnpool.reference.pyramid_attention.
 
     pyramid_attention_forward(xs, weights, bias, eps, lam) -> (out, loss, pooled, y)
     pyramid_attention_backward(grad_out, grad_loss, pooled, y, weights, eps, lam, sizes)

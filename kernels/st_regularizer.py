@@ -1,6 +1,6 @@
 """Fused Triton kernels of the spatio-temporal regulariser (Meng et al., ICLR 2019).
 
-Contract: /work/notes/st_contract.md; executable spec: attnpool.reference.st_regularizer
+Contract: csrc/attnpool.h; executable spec: attnpool.reference.st_regularizer
 (total_variation + mask_contrast + unimodality, weighted).
 
     st_regularizer_forward(mask, w, tv_weight, contrast_weight, unimodal_weight,

@@ -1,7 +1,7 @@
 // Fused CPU kernels of attention clusters (Long et al. 2018): for every sample b and unit n,
 //   a = softmax of scores[b, :, n] over the valid frames,   v = sum_l a_l x[b, l, :],
 //   out[b, n] = u / (sqrt(N) max(||u||, eps)) with u = alpha[n] v + beta[n]   (v without shift)
-// and its backward (contract: notes/cluster_contract.md).
+// and its backward (contract: attnpool.h).
 //
 // The [B, N, F] intermediate never reaches memory. Three products per sample carry the work:
 //   forward   V = A X          [N, L] x [L, F]       (A: softmax weights, V: rows v)

@@ -1,7 +1,7 @@
 // Fused CPU kernels of attentional pooling (Girdhar & Ramanan 2017), factored core:
 //   h[b,p,i] = sum_c wb[p,c] x[b,c,i] + bb[p]          z[b,p,c] = (1/n) sum_i h[b,p,i] x[b,c,i]
-// and its backward (contract: notes/attpool_contract.md); and the weighted pool, the same with h
-// given (z only; backward grad_x = grad_z^T h / n, grad_h = grad_z x / n; notes/st_contract.md).
+// and its backward (contract: attnpool.h); and the weighted pool, the same with h
+// given (z only; backward grad_x = grad_z^T h / n, grad_h = grad_z x / n; contract in attnpool.h).
 //
 // Work is split into tasks = (sample, block of positions). A task reads its block of x from
 // memory once and takes the second product (z after h; grad_wb after dh) from cache:

@@ -1,5 +1,5 @@
 // Fused CPU kernels of the spatio-temporal regulariser (Meng et al., ICLR 2019; DESIGN 3.3,
-// contract notes/st_contract.md): total variation and contrast of the masks [B, T, H, W] and
+// contract in attnpool.h): total variation and contrast of the masks [B, T, H, W] and
 // unimodality of the temporal weights [B, T], weighted and summed, in ONE parallel pass over
 // the B*T maps for the forward and ONE for the backward.
 //

@@ -1,4 +1,4 @@
-// Fused attention-cluster kernels (DESIGN 3.1, /work/notes/cluster_contract.md).
+// Fused attention-cluster kernels (DESIGN 3.1, contract in csrc/attnpool.h).
 //
 //   forward            one block per unit (b, n): masked softmax over the frames,
 //                      v = a·x, shift, L2 norm; out written once, v never stored.

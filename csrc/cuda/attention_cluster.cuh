@@ -1,5 +1,5 @@
 // Launchers of the fused attention-cluster CUDA kernels (math: DESIGN 3.1 and
-// /work/notes/cluster_contract.md). Plain C++ over raw pointers and no torch
+// contract in csrc/attnpool.h). Plain C++ over raw pointers and no torch
 // include, so that attention_cluster.cu compiles with nvcc alone (CI compile-
 // checks it on a CPU-only torch); attention_cluster_torch.cpp is the glue.
 //

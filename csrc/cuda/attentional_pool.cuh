@@ -1,5 +1,5 @@
 // Launchers of the fused attentional-pooling CUDA kernels (factored core, DESIGN 3.2;
-// contract: notes/attpool_contract.md; spec: attnpool.reference.attentional_pool), and of
+// contract: csrc/attnpool.h; spec: attnpool.reference.attentional_pool), and of
 // weighted_pool, the same pool under given maps (spec: attnpool.reference.weighted_pool).
 // Plain C++ over raw pointers and no torch include, so that attentional_pool.cu compiles
 // with nvcc alone; attentional_pool_torch.cpp is the glue.

@@ -1,5 +1,5 @@
 // Launchers of the fused interaction-aware pyramid attention CUDA kernels (DESIGN 3.4;
-// contract: notes/pyramid_contract.md; spec: attnpool.reference.pyramid_attention). Plain
+// contract: csrc/attnpool.h; spec: attnpool.reference.pyramid_attention). Plain
 // C++ over raw pointers and no torch include, so that pyramid_attention.cu compiles with
 // nvcc alone; pyramid_attention_torch.cpp is the glue.
 //

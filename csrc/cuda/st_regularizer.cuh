@@ -1,5 +1,5 @@
 // Launchers of the fused spatio-temporal regulariser CUDA kernels (DESIGN 3.3; contract:
-// notes/st_contract.md; spec: attnpool.reference.st_regularizer). Plain C++ over raw
+// csrc/attnpool.h; spec: attnpool.reference.st_regularizer). Plain C++ over raw
 // pointers and no torch include, so that st_regularizer.cu compiles with nvcc alone;
 // st_regularizer_torch.cpp is the glue.
 //
