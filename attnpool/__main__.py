@@ -92,6 +92,24 @@ def _regularizer_case(device, dtype, B=3, T=8, H=7, W=7):
     return run
 
 
+def _pyramid_case(device, dtype, B=2, levels=((6, 12), (8, 6), (5, 3))):
+    g = torch.Generator().manual_seed(0)
+    maps = [torch.randn(B, c, s, s, generator=g, dtype=torch.float64) for c, s in levels]
+    weights = [torch.randn(c, generator=g, dtype=torch.float64) / c**0.5 for c, _ in levels]
+    bias = torch.randn(len(levels), generator=g, dtype=torch.float64)
+    grad = torch.randn(B, sum(c for c, _ in levels), generator=g, dtype=torch.float64)
+
+    def run(backend, dtype=dtype, device=device):
+        xs = [t.to(device, dtype).requires_grad_() for t in maps]
+        ws = [t.to(device, dtype).requires_grad_() for t in weights]
+        bb = bias.to(device, dtype).requires_grad_()
+        out, loss = functional.pyramid_attention(xs, ws, bb, backend=backend)
+        ((out * grad.to(device, dtype)).sum() + loss).backward()
+        return [out.detach(), loss.detach().reshape(1)] + [t.grad for t in xs + ws + [bb]]
+
+    return run
+
+
 # op name -> (parity case builder, timing shape description, timing-case builder)
 CHECKS = {
     "attention_cluster": (_cluster_case, "B=16,L=25,F=512,N=32",
@@ -102,6 +120,9 @@ CHECKS = {
                       lambda d, t: _temporal_pool_case(d, t, 4, 20, 256, 7, 7)),
     "st_regularizer": (_regularizer_case, "B=30,T=20,H=W=7",
                        lambda d, t: _regularizer_case(d, t, 30, 20, 7, 7)),
+    "pyramid_attention": (_pyramid_case, "B=2, C=256,512,1024,2048 at 56,28,14,7",
+                          lambda d, t: _pyramid_case(
+                              d, t, 2, ((256, 56), (512, 28), (1024, 14), (2048, 7)))),
 }
 
 
