@@ -83,11 +83,13 @@ def check_backend(case, backend, dtype, device="cpu"):
 
 def test_expected_backends_are_here():
     """CI names the backends it built (ATTNPOOL_EXPECT_BACKENDS=cpp,triton): none may
-    silently drop out of the parametrised tests below."""
+    silently drop out of any op's parametrised tests."""
     expected = [b for b in os.environ.get("ATTNPOOL_EXPECT_BACKENDS", "").split(",") if b]
-    for b in expected:
-        reason = attnpool.available(OP, torch.device("cpu"), torch.float64)[b]
-        assert reason is None, f"{b}: {reason}"
+    for op in ("attention_cluster", "attentional_pooling", "weighted_pool", "st_regularizer",
+               "pyramid_attention"):
+        for b in expected:
+            reason = attnpool.available(op, torch.device("cpu"), torch.float64)[b]
+            assert reason is None, f"{op}/{b}: {reason}"
 
 
 # ------------------------------------------------------------------ properties
