@@ -73,6 +73,23 @@ def test_matches_reference(backend, B, T, levels, layout, eps, lam, dtype, seed)
         assert_close(got[name], ref[name], f"{backend}/{name}", ref_lowp[name])
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("levels", [
+    [(3, 56, 56), (2, 28, 28), (2, 14, 14), (2, 16, 16), (2, 7, 7)],   # the paper's pyramid
+    [(2, 64, 48), (2, 32, 32), (2, 20, 16), (1, 16, 16)],              # other window widths
+], ids=["pyramid-to-7", "to-16"])
+def test_large_maps_match_reference(backend, levels):
+    """Maps wide enough for the kernels' whole-window fast paths (window widths 1, 2, 4, 8
+    over 8 or 16 columns), next to sizes the windows do not divide."""
+    case = make_case(2, None, levels, seed=11)
+    ref = run(case, "reference", torch.float64)
+    for dtype in (torch.float64, torch.float32):
+        ref_lowp = run(case, "reference", dtype)
+        got = run(case, backend, dtype)
+        for name in ref:
+            assert_close(got[name], ref[name], f"{backend}/{dtype}/{name}", ref_lowp[name])
+
+
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "triton"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_low_precision(backend, dtype):
