@@ -247,14 +247,22 @@ struct Sample {
   }
 };
 
-// u[c] = sum_i (P[c,i] - mu[c]) yh[i] and mu[c] for the C rows of P.
+// Channel means mu[c] of the C rows of P [C, n].
 template <typename T>
-C10_ALWAYS_INLINE void pca_projection(const T* P, int64_t C, int64_t n, const T* yh, T sig, T* u, T* mu) {
+C10_ALWAYS_INLINE void row_means(const T* P, int64_t C, int64_t n, T* mu) {
   const std::vector<T> ones(n, T(1));
+  for (int64_t c = 0; c < C; ++c) mu[c] = dot(P + c * n, ones.data(), n) / static_cast<T>(n);
+}
+
+// u[c] = sum_i (P[c,i] - mu[c]) yh[i], centred before the sum: maps with large channel
+// means would otherwise lose the PCA term to cancellation in fp32.
+template <typename T>
+C10_ALWAYS_INLINE void pca_projection(const T* P, int64_t C, int64_t n, const T* yh, const T* mu,
+                                      T* u) {
+  std::vector<T> row(n);
   for (int64_t c = 0; c < C; ++c) {
-    const T* row = P + c * n;
-    mu[c] = dot(row, ones.data(), n) / static_cast<T>(n);
-    u[c] = dot(row, yh, n) - mu[c] * sig;
+    for (int64_t i = 0; i < n; ++i) row[i] = P[c * n + i] - mu[c];
+    u[c] = dot(row.data(), yh, n);
   }
 }
 
@@ -287,7 +295,8 @@ C10_ALWAYS_INLINE at::opmath_type<scalar_t> head_forward(const Pyramid& p, int64
     const Level& l = p.levels[s];
     u.resize(l.C);
     mu.resize(l.C);
-    pca_projection(Pb + l.off * n, l.C, n, &sm.yh[s * n], sm.sig[s], u.data(), mu.data());
+    row_means(Pb + l.off * n, l.C, n, mu.data());
+    pca_projection(Pb + l.off * n, l.C, n, &sm.yh[s * n], mu.data(), u.data());
     variance += dot(u.data(), u.data(), l.C) / static_cast<T>(l.C);
   }
   T overlap = 0;
@@ -317,49 +326,57 @@ C10_ALWAYS_INLINE void head_backward(const Pyramid& p, int64_t b, const std::vec
   Sample<T> sm(p, y + b * S * n, eps);
   T* gz = &f.gz[b * p.Ctot];
   for (int64_t c = 0; c < p.Ctot; ++c) gz[c] = static_cast<T>(grad_out[b * p.Ctot + c]);
-  std::vector<T> ga(n, T(0));
+  // Sums over channels use P - mu (centred rows): the softmax and the PCA term are blind to a
+  // channel's mean, and fp32 would lose them to cancellation against large means.
+  std::vector<T> mu(p.Ctot), ga(n, T(0));
+  row_means(Pb, p.Ctot, n, mu.data());
   for (int64_t c = 0; c < p.Ctot; ++c) {
     const T* row = Pb + c * n;
-    for (int64_t i = 0; i < n; ++i) ga[i] += gz[c] * row[i];
+    for (int64_t i = 0; i < n; ++i) ga[i] += gz[c] * (row[i] - mu[c]);
   }
   const T aga = dot(sm.a.data(), ga.data(), n);
   std::copy(sm.a.begin(), sm.a.end(), &f.a[b * n]);
-  std::vector<T> mu, gyh(n);
+  std::vector<T> ge(n), gyh(n), centred(n);
+  T ge_sum = 0;  // 0 in exact arithmetic; it carries a NaN / inf of grad_out into grad_bias
+  for (int64_t i = 0; i < n; ++i) ge_sum += (ge[i] = sm.a[i] * (ga[i] - aga));
+  const T cross = static_cast<T>(4.0 * lam * gl);
   for (int64_t s = 0; s < S; ++s) {
     const Level& l = p.levels[s];
     const T* Ps = Pb + l.off * n;
+    const T* mus = &mu[l.off];
     const T* yh = &sm.yh[s * n];
     T* u = &f.ku[b * p.Ctot + l.off];
-    mu.resize(l.C);
-    pca_projection(Ps, l.C, n, yh, sm.sig[s], u, mu.data());
+    pca_projection(Ps, l.C, n, yh, mus, u);
     const T kappa = static_cast<T>(-2.0 * gl / static_cast<double>(S * l.C));
-    const T umu = dot(u, mu.data(), l.C);
-    std::fill(gyh.begin(), gyh.end(), -umu);
+    std::fill(gyh.begin(), gyh.end(), T(0));
     for (int64_t c = 0; c < l.C; ++c) {
       const T* row = Ps + c * n;
-      for (int64_t i = 0; i < n; ++i) gyh[i] += u[c] * row[i];
+      for (int64_t i = 0; i < n; ++i) gyh[i] += u[c] * (row[i] - mus[c]);
     }
     for (int64_t i = 0; i < n; ++i) gyh[i] *= kappa;
-    const T div = static_cast<T>(4.0 * lam * gl);
+    T cross_sum = 0;  // sum_i gyh[i]: the kappa part sums to 0 over i, exactly in math
     for (int64_t q = 0; q < S; ++q) {
       if (q == s) continue;
-      const T g = div * sm.gram[s * S + q];
+      const T g = cross * sm.gram[s * S + q];
       const T* yq = &sm.yh[q * n];
       for (int64_t i = 0; i < n; ++i) gyh[i] += g * yq[i];
+      cross_sum += g * sm.sig[q];
     }
     // through yh = y / max(r, eps): clamp_min passes the gradient where r >= eps
     T* gy = &f.gy[(b * S + s) * n];
     const bool big = sm.r[s] >= static_cast<T>(eps);
     const T proj = big ? dot(yh, gyh.data(), n) : T(0);
     const T d = big ? sm.r[s] : static_cast<T>(eps);
-    T gsum = 0;
-    for (int64_t i = 0; i < n; ++i) {
-      const T ge = sm.a[i] * (ga[i] - aga);  // softmax backward
-      gy[i] = ge + (gyh[i] - yh[i] * proj) / d;
-      gsum += gy[i];
+    for (int64_t i = 0; i < n; ++i) gy[i] = ge[i] + (gyh[i] - yh[i] * proj) / d;
+    // grad_bias in closed form (sum_i gy[i] without the parts that cancel), and grad_weights
+    // from centred rows plus mu times it
+    const T gb = (cross_sum - sm.sig[s] * proj) / d + T(0) * ge_sum;
+    gb_part[b * S + s] = gb;
+    for (int64_t c = 0; c < l.C; ++c) {
+      const T* row = Ps + c * n;
+      for (int64_t i = 0; i < n; ++i) centred[i] = row[i] - mus[c];
+      gw_part[b * p.Ctot + l.off + c] = dot(gy, centred.data(), n) + mus[c] * gb;
     }
-    gb_part[b * S + s] = gsum;
-    for (int64_t c = 0; c < l.C; ++c) gw_part[b * p.Ctot + l.off + c] = dot(gy, Ps + c * n, n);
     const T mean_yh = sm.sig[s] / static_cast<T>(n);
     T* yc = &f.yc[(b * S + s) * n];
     for (int64_t i = 0; i < n; ++i) yc[i] = yh[i] - mean_yh;

@@ -12,10 +12,12 @@
 //     one warp per channel: out, mu, u and the per-level sum of u^2; the per-sample loss.
 //   finish (one block): loss = mean of the per-sample losses, in sample order.
 // Backward
-//   head (one block per sample): a, yh, sig, G again from y; ga = gz.P (one pass over all
-//     Ctot channels), ge; per channel kappa u (kept for unpool) and sum kappa u mu; per level
-//     gyh = (kappa u).P - ..., gy, the per-sample grad_bias term; per channel the per-sample
-//     grad_w term P gy; finally yh_s - sig_s/n (kept for unpool).
+//   head (one block per sample): a, yh, sig, G again from y; per channel mu and kappa u
+//     (kept for unpool); ga = gz.(P - mu) (one pass over all Ctot channels), ge; per level
+//     gyh = (kappa u).(P - mu) + ..., gy, the per-sample grad_bias term in closed form; per
+//     channel the per-sample grad_w term (P - mu) gy + mu gb; finally yh_s - sig_s/n (kept
+//     for unpool). Sums over P are centred on the channel means mu (forward u as well), the
+//     forms of the Triton backend: no fp32 cancellation when the means dominate the maps.
 //   reduce (threads over Ctot + S): grad_w / grad_bias = sum over the samples, in order.
 //   unpool (one launch per level): grad_xs[s] = R^T dP with dP in its rank-3 form, so a
 //     pixel's value is gz[c] A + w[c] Gy + ku[c] Yc, where A, Gy, Yc (sums of a, gy and
@@ -104,14 +106,16 @@ template <typename T> __device__ __forceinline__ T head_sum(T v, T* red) {
   return block_reduce<kHeadWarps>(v, red, SumOp{});
 }
 
-// fin(i, sum_c coef[c] * rows[c*n + i]) once for every i < n (opmath sums over c < C).
-// Lanes along i (coalesced row reads), warp w takes the channels c = w (mod kHeadWarps) in
-// order, the kHeadWarps partials are summed in warp order by the first warp, which calls
-// fin. coef: scalar or opmath (any type to_acc takes). red: __shared__ [kHeadWarps * 32].
-// Every thread of the block must call it; it ends with a barrier (fin's writes are visible).
+// fin(i, sum_c coef[c] * (rows[c*n + i] - mu[c])) once for every i < n (opmath sums over
+// c < C; mu == nullptr: no centring). Lanes along i (coalesced row reads), warp w takes the
+// channels c = w (mod kHeadWarps) in order, the kHeadWarps partials are summed in warp order
+// by the first warp, which calls fin. coef: scalar or opmath (any type to_acc takes); mu:
+// opmath [C], read by every thread. red: __shared__ [kHeadWarps * 32]. Every thread of the
+// block must call it; it ends with a barrier (fin's writes are visible).
 template <typename acc_t, typename coef_t, typename Fin>
 __device__ __forceinline__ void col_dot(const acc_t* __restrict__ rows, const coef_t* coef,
-                                        int64_t C, int64_t n, acc_t* red, Fin fin) {
+                                        const acc_t* mu, int64_t C, int64_t n, acc_t* red,
+                                        Fin fin) {
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
   for (int64_t i0 = 0; i0 < n; i0 += 32) {
@@ -124,10 +128,17 @@ __device__ __forceinline__ void col_dot(const acc_t* __restrict__ rows, const co
 #pragma unroll
       for (int k = 0; k < kUnrollC; ++k)
         xv[k] = valid ? rows[(c + k * kHeadWarps) * n + i] : acc_t(0);
+      if (mu != nullptr && valid) {
+#pragma unroll
+        for (int k = 0; k < kUnrollC; ++k) xv[k] -= mu[c + k * kHeadWarps];
+      }
 #pragma unroll
       for (int k = 0; k < kUnrollC; ++k) acc += to_acc(coef[c + k * kHeadWarps]) * xv[k];
     }
-    for (; c < C; c += kHeadWarps) acc += to_acc(coef[c]) * (valid ? rows[c * n + i] : acc_t(0));
+    for (; c < C; c += kHeadWarps) {
+      const acc_t xv = valid ? rows[c * n + i] - (mu != nullptr ? mu[c] : acc_t(0)) : acc_t(0);
+      acc += to_acc(coef[c]) * xv;
+    }
     red[warp * 32 + lane] = acc;
     __syncthreads();
     if (warp == 0) {
@@ -309,30 +320,34 @@ pyr_forward_head_kernel(const typename OpMath<scalar_t>::type* __restrict__ pool
     for (int s = 0; s < S; ++s) {
       const acc_t bs = to_acc(bias[s]);
       acc_t* ys = yb + s * n;
-      col_dot(P + lv.off[s] * n, static_cast<const scalar_t*>(lv.w[s]), lv.C[s], n, red_col,
+      col_dot(P + lv.off[s] * n, static_cast<const scalar_t*>(lv.w[s]),
+              static_cast<const acc_t*>(nullptr), lv.C[s], n, red_col,
               [&](int64_t i, acc_t v) { ys[i] = v + bs; });
     }
     acc_t r[kMaxLevels], sig[kMaxLevels], G[kMaxLevels * kMaxLevels];
     attention_state(yb, ab, yhb, S, n, acc_t(eps), red, r, sig, G);
 
-    // One warp per channel: out = P a, mu = mean P, u = P yh - mu sig; sum_c u^2 per level.
+    // One warp per channel: out = P a, mu = mean P, then u = sum_i (P - mu) yh (the centred
+    // form of P yh - mu sig: no cancellation when the channel's mean dominates); sum_c u^2
+    // per level.
     acc_t loss = 0;
     for (int s = 0; s < S; ++s) {
       const acc_t* yhs = yhb + s * n;
       acc_t usq = 0;  // lane 0's sum of u^2 over this warp's channels, in order
       for (int64_t c = warp; c < lv.C[s]; c += kHeadWarps) {
         const acc_t* row = P + (lv.off[s] + c) * n;
-        acc_t sp = 0, sy = 0, sa = 0;
+        acc_t sp = 0, sa = 0;
         for (int64_t i = lane; i < n; i += 32) {
           const acc_t p = row[i];
           sp += p;
-          sy += p * yhs[i];
           sa += p * ab[i];
         }
         sp = warp_sum(sp);  // butterflies: every lane holds the same sums
-        sy = warp_sum(sy);
         sa = warp_sum(sa);
-        const acc_t u = sy - (sp / acc_t(n)) * sig[s];
+        const acc_t mu = sp / acc_t(n);
+        acc_t u = 0;
+        for (int64_t i = lane; i < n; i += 32) u += (row[i] - mu) * yhs[i];
+        u = warp_sum(u);
         if (lane == 0) {
           store(out + b * Ctot + lv.off[s] + c, sa);
           usq += u * u;
@@ -366,7 +381,8 @@ pyr_loss_mean_kernel(const typename OpMath<scalar_t>::type* __restrict__ loss_pa
 
 // ------------------------------------------------------------------ backward: head
 // One block per sample b. Workspace (opmath): ab, geb [B, n]; yhb (-> yh - sig/n), gyb
-// [B, S, n]; kub [B, Ctot] (kappa_s u_s); gw_part [B, Ctot]; gb_part [B, S].
+// [B, S, n]; kub [B, Ctot] (kappa_s u_s); gw_part [B, Ctot] (holds mu until the grad_w
+// pass); gb_part [B, S].
 template <typename scalar_t>
 __global__ void __launch_bounds__(kHeadThreads)
 pyr_backward_head_kernel(const scalar_t* __restrict__ grad_out,
@@ -400,51 +416,58 @@ pyr_backward_head_kernel(const scalar_t* __restrict__ grad_out,
     acc_t r[kMaxLevels], sig[kMaxLevels], G[kMaxLevels * kMaxLevels];
     attention_state(y + b * S * n, ab, yhb, S, n, eps_a, red, r, sig, G);
 
-    // ga = sum over all Ctot channels of gz[c] P[c, :]; softmax backward ge = a (ga - a.ga)
-    col_dot(P, gz, Ctot, n, red_col, [&](int64_t i, acc_t v) { geb[i] = v; });
+    // One warp per channel: mu_s[c] = mean P, then kappa_s u_s[c] with u_s[c] = sum_i (P - mu)
+    // yh_s (centred). kappa u goes to kub (kept for unpool); mu is parked in this sample's
+    // gw_part row until the grad_w pass below overwrites it (the same warp owns channel c in
+    // both passes, and reads mu before lane 0 writes).
+    acc_t* mub = gw_part + b * Ctot;
+    for (int s = 0; s < S; ++s) {
+      const acc_t kappa = acc_t(-2) * gl / acc_t(S * lv.C[s]);
+      const acc_t* yhs = yhb + s * n;
+      for (int64_t c = warp; c < lv.C[s]; c += kHeadWarps) {
+        const acc_t* row = P + (lv.off[s] + c) * n;
+        acc_t sp = 0;
+        for (int64_t i = lane; i < n; i += 32) sp += row[i];
+        const acc_t mu = warp_sum(sp) / acc_t(n);
+        acc_t u = 0;
+        for (int64_t i = lane; i < n; i += 32) u += (row[i] - mu) * yhs[i];
+        u = warp_sum(u);
+        if (lane == 0) {
+          kub[lv.off[s] + c] = kappa * u;
+          mub[lv.off[s] + c] = mu;
+        }
+      }
+    }
+    __syncthreads();  // kub and mub are read across warps below
+
+    // ga = sum over all Ctot channels of gz[c] (P[c, :] - mu[c]); softmax backward
+    // ge = a (ga - a.ga). Centring shifts ga by a constant, which ge does not see (sum a = 1),
+    // and avoids the cancellation of ga - a.ga when the channels' means dominate.
+    col_dot(P, gz, static_cast<const acc_t*>(mub), Ctot, n, red_col,
+            [&](int64_t i, acc_t v) { geb[i] = v; });
     acc_t d = 0;
     for (int64_t i = threadIdx.x; i < n; i += kHeadThreads) d += ab[i] * geb[i];
     d = head_sum(d, red);
     for (int64_t i = threadIdx.x; i < n; i += kHeadThreads) geb[i] = ab[i] * (geb[i] - d);
 
-    // One warp per channel: kappa_s u_s[c] (kept for unpool), sum_c kappa_s u_s[c] mu_s[c].
-    acc_t kum[kMaxLevels];
-    for (int s = 0; s < S; ++s) {
-      const acc_t kappa = acc_t(-2) * gl / acc_t(S * lv.C[s]);
-      const acc_t* yhs = yhb + s * n;
-      acc_t part = 0;  // lane 0's sum over this warp's channels, in order
-      for (int64_t c = warp; c < lv.C[s]; c += kHeadWarps) {
-        const acc_t* row = P + (lv.off[s] + c) * n;
-        acc_t sp = 0, sy = 0;
-        for (int64_t i = lane; i < n; i += 32) {
-          const acc_t p = row[i];
-          sp += p;
-          sy += p * yhs[i];
-        }
-        sp = warp_sum(sp);
-        sy = warp_sum(sy);
-        const acc_t mu = sp / acc_t(n);
-        const acc_t ku = kappa * (sy - mu * sig[s]);
-        if (lane == 0) {
-          kub[lv.off[s] + c] = ku;
-          part += ku * mu;
-        }
-      }
-      kum[s] = head_sum(part, red);  // its barriers publish kub
-    }
-
-    // Per level: gyh = (kappa u).P - sum_c kappa u mu + 4 lam gl sum_{t != s} G_st yh_t,
-    // then gy (through the normalisation) and the per-sample grad_bias term.
+    // Per level: gyh = sum_c (kappa u)[c] (P[c, :] - mu[c]) + 4 lam gl sum_{t != s} G_st yh_t,
+    // then gy (through the normalisation) and the per-sample grad_bias term in closed form:
+    // sum_i ge_i = 0 and the kappa part of sum_i gyh_s[i] is 0, so sum_i gy_s[i] =
+    // (4 lam gl sum_{t != s} G_st sig_t - sig_s proj_s) / d_s (proj_s = yh_s.gyh_s when
+    // r_s >= eps, else 0; d_s = max(r_s, eps)); summing gy instead leaves only the rounding
+    // noise of those zeros, which swamps small gradients. 0 * sum_i gy_s[i] is added so
+    // that a non-finite gy (e.g. from grad_out) still reaches grad_bias.
+    acc_t gb[kMaxLevels];
     for (int s = 0; s < S; ++s) {
       acc_t* gys = gyb + s * n;
       const acc_t* yhs = yhb + s * n;
-      const acc_t km = kum[s];
-      col_dot(P + lv.off[s] * n, kub + lv.off[s], lv.C[s], n, red_col, [&](int64_t i, acc_t v) {
-        acc_t div = 0;
-        for (int t = 0; t < S; ++t)
-          if (t != s) div += G[s * kMaxLevels + t] * yhb[t * n + i];
-        gys[i] = (v - km) + lam4 * div;
-      });
+      col_dot(P + lv.off[s] * n, kub + lv.off[s], static_cast<const acc_t*>(mub + lv.off[s]),
+              lv.C[s], n, red_col, [&](int64_t i, acc_t v) {
+                acc_t div = 0;
+                for (int t = 0; t < S; ++t)
+                  if (t != s) div += G[s * kMaxLevels + t] * yhb[t * n + i];
+                gys[i] = v + lam4 * div;
+              });
       acc_t dot = 0;
       for (int64_t i = threadIdx.x; i < n; i += kHeadThreads) dot += yhs[i] * gys[i];
       dot = head_sum(dot, red);
@@ -457,19 +480,27 @@ pyr_backward_head_kernel(const scalar_t* __restrict__ grad_out,
         gsum += v;
       }
       gsum = head_sum(gsum, red);
-      if (threadIdx.x == 0) gb_part[b * S + s] = gsum;
+      acc_t inter = 0;  // sum_{t != s} G_st sig_t
+      for (int t = 0; t < S; ++t)
+        if (t != s) inter += G[s * kMaxLevels + t] * sig[t];
+      const acc_t closed = big ? (lam4 * inter - sig[s] * dot) / r[s] : lam4 * inter / eps_a;
+      gb[s] = closed + acc_t(0) * gsum;
+      if (threadIdx.x == 0) gb_part[b * S + s] = gb[s];
     }
     __syncthreads();  // gy is read across threads below
 
-    // One warp per channel: the per-sample grad_w term P_s[c, :] . gy_s.
+    // One warp per channel: the per-sample grad_w term P_s[c, :] . gy_s, summed as
+    // sum_i gy_s[i] (P_s[c, i] - mu_s[c]) + mu_s[c] gb_s (the gy sum's rounding noise would
+    // otherwise come back multiplied by the channel's mean).
     for (int s = 0; s < S; ++s) {
       const acc_t* gys = gyb + s * n;
       for (int64_t c = warp; c < lv.C[s]; c += kHeadWarps) {
         const acc_t* row = P + (lv.off[s] + c) * n;
+        const acc_t mu = mub[lv.off[s] + c];
         acc_t sg = 0;
-        for (int64_t i = lane; i < n; i += 32) sg += row[i] * gys[i];
+        for (int64_t i = lane; i < n; i += 32) sg += (row[i] - mu) * gys[i];
         sg = warp_sum(sg);
-        if (lane == 0) gw_part[b * Ctot + lv.off[s] + c] = sg;
+        if (lane == 0) gw_part[b * Ctot + lv.off[s] + c] = sg + mu * gb[s];
       }
     }
     // yh_s - sig_s / n for unpool's dP (each thread rewrites only what it wrote; the gyh
