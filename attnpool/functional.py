@@ -344,6 +344,10 @@ def temporal_attention_pool(x: Tensor, mask: Tensor, scores: Tensor, *,
 
 
 # ============================================= interaction-aware pyramid attention
+# the CUDA kernels take the levels' pointers by value (kMaxLevels, csrc/cuda/pyramid_attention.cuh)
+_CUDA_MAX_LEVELS = 8
+
+
 def pyramid_attention(
     maps: list[Tensor],
     score_weights: list[Tensor],
@@ -373,7 +377,12 @@ def pyramid_attention(
         if w.dim() != 1 or w.shape[0] < 1:
             raise ValueError(f"score_weights[{s}] must have shape [C_s], got {list(w.shape)}")
         channels.append(w.shape[0])
+    if isinstance(maps, (list, tuple)) and len(maps) != len(channels):
+        raise ValueError(f"score_weights must hold one [C_s] tensor per map ({len(maps)} maps), "
+                         f"got {len(channels)}")
     reference.check_pyramid_maps(maps, channels)
+    if score_bias is None:
+        raise TypeError(f"score_bias must be a Tensor of shape [{len(channels)}], got None")
     S = len(channels)
     cast = _autocast(*maps, *score_weights, score_bias)
     maps, score_weights, score_bias = cast[:S], cast[S:2 * S], cast[2 * S]
@@ -382,6 +391,13 @@ def pyramid_attention(
         _check_like(f"score_weights[{s}]", w, x, (channels[s],))
     _check_like("score_bias", score_bias, x, (len(channels),))
     name = backends.resolve("pyramid_attention", backend, x.device, x.dtype)
+    if name == "cuda" and S > _CUDA_MAX_LEVELS:
+        if backends.requested(backend) == "cuda":
+            raise backends.BackendUnavailableError(
+                f"attnpool backend 'cuda' runs pyramid_attention with at most {_CUDA_MAX_LEVELS} "
+                f"levels, got {S}; use 'triton' or 'auto'")
+        name = "triton" if backends.why_not("pyramid_attention", "triton", x.device,
+                                            x.dtype) is None else "reference"
     if name == "reference":
         return reference.pyramid_attention(maps, list(score_weights), score_bias, eps,
                                            diversity_weight)

@@ -142,6 +142,7 @@ class PyramidAttention(reference.PyramidAttention):
         self.backend = backend
 
     def forward(self, maps: list[Tensor], return_loss: bool = False):
+        reference.check_pyramid_maps(maps, self.in_channels)
         out, loss = functional.pyramid_attention(
             maps, list(self.score_weights), self.score_bias, self.eps, self.diversity_weight,
             backend=self.backend)

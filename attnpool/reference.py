@@ -574,8 +574,10 @@ def check_pyramid_maps(maps, in_channels: list[int]) -> None:
             raise ValueError(f"maps[{s}] must have shape {want}, got {list(x.shape)}")
         if min(x.shape[-2:]) < 1 or (x.dim() == 5 and x.shape[1] < 1):
             raise ValueError(f"maps[{s}] must have T, H, W >= 1, got {list(x.shape)}")
-        if not x.is_floating_point() or x.dtype != first.dtype:
-            raise TypeError(f"maps[{s}] must have maps[0]'s floating dtype {first.dtype}, got {x.dtype}")
+        if not x.is_floating_point():
+            raise TypeError(f"maps[{s}] must be a floating-point tensor of shape {want}, got {x.dtype}")
+        if x.dtype != first.dtype:
+            raise TypeError(f"maps[{s}] must have maps[0]'s dtype {first.dtype}, got {x.dtype}")
         if x.device != first.device:
             raise ValueError(f"maps[{s}] must be on maps[0]'s device {first.device}, got {x.device}")
 

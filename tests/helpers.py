@@ -22,9 +22,11 @@ def max_err(actual: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def assert_close(actual: torch.Tensor, ref64: torch.Tensor, name: str,
-                 ref_lowp: torch.Tensor | None = None) -> None:
-    """fp32 / fp64: ‖actual − ref‖∞ ≤ tol·‖ref‖∞ against the float64 reference.
-    fp16 / bf16: the error is at most twice the reference's own error at that dtype."""
+                 ref_lowp: torch.Tensor | None = None, scale_floor: float = 0.0) -> None:
+    """fp32 / fp64: ‖actual − ref‖∞ ≤ tol·max(‖ref‖∞, scale_floor) against the float64
+    reference. fp16 / bf16: the error is at most twice the reference's own error at that dtype.
+    scale_floor: the magnitude of the quantities ref is computed from, for a ref that is 0 (or
+    tiny) in exact arithmetic, where any rounding residue would count as infinitely wrong."""
     assert actual.shape == ref64.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(ref64.shape)}"
     if actual.numel() == 0:
         return
@@ -35,7 +37,7 @@ def assert_close(actual: torch.Tensor, ref64: torch.Tensor, name: str,
     actual, ref64 = actual[finite], ref64[finite]
     if actual.numel() == 0:
         return
-    scale = max(ref64.abs().max().item(), 1e-30)
+    scale = max(ref64.abs().max().item(), scale_floor, 1e-30)
     err = max_err(actual, ref64)
     if actual.dtype in (torch.float16, torch.bfloat16):
         assert ref_lowp is not None, f"{name}: low precision needs the reference at that dtype"
