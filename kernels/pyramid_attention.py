@@ -21,10 +21,11 @@ same value without the cancellation of the two terms.)
 
 Layout of the work (b = sample, s = level, c = channel, i = position):
 
-forward  1. _pool_kernel, one launch per level, grid (B*T, cdiv(C_s, BLOCK_C),
-            cdiv(Ho*Wo, BLOCK_O)): a [BLOCK_C, BLOCK_O] tile of output cells loops over the
-            largest window (KH x KW, host-computed) with masks, sums in opmath, divides by the
-            cell's window size and writes its slice of pooled [B, Ctot, n] once.
+forward  1. _pool_kernel, one launch per level, 1-D grid of B*T x cdiv(Ho*Wo, BLOCK_O) x
+            cdiv(C_s, BLOCK_C) programs (axis 0 only: axes 1, 2 stop at 65535, which B*T or
+            the tiles of a large map exceed): a [BLOCK_C, BLOCK_O] tile of output cells loops
+            over the largest window (KH x KW, host-computed) with masks, sums in opmath,
+            divides by the cell's window size and writes its slice of pooled [B, Ctot, n] once.
          2. _head_fwd_kernel, grid (B,), loops over the levels (offsets and sizes from a small
             int tensor; the weights concatenated to [Ctot]):
               pass A, over position blocks: y_s for every level (stored), the Gram matrix of
@@ -41,13 +42,18 @@ backward 1. _head_bwd_kernel, grid (B,):
                 kappa_s u_s and mu_s [B, 2, Ctot];
               phase 3, over position blocks: ga = sum_s gz_s^T (P_s - mu_s) and
                 gyh_s = kappa_s u_s^T (P_s - mu_s) + 4 lam gl sum_{t != s} G_st yh_t
-                (stored into gy), with yh_s.gyh_s and sum_i a_i ga_i (centring P changes
-                neither ge = a (ga - a.ga) nor gyh_s mathematically, since sum_i a_i = 1,
-                and avoids their cancellation when channel means dominate);
+                (both stored into the scratch wk [B, S + 1, n]), with yh_s.gyh_s and
+                sum_i a_i ga_i (centring P changes neither ge = a (ga - a.ga) nor gyh_s
+                mathematically, since sum_i a_i = 1, and avoids their cancellation when
+                channel means dominate);
               phase 4, over position blocks: gy_s = ge + (gyh_s - yh_s (yh_s.gyh_s)) / r_s
-                (gyh_s / eps when r_s < eps), overwriting gyh; a replaces ga in the scratch;
+                (gyh_s / eps when r_s < eps) into gy and a into its own buffer (phases read
+                and write different buffers: a load and a store of the same addresses in one
+                phase would race between the threads holding replicated copies of a tile);
                 the grad_bias partial sum_i gy_s[i] in closed form (its ge and kappa parts
-                sum to 0 exactly: summing gy would leave only their rounding noise);
+                sum to 0 exactly: summing gy would leave only their rounding noise), plus
+                sum_i 0 * gy_s[i] so that NaN / inf (e.g. in grad_out) propagate as in the
+                spec;
               phase 5, levels x channel blocks over positions: grad_weights partial
                 sum_i gy_s[i] P_s[c, i], summed as sum_i gy_s[i] (P_s[c, i] - mu_s[c]) +
                 mu_s[c] (grad_bias partial), so that the gy sum's noise is not multiplied
@@ -56,10 +62,10 @@ backward 1. _head_bwd_kernel, grid (B,):
             follows a tl.debug_barrier. Partials go to an opmath [B, Ctot + S] buffer.
          2. _batch_sum_kernel: grad_weights / grad_bias = sum over b of the partials, in a
             fixed order (deterministic, no atomics).
-         3. _unpool_kernel, one launch per level, grid (B*T, cdiv(C_s, BLOCK_C),
-            cdiv(H_s*W_s, BLOCK_K)): every input pixel loops over the output cells whose
-            window holds it (contiguous ranges [floor(h*Ho/H), floor(((h+1)*Ho-1)/H)], at most
-            KH x KW of them, host-computed) and sums
+         3. _unpool_kernel, one launch per level, 1-D grid of B*T x cdiv(H_s*W_s, BLOCK_K) x
+            cdiv(C_s, BLOCK_C) programs (as the pooling's): every input pixel loops over the
+            output cells whose window holds it (contiguous ranges [floor(h*Ho/H),
+            floor(((h+1)*Ho-1)/H)], at most KH x KW of them, host-computed) and sums
             dP[c, i] / |window(i)|, dP = gz a^T + w gy_s^T + (kappa_s u_s)(yh_s - sig_s/n)^T
             formed on the fly (rank 3, never materialised). grad_xs[s] is written exactly once
             (no zero fill, no atomics).
@@ -67,19 +73,23 @@ Nothing of size n x n or S x C x n is materialised beyond pooled; scratch is O(B
 
 Precision: accumulation in float32 (float64 for float64 inputs), pooled and y in that opmath;
 IEEE division and square root (common.div_rn / sqrt_rn); outputs rounded once to xs' dtype.
-eps and lam travel as an opmath tensor (exact for float64); grad_loss is read from its tensor
+eps and lam travel as an opmath tensor (exact for float64; it and the level table are
+cached device tensors, so that calls with the same values copy nothing); grad_loss is read from its tensor
 and divided by B in opmath. As in the spec, r_s >= eps selects the projected gradient (a NaN
 norm is not clamped, so NaN propagates). Where the spec's sums cancel in rounding (channel
 means, and the exact zeros in grad_bias), the kernels sum mathematically equal centred or
 closed forms (see phases 3-5), which keeps float32 results near float32 precision.
 
 The head kernels read back, in a later phase, global memory that an earlier phase of the same
-program wrote (y in the forward; kappa u, mu, gyh, ga, gy in the backward). tl.debug_barrier
+program wrote (y in the forward; kappa u, mu, gyh, ga, gy in the backward), never the same
+phase's own stores (no phase overwrites what it reads). tl.debug_barrier
 (bar.sync) makes a block's global stores visible to all its threads; no other program touches
 those rows, so no grid-wide synchronisation is needed.
 """
 
 from __future__ import annotations
+
+from collections import OrderedDict
 
 import torch
 import triton
@@ -93,8 +103,9 @@ __all__ = ["pyramid_attention_forward", "pyramid_attention_backward"]
 # Block caps (powers of two >= 16), module-level so that tests can force the looped paths.
 # Pooling tiles of BLOCK_C x BLOCK_O cells, head tiles of BLOCK_C x BLOCK_N pooled values,
 # unpooling tiles of BLOCK_C x BLOCK_K pixels. Not tuned for speed (no GPU yet); an sm_90 AOT
-# compile (Triton 3.9, ptxas -v, 4 warps) shows no register spills in fp32 / fp64 for S <= 8
-# (head tiles of 32 x 128 spilled up to 2 KB in fp64).
+# compile (Triton 3.9, ptxas -v, 4 warps) shows no register spills in fp32 / fp64 for S <= 8,
+# except 4 bytes in the fp64 backward head at BLOCK_S = 8 (head tiles of 32 x 128 spilled up
+# to 2 KB in fp64).
 MAX_BLOCK_C = 32
 MAX_BLOCK_O = 64
 MAX_BLOCK_N = 64
@@ -120,6 +131,19 @@ def _pick(vec, idx, s):
 def _row(tile, idx, s):
     """Row s of a [BLOCK_S, X] tile."""
     return tl.sum(tl.where(idx[:, None] == s, tile, 0.0), axis=0)
+
+
+@triton.jit
+def _tile_ids(n_ct, n_pt):
+    """(frame b*T + t as int64, channel tile, pixel tile) of this program: the grid is 1-D
+    (axis 0 allows 2^31 - 1 programs; axes 1 and 2 only 65535, which B*T or the pixel tiles
+    of a large map can exceed), channel tiles varying fastest, then pixel tiles."""
+    pid = tl.program_id(0).to(tl.int64)
+    ct = pid % n_ct
+    rest = pid // n_ct
+    pt = rest % n_pt
+    bt = rest // n_pt
+    return bt, ct.to(tl.int32), pt.to(tl.int32)
 
 
 @triton.jit
@@ -179,12 +203,12 @@ def _pool_kernel(
     """pooled[b, off + c, t*Ho*Wo + o] = mean of frame (b, t)'s window o, for a tile of
     channels x output cells (windows walked up to their largest size KH x KW, masked)."""
     ACC = p_ptr.dtype.element_ty
-    bt = tl.program_id(0).to(tl.int64)
+    HoWo = Ho * Wo
+    bt, ct, ot = _tile_ids(tl.cdiv(C, BLOCK_C), tl.cdiv(HoWo, BLOCK_O))
     b = bt // T
     t = bt - b * T
-    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    o = tl.program_id(2) * BLOCK_O + tl.arange(0, BLOCK_O)
-    HoWo = Ho * Wo
+    c = ct * BLOCK_C + tl.arange(0, BLOCK_C)
+    o = ot * BLOCK_O + tl.arange(0, BLOCK_O)
     c_ok = c < C
     o_ok = o < HoWo
     oh = o // Wo
@@ -301,18 +325,21 @@ def _batch_sum_kernel(part_ptr, out_ptr, B, K, div, BLOCK_K: tl.constexpr):
 @triton.jit
 def _head_bwd_kernel(
     go_ptr, gl_ptr, p_ptr, y_ptr, w_ptr, meta_ptr, scal_ptr,
-    gy_ptr, vec_ptr, ku_ptr, stats_ptr, part_ptr,
+    wk_ptr, gy_ptr, a_ptr, ku_ptr, stats_ptr, part_ptr,
     B, S, n, Ctot,
     BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """One sample: gy [S, n], kappa_s u_s [Ctot], a [n], (rr_s, sig_s / n) and the partials
-    of grad_weights / grad_bias (see the module docstring, phases 1-5)."""
+    of grad_weights / grad_bias (see the module docstring, phases 1-5). wk [S + 1, n] is
+    scratch: gyh_s (rows 0..S-1) and ga (row S), which phase 3 writes and phase 4 reads."""
     ACC = p_ptr.dtype.element_ty
     b = tl.program_id(0).to(tl.int64)
     p_base = p_ptr + b * Ctot * n
     y_base = y_ptr + b * S * n
     gy_base = gy_ptr + b * S * n
-    vec_base = vec_ptr + b * n
+    gyh_base = wk_ptr + b * (S + 1) * n  # gyh_s, then ga
+    ga_base = gyh_base + S * n
+    a_base = a_ptr + b * n
     ku_base = ku_ptr + b * 2 * Ctot  # kappa_s u_s, then mu_s
     go_base = go_ptr + b * Ctot
     part_base = part_ptr + b * (Ctot + S)
@@ -364,7 +391,7 @@ def _head_bwd_kernel(
             tl.store(ku_base + Ctot + off + c, mu, mask=c_ok)
     tl.debug_barrier()  # phase 3 reads kappa u and mu
 
-    # ---- phase 3: gyh_s (into gy), ga (into vec), yh_s . gyh_s and sum_i a_i ga_i
+    # ---- phase 3: gyh_s and ga (into wk), yh_s . gyh_s and sum_i a_i ga_i
     dots = tl.zeros([BLOCK_S], dtype=ACC)
     aga = zero
     for n0 in range(0, n, BLOCK_N):
@@ -395,36 +422,43 @@ def _head_bwd_kernel(
             inter = tl.sum(g_s[:, None] * yh, axis=0)
             gyh = kup + 4.0 * lam * gl * inter
             gyh = tl.where(i_ok, gyh, 0.0)
-            tl.store(gy_base + s * n + i, gyh, mask=i_ok)
+            tl.store(gyh_base + s * n + i, gyh, mask=i_ok)
             dots += tl.where(sidx == s, tl.sum(_row(yh, sidx, s) * gyh, axis=0), 0.0)
         ga = tl.where(i_ok, ga, 0.0)
-        tl.store(vec_base + i, ga, mask=i_ok)
+        tl.store(ga_base + i, ga, mask=i_ok)
         aga += tl.sum(a * ga, axis=0)
     tl.debug_barrier()  # phase 4 reads gyh and ga
 
-    # ---- phase 4: gy = ge + d yh / d y (gyh) (into gy), a (into vec)
+    # ---- phase 4: gy = ge + d yh / d y (gyh) (into gy), a (into a). Each reads wk and
+    # writes other buffers: a load and a store of the same addresses in one block would
+    # race (threads holding replicated copies of a tile may load after another's store).
     proj = tl.where(r >= eps, dots, 0.0)  # below eps, yh = y / eps: no projection
     # grad_bias partial sum_i gy_s[i] in closed form: sum_i ge_i = aga (1 - sum_i a_i) = 0 and
     # the kappa part of sum_i gyh_s[i] is kappa sum_c u_c (n mu_c - n mu_c) = 0, which leaves
     # (4 lam gl sum_{t != s} G_st sig_t - sig_s proj_s) / rr_s. Summing gy instead would give
     # those zeros' rounding noise, which swamps small biases' gradients (cancellation).
+    # sum_i 0 * gy_s[i] is added (0, or NaN where a gy_s[i] is not finite) so that NaN / inf
+    # in grad_out (through ga, aga) reach grad_bias as in the spec's plain sum.
     off_diag = (sidx[:, None] != sidx[None, :]) & s_ok[:, None] & s_ok[None, :]
     inter = tl.sum(tl.where(off_diag, G * sig[None, :], 0.0), axis=1)
     gb = div_rn(4.0 * lam * gl * inter - sig * proj, rr)
+    nonfinite = tl.zeros([BLOCK_S], dtype=ACC)
     for n0 in range(0, n, BLOCK_N):
         i = n0 + offs_n
         i_ok = i < n
         ytile = _load_y(y_base, sidx, s_ok, i, i_ok, n)
         yh = div_rn(ytile, rr[:, None])
         a = tl.where(i_ok, div_rn(tl.exp(tl.sum(ytile, axis=0) - m), denom), 0.0)
-        ga = tl.load(vec_base + i, mask=i_ok, other=0.0)
+        ga = tl.load(ga_base + i, mask=i_ok, other=0.0)
         ge = a * (ga - aga)
-        gyh = _load_y(gy_base, sidx, s_ok, i, i_ok, n)
+        gyh = _load_y(gyh_base, sidx, s_ok, i, i_ok, n)
         gy = ge[None, :] + div_rn(gyh - yh * proj[:, None], rr[:, None])
         gy = tl.where(s_ok[:, None] & i_ok[None, :], gy, 0.0)
+        nonfinite += tl.sum(0.0 * gy, axis=1)
         tl.store(gy_base + sidx[:, None] * n + i[None, :], gy,
                  mask=s_ok[:, None] & i_ok[None, :])
-        tl.store(vec_base + i, a, mask=i_ok)
+        tl.store(a_base + i, a, mask=i_ok)
+    gb = gb + nonfinite
     tl.store(part_base + Ctot + sidx, gb, mask=s_ok)
     tl.debug_barrier()  # phase 5 reads gy
 
@@ -458,12 +492,12 @@ def _unpool_kernel(
     """grad_xs[s][b, t, c, h, w] = sum over the output cells i whose window holds (h, w) of
     dP_s[c, i] / |window(i)|, dP_s formed on the fly from its three rank-1 terms."""
     ACC = a_ptr.dtype.element_ty
-    bt = tl.program_id(0).to(tl.int64)
+    HW = H * W
+    bt, ct, kt = _tile_ids(tl.cdiv(C, BLOCK_C), tl.cdiv(HW, BLOCK_K))
     b = bt // T
     t = bt - b * T
-    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    k = tl.program_id(2) * BLOCK_K + tl.arange(0, BLOCK_K)
-    HW = H * W
+    c = ct * BLOCK_C + tl.arange(0, BLOCK_C)
+    k = kt * BLOCK_K + tl.arange(0, BLOCK_K)
     c_ok = c < C
     k_ok = k < HW
     h = k // W
@@ -513,10 +547,42 @@ def _max_cover(size_in: int, size_out: int) -> int:
                for h in range(size_in))
 
 
+# Small constant device tensors (the level table, (eps, lam)), cached by (device, dtype,
+# values): torch.tensor(..., device="cuda") is a blocking host-to-device copy (and is not
+# allowed during CUDA-graph capture), so only the first call with given values makes one.
+# The kernels only read them. Floats are keyed by float.hex (keeps -0.0 apart from 0.0).
+_CONSTS: OrderedDict = OrderedDict()
+_CONSTS_MAX = 64
+_GRID_MAX = 2**31 - 1
+
+
+def _const(values: list, dtype: torch.dtype, device) -> Tensor:
+    device = torch.device(device)
+    key = (device.type, device.index, dtype,
+           tuple(float(v).hex() if dtype.is_floating_point else int(v) for v in values))
+    t = _CONSTS.get(key)
+    if t is None:
+        t = torch.tensor(values, dtype=dtype, device=device)
+        _CONSTS[key] = t
+        if len(_CONSTS) > _CONSTS_MAX:
+            _CONSTS.popitem(last=False)
+    else:
+        _CONSTS.move_to_end(key)
+    return t
+
+
 def _levels(Cs: list[int], device) -> tuple[list[int], Tensor]:
     """Channel offsets, and the int32 tensor [offs..., Cs...] the head kernels read."""
     offs = [sum(Cs[:s]) for s in range(len(Cs))]
-    return offs, torch.tensor(offs + list(Cs), dtype=torch.int32, device=device)
+    return offs, _const(offs + list(Cs), torch.int32, device)
+
+
+def _tile_grid(frames: int, C: int, block_c: int, pixels: int, block_p: int) -> tuple[int]:
+    """The 1-D grid of _tile_ids: frames x channel tiles x pixel tiles programs."""
+    size = frames * triton.cdiv(C, block_c) * triton.cdiv(pixels, block_p)
+    if size > _GRID_MAX:
+        raise ValueError(f"pyramid attention: {size} tiles exceed the grid limit {_GRID_MAX}")
+    return (size,)
 
 
 def _head_blocks(S: int, Cs: list[int], n: int) -> dict:
@@ -543,12 +609,12 @@ def pyramid_attention_forward(xs: list[Tensor], weights: list[Tensor], bias: Ten
     for x, off, C in zip(xs, offs, Cs):
         H, W = x.shape[-2:]
         block_c = block(C, MAX_BLOCK_C)
-        grid = (B * T, triton.cdiv(C, block_c), triton.cdiv(Ho * Wo, block_o))
+        grid = _tile_grid(B * T, C, block_c, Ho * Wo, block_o)
         _pool_kernel[grid](x, pooled, off, C, T, H, W, Ho, Wo, n, Ctot,
                            _max_window(H, Ho), _max_window(W, Wo),
                            BLOCK_C=block_c, BLOCK_O=block_o, num_warps=NUM_WARPS)
     wcat = torch.cat([w.reshape(-1) for w in weights])
-    scal = torch.tensor([eps, lam], dtype=acc, device=dev)  # exact for float64
+    scal = _const([eps, lam], acc, dev)  # exact for float64
     y = torch.empty(B, S, n, dtype=acc, device=dev)
     out = torch.empty(B, Ctot, dtype=dtype, device=dev)
     loss_b = torch.empty(B, dtype=acc, device=dev)
@@ -576,16 +642,17 @@ def pyramid_attention_backward(grad_out: Tensor, grad_loss: Tensor, pooled: Tens
     T = n // (Ho * Wo)
     offs, meta = _levels(Cs, dev)
     wcat = torch.cat([w.reshape(-1) for w in weights])
-    scal = torch.tensor([eps, lam], dtype=acc, device=dev)
+    scal = _const([eps, lam], acc, dev)
     gl = torch.as_tensor(grad_loss, dtype=None if isinstance(grad_loss, Tensor) else acc,
                          device=dev)
+    wk = torch.empty(B, S + 1, n, dtype=acc, device=dev)  # scratch: gyh_s, ga
     gy = torch.empty(B, S, n, dtype=acc, device=dev)
-    vec = torch.empty(B, n, dtype=acc, device=dev)  # ga, then a
+    a = torch.empty(B, n, dtype=acc, device=dev)
     ku = torch.empty(B, 2, Ctot, dtype=acc, device=dev)  # kappa_s u_s, mu_s
     stats = torch.empty(B, 2, S, dtype=acc, device=dev)  # rr_s, sig_s / n
     part = torch.empty(B, Ctot + S, dtype=acc, device=dev)  # grad_weights | grad_bias
     _head_bwd_kernel[(B,)](grad_out, gl, pooled, y, wcat, meta, scal,
-                           gy, vec, ku, stats, part, B, S, n, Ctot, **_head_blocks(S, Cs, n))
+                           wk, gy, a, ku, stats, part, B, S, n, Ctot, **_head_blocks(S, Cs, n))
     grads = torch.empty(Ctot + S, dtype=dtype, device=dev)
     _batch_sum_kernel[(triton.cdiv(Ctot + S, REDUCE_BLOCK),)](
         part, grads, B, Ctot + S, 1, BLOCK_K=REDUCE_BLOCK, num_warps=NUM_WARPS)
@@ -595,8 +662,8 @@ def pyramid_attention_backward(grad_out: Tensor, grad_loss: Tensor, pooled: Tens
         gx = torch.empty(B, T, C, H, W, dtype=dtype, device=dev)
         block_c = block(C, MAX_BLOCK_C)
         block_k = block(H * W, MAX_BLOCK_K)
-        grid = (B * T, triton.cdiv(C, block_c), triton.cdiv(H * W, block_k))
-        _unpool_kernel[grid](grad_out, vec, gy, y, ku, wcat, stats, gx,
+        grid = _tile_grid(B * T, C, block_c, H * W, block_k)
+        _unpool_kernel[grid](grad_out, a, gy, y, ku, wcat, stats, gx,
                              s, off, C, S, T, H, W, Ho, Wo, n, Ctot,
                              _max_cover(H, Ho), _max_cover(W, Wo),
                              BLOCK_C=block_c, BLOCK_K=block_k, num_warps=NUM_WARPS)
