@@ -70,7 +70,16 @@ def check_backend(case, backend, dtype, device="cpu"):
     got = run(*case, backend=backend, dtype=dtype, device=device)
     for name, ref in ref64.items():
         assert got[name].dtype == dtype, name
-        assert_close(got[name], ref, f"{backend}/{dtype}/{name}", ref_lowp.get(name))
+        # A bias gradient sums the same per-position terms as its weight's gradient and can
+        # cancel to far below them (e.g. 0.016 from five terms of ~1): it is measured against
+        # at least a tenth of the layer's largest parameter gradient.
+        floor = 0.0
+        if name.startswith("grad_bias_"):
+            layer = name.removeprefix("grad_bias_")  # bottom_up / top_down
+            floor = 0.1 * max(ref64[f"grad_weight_{layer}"].abs().max().item(),
+                              ref.abs().max().item())
+        assert_close(got[name], ref, f"{backend}/{dtype}/{name}", ref_lowp.get(name),
+                     scale_floor=floor)
     return got
 
 
