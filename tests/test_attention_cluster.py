@@ -70,6 +70,11 @@ def check_backend(case, backend, dtype, device="cpu"):
     ref_lowp = run(*case, backend="reference", dtype=dtype, device=device) \
         if dtype != torch.float64 else {}
     got = run(*case, backend=backend, dtype=dtype, device=device)
+    # A parameter gradient can cancel far below the terms it sums (scores gradients through
+    # a softmax over two frames, say): each is measured against at least a tenth of the
+    # module's largest parameter gradient.
+    params = [k for k in ref64 if k.startswith("grad_") and k not in ("grad_x", "grad_bias")]
+    floor = 0.1 * max((ref64[k].abs().max().item() for k in params), default=0.0)
     for name, ref in ref64.items():
         if name == "grad_bias":  # the softmax cancels bias: its true gradient is 0
             noise = 1e-5 * max(1.0, got["grad_weight"].abs().max())
@@ -78,7 +83,8 @@ def check_backend(case, backend, dtype, device="cpu"):
             assert got[name].abs().max() <= noise
             continue
         assert got[name].dtype == dtype, name
-        assert_close(got[name], ref, f"{backend}/{dtype}/{name}", ref_lowp.get(name))
+        assert_close(got[name], ref, f"{backend}/{dtype}/{name}", ref_lowp.get(name),
+                     scale_floor=floor if name in params else 0.0)
 
 
 def test_expected_backends_are_here():

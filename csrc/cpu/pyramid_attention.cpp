@@ -226,8 +226,8 @@ C10_ALWAYS_INLINE T dot(const T* u, const T* v, int64_t n) {
 // Per-sample quantities both heads need, from pooled and y of sample b.
 template <typename T>
 struct Sample {
-  std::vector<T> a, yh, r, sig, gram;  // [n], [S, n], [S], [S], [S, S]
-  C10_ALWAYS_INLINE Sample(const Pyramid& p, const T* y, double eps) : a(p.n), yh(p.S * p.n), r(p.S), sig(p.S),
+  std::vector<T> a, yh, r, d, sig, gram;  // [n], [S, n], [S], [S], [S], [S, S]; d = max(r, eps)
+  C10_ALWAYS_INLINE Sample(const Pyramid& p, const T* y, double eps) : a(p.n), yh(p.S * p.n), r(p.S), d(p.S), sig(p.S),
                                                      gram(p.S * p.S) {
     const int64_t n = p.n, S = p.S;
     std::vector<T> e(y, y + n);
@@ -237,9 +237,9 @@ struct Sample {
     for (int64_t s = 0; s < S; ++s) {
       const T* ys = y + s * n;
       r[s] = std::sqrt(dot(ys, ys, n));
-      const T d = std::max(r[s], static_cast<T>(eps));
+      d[s] = std::max(r[s], static_cast<T>(eps));
       T sg = 0;
-      for (int64_t i = 0; i < n; ++i) sg += (yh[s * n + i] = ys[i] / d);
+      for (int64_t i = 0; i < n; ++i) sg += (yh[s * n + i] = ys[i] / d[s]);
       sig[s] = sg;
     }
     for (int64_t s = 0; s < S; ++s)
@@ -254,15 +254,16 @@ C10_ALWAYS_INLINE void row_means(const T* P, int64_t C, int64_t n, T* mu) {
   for (int64_t c = 0; c < C; ++c) mu[c] = dot(P + c * n, ones.data(), n) / static_cast<T>(n);
 }
 
-// u[c] = sum_i (P[c,i] - mu[c]) yh[i], centred before the sum: maps with large channel
-// means would otherwise lose the PCA term to cancellation in fp32.
+// u[c] = sum_i (P[c,i] - mu[c]) yh[i] = sum_i (P[c,i] - mu[c]) y[i] / d (yh = y / d), centred
+// before the sum: maps with large channel means would otherwise lose the PCA term to
+// cancellation in fp32.
 template <typename T>
-C10_ALWAYS_INLINE void pca_projection(const T* P, int64_t C, int64_t n, const T* yh, const T* mu,
-                                      T* u) {
+C10_ALWAYS_INLINE void pca_projection(const T* P, int64_t C, int64_t n, const T* y, T d,
+                                      const T* mu, T* u) {
   std::vector<T> row(n);
   for (int64_t c = 0; c < C; ++c) {
     for (int64_t i = 0; i < n; ++i) row[i] = P[c * n + i] - mu[c];
-    u[c] = dot(row.data(), yh, n);
+    u[c] = dot(row.data(), y, n) / d;  // with y and one division: yh's roundings stay out
   }
 }
 
@@ -296,7 +297,7 @@ C10_ALWAYS_INLINE at::opmath_type<scalar_t> head_forward(const Pyramid& p, int64
     u.resize(l.C);
     mu.resize(l.C);
     row_means(Pb + l.off * n, l.C, n, mu.data());
-    pca_projection(Pb + l.off * n, l.C, n, &sm.yh[s * n], mu.data(), u.data());
+    pca_projection(Pb + l.off * n, l.C, n, yb + s * n, sm.d[s], mu.data(), u.data());
     variance += dot(u.data(), u.data(), l.C) / static_cast<T>(l.C);
   }
   T overlap = 0;
@@ -336,9 +337,8 @@ C10_ALWAYS_INLINE void head_backward(const Pyramid& p, int64_t b, const std::vec
   }
   const T aga = dot(sm.a.data(), ga.data(), n);
   std::copy(sm.a.begin(), sm.a.end(), &f.a[b * n]);
-  std::vector<T> ge(n), gyh(n), centred(n);
-  T ge_sum = 0;  // 0 in exact arithmetic; it carries a NaN / inf of grad_out into grad_bias
-  for (int64_t i = 0; i < n; ++i) ge_sum += (ge[i] = sm.a[i] * (ga[i] - aga));
+  std::vector<T> ge(n), gyh(n);
+  for (int64_t i = 0; i < n; ++i) ge[i] = sm.a[i] * (ga[i] - aga);
   const T cross = static_cast<T>(4.0 * lam * gl);
   for (int64_t s = 0; s < S; ++s) {
     const Level& l = p.levels[s];
@@ -346,7 +346,7 @@ C10_ALWAYS_INLINE void head_backward(const Pyramid& p, int64_t b, const std::vec
     const T* mus = &mu[l.off];
     const T* yh = &sm.yh[s * n];
     T* u = &f.ku[b * p.Ctot + l.off];
-    pca_projection(Ps, l.C, n, yh, mus, u);
+    pca_projection(Ps, l.C, n, y + (b * S + s) * n, sm.d[s], mus, u);
     const T kappa = static_cast<T>(-2.0 * gl / static_cast<double>(S * l.C));
     std::fill(gyh.begin(), gyh.end(), T(0));
     for (int64_t c = 0; c < l.C; ++c) {
@@ -354,29 +354,27 @@ C10_ALWAYS_INLINE void head_backward(const Pyramid& p, int64_t b, const std::vec
       for (int64_t i = 0; i < n; ++i) gyh[i] += u[c] * (row[i] - mus[c]);
     }
     for (int64_t i = 0; i < n; ++i) gyh[i] *= kappa;
-    T cross_sum = 0;  // sum_i gyh[i]: the kappa part sums to 0 over i, exactly in math
     for (int64_t q = 0; q < S; ++q) {
       if (q == s) continue;
       const T g = cross * sm.gram[s * S + q];
       const T* yq = &sm.yh[q * n];
       for (int64_t i = 0; i < n; ++i) gyh[i] += g * yq[i];
-      cross_sum += g * sm.sig[q];
     }
-    // through yh = y / max(r, eps): clamp_min passes the gradient where r >= eps
+    // through yh = y / max(r, eps): clamp_min passes the gradient where r >= eps. The
+    // projection off the unit map is formed with the scores y themselves, yh (yh . g) =
+    // y (y . g) / r^2: gyh is often nearly parallel to yh, and the rounding of yh would
+    // otherwise dominate what is left after the cancellation.
     T* gy = &f.gy[(b * S + s) * n];
+    const T* ys = y + (b * S + s) * n;
     const bool big = sm.r[s] >= static_cast<T>(eps);
-    const T proj = big ? dot(yh, gyh.data(), n) : T(0);
+    const T proj = big ? dot(ys, gyh.data(), n) / (sm.r[s] * sm.r[s]) : T(0);
     const T d = big ? sm.r[s] : static_cast<T>(eps);
-    for (int64_t i = 0; i < n; ++i) gy[i] = ge[i] + (gyh[i] - yh[i] * proj) / d;
-    // grad_bias in closed form (sum_i gy[i] without the parts that cancel), and grad_weights
-    // from centred rows plus mu times it
-    const T gb = (cross_sum - sm.sig[s] * proj) / d + T(0) * ge_sum;
-    gb_part[b * S + s] = gb;
-    for (int64_t c = 0; c < l.C; ++c) {
-      const T* row = Ps + c * n;
-      for (int64_t i = 0; i < n; ++i) centred[i] = row[i] - mus[c];
-      gw_part[b * p.Ctot + l.off + c] = dot(gy, centred.data(), n) + mus[c] * gb;
-    }
+    for (int64_t i = 0; i < n; ++i) gy[i] = ge[i] + (gyh[i] - ys[i] * proj) / d;
+    // with gy accurate (the centred sums above), the parameter gradients are its plain sums,
+    // as the reference forms them
+    const std::vector<T> ones(n, T(1));
+    gb_part[b * S + s] = dot(gy, ones.data(), n);
+    for (int64_t c = 0; c < l.C; ++c) gw_part[b * p.Ctot + l.off + c] = dot(gy, Ps + c * n, n);
     const T mean_yh = sm.sig[s] / static_cast<T>(n);
     T* yc = &f.yc[(b * S + s) * n];
     for (int64_t i = 0; i < n; ++i) yc[i] = yh[i] - mean_yh;
