@@ -20,6 +20,7 @@
 // threads nor on the task split (grad_alpha/beta: per-(b, n) partials summed over b in order).
 #include "attnpool.h"
 #include "cpu/isa.h"
+#include "cpu/loops.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -705,10 +706,6 @@ struct WeightGradJob {
 };
 
 // ---------------------------------------------------------------- checks
-
-at::ScalarType opmath_dtype(at::ScalarType t) {
-  return t == at::kDouble ? at::kDouble : at::kFloat;
-}
 
 void check_tensor(const at::Tensor& t, at::ScalarType dtype, const char* name) {
   TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == dtype && t.is_contiguous(),

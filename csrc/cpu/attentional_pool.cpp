@@ -16,6 +16,7 @@
 // sets how a small batch is split, and how many grad_wb/grad_bb partials are summed).
 #include "attnpool.h"
 #include "cpu/isa.h"
+#include "cpu/loops.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -48,37 +49,6 @@ C10_ALWAYS_INLINE T dot(int64_t m, const T* C10_RESTRICT x, const T* C10_RESTRIC
   for (int64_t w = kLanes / 2; w > 0; w /= 2)
     for (int64_t l = 0; l < w; ++l) acc[l] += acc[l + w];
   return acc[0];
-}
-
-// dot for short rows (the weighted pool's n-contiguous channel rows, n = 49 typically): the
-// kLanes sums stay in registers, the tail is one scalar sum, and the lanes are folded by a
-// constant tree. A fixed order that does not depend on the SIMD width either.
-template <int W, typename T>
-C10_ALWAYS_INLINE void fold_lanes(T* acc) {
-  if constexpr (W > 0) {
-    for (int l = 0; l < W; ++l) acc[l] += acc[l + W];
-    fold_lanes<W / 2>(acc);
-  }
-}
-
-template <typename T>
-C10_ALWAYS_INLINE T dot_short(int64_t m, const T* C10_RESTRICT x, const T* C10_RESTRICT y) {
-  constexpr int kLanes = 64 / sizeof(T);
-  T acc[kLanes] = {};
-  int64_t k = 0;
-  for (; k + kLanes <= m; k += kLanes)
-    for (int l = 0; l < kLanes; ++l) acc[l] += x[k + l] * y[k + l];
-  T tail = 0;
-  for (; k < m; ++k) tail += x[k] * y[k];
-  fold_lanes<kLanes / 2>(acc);
-  return acc[0] + tail;
-}
-
-template <typename T>
-C10_ALWAYS_INLINE T sum(int64_t m, const T* x) {
-  T s = 0;
-  for (int64_t k = 0; k < m; ++k) s += x[k];
-  return s;
 }
 
 // y[k] += sum_{r<R} a[r] x[r*ld + k]: R rows folded into one pass over y.
@@ -200,10 +170,6 @@ Geometry make_geometry(at::Tensor& x, int64_t P) {
   const bool channels_last = cl && (!nc || C >= n);
   const int64_t block = positions_per_block(B, C, n, x.scalar_type() == at::kDouble ? 8 : 4);
   return {B, C, n, P, channels_last, block, divup(n, block)};
-}
-
-at::ScalarType opmath_dtype(at::ScalarType t) {
-  return t == at::kDouble ? at::kDouble : at::kFloat;
 }
 
 void check_inputs(const at::Tensor& x, const at::Tensor& wb) {
@@ -350,7 +316,7 @@ struct BackwardJob {
             convert(ni, hin + p * n + i0, hb.data() + p * ni);
           }
           gemv_t(ni, C, P, gzb, C, xr, ld, dh.data(), ni);  // dh: first read of the block
-          for (int64_t p = 0; p < P; ++p) gbb[p] += sum(ni, dh.data() + p * ni);
+          for (int64_t p = 0; p < P; ++p) gbb[p] += sum_short(ni, dh.data() + p * ni);
           for (int64_t c = 0; c < C; ++c) {  // second read, from cache: grad_wb; grad_x rows
             for (int64_t p = 0; p < P; ++p)
               gwb[p * C + c] += dot(ni, dh.data() + p * ni, xr + c * ld);

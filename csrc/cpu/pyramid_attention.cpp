@@ -18,6 +18,7 @@
 // order set by the shapes alone, so results are bitwise reproducible.
 #include "attnpool.h"
 #include "cpu/isa.h"
+#include "cpu/loops.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -102,7 +103,8 @@ std::vector<Task> plane_tasks(const Pyramid& p) {
       const Level& l = p.levels[s];
       const int64_t step = std::max<int64_t>(1, kTaskElems / (l.H * l.W));
       for (int64_t t = 0; t < p.T; ++t)
-        for (int64_t c = 0; c < l.C; c += step) tasks.push_back({b, s, t, c, std::min(l.C, c + step)});
+        for (int64_t c = 0; c < l.C; c += step)
+          tasks.push_back({b, s, t, c, std::min(l.C, c + step)});
     }
   return tasks;
 }
@@ -207,28 +209,12 @@ C10_ALWAYS_INLINE void softmax(const T* e, int64_t n, T* a) {
   for (int64_t i = 0; i < n; ++i) a[i] /= sum;
 }
 
-// Dot products with kLanes independent partial sums (the loop vectorises; a single running
-// sum would serialise on the add latency), combined in a fixed order.
-constexpr int64_t kLanes = 16;
-
-template <typename T>
-C10_ALWAYS_INLINE T dot(const T* u, const T* v, int64_t n) {
-  T acc[kLanes] = {};
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes)
-    for (int64_t j = 0; j < kLanes; ++j) acc[j] += u[i + j] * v[i + j];
-  for (int64_t j = 0; i + j < n; ++j) acc[j] += u[i + j] * v[i + j];
-  T total = 0;
-  for (int64_t j = 0; j < kLanes; ++j) total += acc[j];
-  return total;
-}
-
 // Per-sample quantities both heads need, from pooled and y of sample b.
 template <typename T>
 struct Sample {
   std::vector<T> a, yh, r, d, sig, gram;  // [n], [S, n], [S], [S], [S], [S, S]; d = max(r, eps)
-  C10_ALWAYS_INLINE Sample(const Pyramid& p, const T* y, double eps) : a(p.n), yh(p.S * p.n), r(p.S), d(p.S), sig(p.S),
-                                                     gram(p.S * p.S) {
+  C10_ALWAYS_INLINE Sample(const Pyramid& p, const T* y, double eps)
+      : a(p.n), yh(p.S * p.n), r(p.S), d(p.S), sig(p.S), gram(p.S * p.S) {
     const int64_t n = p.n, S = p.S;
     std::vector<T> e(y, y + n);
     for (int64_t s = 1; s < S; ++s)
@@ -236,22 +222,21 @@ struct Sample {
     softmax(e.data(), n, a.data());
     for (int64_t s = 0; s < S; ++s) {
       const T* ys = y + s * n;
-      r[s] = std::sqrt(dot(ys, ys, n));
+      r[s] = std::sqrt(dot_short(n, ys, ys));
       d[s] = std::max(r[s], static_cast<T>(eps));
       T sg = 0;
       for (int64_t i = 0; i < n; ++i) sg += (yh[s * n + i] = ys[i] / d[s]);
       sig[s] = sg;
     }
     for (int64_t s = 0; s < S; ++s)
-      for (int64_t q = 0; q < S; ++q) gram[s * S + q] = dot(&yh[s * n], &yh[q * n], n);
+      for (int64_t q = 0; q < S; ++q) gram[s * S + q] = dot_short(n, &yh[s * n], &yh[q * n]);
   }
 };
 
 // Channel means mu[c] of the C rows of P [C, n].
 template <typename T>
 C10_ALWAYS_INLINE void row_means(const T* P, int64_t C, int64_t n, T* mu) {
-  const std::vector<T> ones(n, T(1));
-  for (int64_t c = 0; c < C; ++c) mu[c] = dot(P + c * n, ones.data(), n) / static_cast<T>(n);
+  for (int64_t c = 0; c < C; ++c) mu[c] = sum_short(n, P + c * n) / static_cast<T>(n);
 }
 
 // u[c] = sum_i (P[c,i] - mu[c]) yh[i] = sum_i (P[c,i] - mu[c]) y[i] / d (yh = y / d), centred
@@ -263,7 +248,7 @@ C10_ALWAYS_INLINE void pca_projection(const T* P, int64_t C, int64_t n, const T*
   std::vector<T> row(n);
   for (int64_t c = 0; c < C; ++c) {
     for (int64_t i = 0; i < n; ++i) row[i] = P[c * n + i] - mu[c];
-    u[c] = dot(row.data(), y, n) / d;  // with y and one division: yh's roundings stay out
+    u[c] = dot_short(n, row.data(), y) / d;  // with y and one division: yh's roundings stay out
   }
 }
 
@@ -289,7 +274,7 @@ C10_ALWAYS_INLINE at::opmath_type<scalar_t> head_forward(const Pyramid& p, int64
   }
   Sample<T> sm(p, yb, eps);
   for (int64_t c = 0; c < p.Ctot; ++c)
-    out[b * p.Ctot + c] = static_cast<scalar_t>(dot(Pb + c * n, sm.a.data(), n));
+    out[b * p.Ctot + c] = static_cast<scalar_t>(dot_short(n, Pb + c * n, sm.a.data()));
   T variance = 0;
   std::vector<T> u, mu;
   for (int64_t s = 0; s < S; ++s) {
@@ -298,7 +283,7 @@ C10_ALWAYS_INLINE at::opmath_type<scalar_t> head_forward(const Pyramid& p, int64
     mu.resize(l.C);
     row_means(Pb + l.off * n, l.C, n, mu.data());
     pca_projection(Pb + l.off * n, l.C, n, yb + s * n, sm.d[s], mu.data(), u.data());
-    variance += dot(u.data(), u.data(), l.C) / static_cast<T>(l.C);
+    variance += dot_short(l.C, u.data(), u.data()) / static_cast<T>(l.C);
   }
   T overlap = 0;
   for (int64_t s = 0; s < S; ++s)
@@ -316,11 +301,13 @@ struct Factors {
 };
 
 template <typename scalar_t>
-C10_ALWAYS_INLINE void head_backward(const Pyramid& p, int64_t b, const std::vector<const scalar_t*>& w,
-                   double eps, double lam, double gl, const scalar_t* grad_out,
-                   const at::opmath_type<scalar_t>* pooled, const at::opmath_type<scalar_t>* y,
-                   Factors<at::opmath_type<scalar_t>>& f, at::opmath_type<scalar_t>* gw_part,
-                   at::opmath_type<scalar_t>* gb_part) {
+C10_ALWAYS_INLINE void head_backward(const Pyramid& p, int64_t b, double eps, double lam,
+                                     double gl, const scalar_t* grad_out,
+                                     const at::opmath_type<scalar_t>* pooled,
+                                     const at::opmath_type<scalar_t>* y,
+                                     Factors<at::opmath_type<scalar_t>>& f,
+                                     at::opmath_type<scalar_t>* gw_part,
+                                     at::opmath_type<scalar_t>* gb_part) {
   using T = at::opmath_type<scalar_t>;
   const int64_t n = p.n, S = p.S;
   const T* Pb = pooled + b * p.Ctot * n;
@@ -335,7 +322,7 @@ C10_ALWAYS_INLINE void head_backward(const Pyramid& p, int64_t b, const std::vec
     const T* row = Pb + c * n;
     for (int64_t i = 0; i < n; ++i) ga[i] += gz[c] * (row[i] - mu[c]);
   }
-  const T aga = dot(sm.a.data(), ga.data(), n);
+  const T aga = dot_short(n, sm.a.data(), ga.data());
   std::copy(sm.a.begin(), sm.a.end(), &f.a[b * n]);
   std::vector<T> ge(n), gyh(n);
   for (int64_t i = 0; i < n; ++i) ge[i] = sm.a[i] * (ga[i] - aga);
@@ -367,14 +354,14 @@ C10_ALWAYS_INLINE void head_backward(const Pyramid& p, int64_t b, const std::vec
     T* gy = &f.gy[(b * S + s) * n];
     const T* ys = y + (b * S + s) * n;
     const bool big = sm.r[s] >= static_cast<T>(eps);
-    const T proj = big ? dot(ys, gyh.data(), n) / (sm.r[s] * sm.r[s]) : T(0);
-    const T d = big ? sm.r[s] : static_cast<T>(eps);
+    const T d = sm.d[s];  // r where big
+    const T proj = big ? dot_short(n, ys, gyh.data()) / (d * d) : T(0);
     for (int64_t i = 0; i < n; ++i) gy[i] = ge[i] + (gyh[i] - ys[i] * proj) / d;
     // with gy accurate (the centred sums above), the parameter gradients are its plain sums,
     // as the reference forms them
-    const std::vector<T> ones(n, T(1));
-    gb_part[b * S + s] = dot(gy, ones.data(), n);
-    for (int64_t c = 0; c < l.C; ++c) gw_part[b * p.Ctot + l.off + c] = dot(gy, Ps + c * n, n);
+    gb_part[b * S + s] = sum_short(n, gy);
+    for (int64_t c = 0; c < l.C; ++c)
+      gw_part[b * p.Ctot + l.off + c] = dot_short(n, gy, Ps + c * n);
     const T mean_yh = sm.sig[s] / static_cast<T>(n);
     T* yc = &f.yc[(b * S + s) * n];
     for (int64_t i = 0; i < n; ++i) yc[i] = yh[i] - mean_yh;
@@ -383,8 +370,9 @@ C10_ALWAYS_INLINE void head_backward(const Pyramid& p, int64_t b, const std::vec
 }
 
 template <typename scalar_t>
-C10_ALWAYS_INLINE void unpool_task(const Pyramid& p, const Task& k, const std::vector<const scalar_t*>& w,
-                 const Factors<at::opmath_type<scalar_t>>& f, scalar_t* gx) {
+C10_ALWAYS_INLINE void unpool_task(const Pyramid& p, const Task& k,
+                                   const std::vector<const scalar_t*>& w,
+                                   const Factors<at::opmath_type<scalar_t>>& f, scalar_t* gx) {
   using T = at::opmath_type<scalar_t>;
   const Level& l = p.levels[k.s];
   const int64_t H = l.H, W = l.W, HW = H * W, Ho = p.Ho, Wo = p.Wo, HoWo = Ho * Wo;
@@ -436,10 +424,6 @@ C10_ALWAYS_INLINE void unpool_task(const Pyramid& p, const Task& k, const std::v
 }
 
 // ------------------------------------------------------------------------- checks
-at::ScalarType opmath_dtype(at::ScalarType t) {
-  return t == at::kDouble ? at::kDouble : at::kFloat;
-}
-
 void check_levels(const std::vector<at::Tensor>& weights, at::ScalarType dtype) {
   TORCH_CHECK(!weights.empty(), "pyramid_attention cpu: at least one level");
   for (size_t s = 0; s < weights.size(); ++s)
@@ -569,7 +553,7 @@ PyramidBackward pyramid_attention_backward_cpu(const at::Tensor& grad_out_in,
     Op* gw = gw_part.mutable_data_ptr<Op>();
     Op* gb = gb_part.mutable_data_ptr<Op>();
     parallel_run(B, Tasks([&](int64_t b) ATTNPOOL_INLINE_LAMBDA {
-      head_backward<scalar_t>(p, b, w, eps, lam, gl, go, P, yp, f, gw, gb);
+      head_backward<scalar_t>(p, b, eps, lam, gl, go, P, yp, f, gw, gb);
     }));
     const std::vector<Task> tasks = plane_tasks(p);
     parallel_run(static_cast<int64_t>(tasks.size()), Tasks([&](int64_t k) ATTNPOOL_INLINE_LAMBDA {
