@@ -204,10 +204,22 @@ def call_setup(make_fn: Callable[[], Callable], inputs: torch.Tensor | tuple[tor
     return setup
 
 
+def stream_floor_ms(x: torch.Tensor) -> dict[str, float]:
+    """Plain-torch probes of the memory floor of an op that streams ``x``: read it once
+    (``x.sum()``, a forward), and read it while writing a fresh tensor of its size (``x * 2``,
+    a backward that reads x and writes grad_x, allocation included). p50 milliseconds."""
+    device = x.device
+    read = time_ms(lambda: x.sum(), device)[0]
+    read_write = time_ms(lambda: x * 2, device)[0]
+    return {"read": read, "read+write": read_write, "op (read, then read+write)": read + read_write}
+
+
 def cli(doc: str, shapes: dict[str, list[tuple[int, ...]]], sweep: list[tuple[int, ...]],
-        cases: Callable[..., Iterable[Case]]) -> None:
+        cases: Callable[..., Iterable[Case]],
+        floors: Callable[..., dict[str, float]] | None = None) -> None:
     """The command line every benchmark script shares: pick device, dtype and shapes,
-    measure every case, print rows and speedups, merge the rows into the CSV."""
+    measure every case, print rows and speedups, merge the rows into the CSV. ``floors``
+    (same arguments as ``cases``), if given, prints memory-floor probes per shape."""
     import argparse
 
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawTextHelpFormatter)
@@ -222,6 +234,10 @@ def cli(doc: str, shapes: dict[str, list[tuple[int, ...]]], sweep: list[tuple[in
         shapes[device.type] + (sweep if args.sweep else [])
     rows = []
     for s in chosen:
+        if floors is not None:
+            probes = floors(*s, args.device, dtype)
+            print(f"floor probes {s}: " + ", ".join(f"{k} {v:.3f} ms" for k, v in probes.items()),
+                  flush=True)
         for case in cases(*s, args.device, dtype):
             new = measure(case, device)
             print_rows(new)

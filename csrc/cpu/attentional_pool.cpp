@@ -184,6 +184,55 @@ void check_inputs(const at::Tensor& x, const at::Tensor& wb) {
 
 // ---------------------------------------------------------------- forward
 
+// Where a task's share of z[b] (unscaled) accumulates: the task's zpart row when a sample
+// spans several tasks (finish_z sums them), else a zeroed per-thread buffer that end_task
+// scales straight into z, which saves the partials' round trip through memory.
+template <typename T>
+T* begin_task(const Geometry& g, T* zpart, std::vector<T>& local, int64_t t) {
+  if (g.blocks > 1) return zpart + t * g.P * g.C;
+  std::fill(local.begin(), local.end(), T(0));
+  return local.data();
+}
+
+template <typename scalar_t, typename T>
+void end_task(const Geometry& g, const std::vector<T>& local, scalar_t* z, int64_t t) {
+  if (g.blocks > 1) return;
+  const int64_t PC = g.P * g.C;
+  const T inv_n = T(1) / static_cast<T>(g.n);
+  for (int64_t e = 0; e < PC; ++e) z[t * PC + e] = static_cast<scalar_t>(local[e] * inv_n);
+}
+
+// z[b] = (1/n) * sum of the sample's block partials, in block order (samples of several tasks).
+template <typename scalar_t>
+void finish_z(const Geometry& g, const at::opmath_type<scalar_t>* zpart, scalar_t* z) {
+  using T = at::opmath_type<scalar_t>;
+  if (g.blocks == 1) return;
+  const int64_t PC = g.P * g.C;
+  const T inv_n = T(1) / static_cast<T>(g.n);
+  at::parallel_for(0, g.B, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<T> acc(PC);
+    for (int64_t b = b0; b < b1; ++b) {
+      const T* part = zpart + b * g.blocks * PC;
+      std::copy_n(part, PC, acc.data());
+      for (int64_t k = 1; k < g.blocks; ++k)
+        for (int64_t e = 0; e < PC; ++e) acc[e] += part[k * PC + e];
+      for (int64_t e = 0; e < PC; ++e) z[b * PC + e] = static_cast<scalar_t>(acc[e] * inv_n);
+    }
+  });
+}
+
+// zpart for finish_z: only when a sample spans several tasks.
+at::Tensor z_partials(const Geometry& g, const at::Tensor& x) {
+  if (g.blocks == 1) return at::Tensor();
+  return at::zeros({g.B * g.blocks, g.P, g.C}, x.options().dtype(opmath_dtype(x.scalar_type())));
+}
+
+template <typename T>
+T* data_or_null(const at::Tensor& t) {
+  return t.defined() ? t.mutable_data_ptr<T>() : nullptr;
+}
+
+
 // Tasks [t0, t1): h of each task's block, and its share of z[b] (unscaled) in zpart[task].
 template <typename scalar_t>
 struct ForwardJob {
@@ -193,7 +242,8 @@ struct ForwardJob {
   const T* w;     // [P, C]
   const T* bias;  // [P]
   scalar_t* h;    // [B, P, n]
-  T* zpart;       // [B * blocks, P, C], zero-filled
+  T* zpart;       // [B * blocks, P, C], zero-filled (null when blocks == 1)
+  scalar_t* zout; // [B, P, C]
 
   template <int>
   C10_ALWAYS_INLINE void run(int64_t t0, int64_t t1) const {
@@ -202,12 +252,13 @@ struct ForwardJob {
     // Per-thread scratch: h of a block (or row group) and the opmath copy of x's rows.
     std::vector<T> hb(P * std::max(g.block, kRows));
     std::vector<T> xs(kConvert ? C * (g.channels_last ? kRows : g.block) : 0);
+    std::vector<T> local(g.blocks == 1 ? P * C : 0);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t b = t / g.blocks, i0 = (t % g.blocks) * g.block;
       const int64_t ni = std::min(g.block, n - i0);
       const scalar_t* xb = x + b * C * n;
       scalar_t* hout = h + b * P * n;
-      T* z = zpart + t * P * C;
+      T* z = begin_task(g, zpart, local, t);
       if (g.channels_last) {
         for (int64_t i = i0; i < i0 + ni; i += kRows) {
           const int64_t nr = std::min(kRows, i0 + ni - i);
@@ -231,27 +282,10 @@ struct ForwardJob {
           for (int64_t p = 0; p < P; ++p)
             z[p * C + c] += dot(ni, hb.data() + p * ni, xr + c * ld);
       }
+      end_task(g, local, zout, t);
     }
   }
 };
-
-// z[b] = (1/n) * sum of the sample's block partials, in block order.
-template <typename scalar_t>
-void finish_z(const Geometry& g, const at::opmath_type<scalar_t>* zpart, scalar_t* z) {
-  using T = at::opmath_type<scalar_t>;
-  const int64_t PC = g.P * g.C;
-  const T inv_n = T(1) / static_cast<T>(g.n);
-  at::parallel_for(0, g.B, 1, [&](int64_t b0, int64_t b1) {
-    std::vector<T> acc(PC);
-    for (int64_t b = b0; b < b1; ++b) {
-      const T* part = zpart + b * g.blocks * PC;
-      std::copy_n(part, PC, acc.data());
-      for (int64_t k = 1; k < g.blocks; ++k)
-        for (int64_t e = 0; e < PC; ++e) acc[e] += part[k * PC + e];
-      for (int64_t e = 0; e < PC; ++e) z[b * PC + e] = static_cast<scalar_t>(acc[e] * inv_n);
-    }
-  });
-}
 
 // ---------------------------------------------------------------- backward
 
@@ -441,7 +475,8 @@ struct WeightedForwardJob {
   Geometry g;
   const scalar_t* x;
   const scalar_t* h;  // [B, P, n]
-  T* zpart;           // [B * blocks, P, C], zero-filled
+  T* zpart;           // [B * blocks, P, C], zero-filled (null when blocks == 1)
+  scalar_t* zout;     // [B, P, C]
 
   template <int>
   C10_ALWAYS_INLINE void run(int64_t t0, int64_t t1) const {
@@ -450,12 +485,13 @@ struct WeightedForwardJob {
     const int64_t rows = g.channels_last ? kRows : g.block;
     std::vector<T> hb(P * rows);
     std::vector<T> xs(kConvert ? C * rows : 0);
+    std::vector<T> local(g.blocks == 1 ? P * C : 0);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t b = t / g.blocks, i0 = (t % g.blocks) * g.block;
       const int64_t ni = std::min(g.block, n - i0);
       const scalar_t* xb = x + b * C * n;
       const scalar_t* hin = h + b * P * n;
-      T* z = zpart + t * P * C;
+      T* z = begin_task(g, zpart, local, t);
       if (g.channels_last) {
         for (int64_t i = i0; i < i0 + ni; i += kRows) {
           const int64_t nr = std::min(kRows, i0 + ni - i);
@@ -470,6 +506,7 @@ struct WeightedForwardJob {
         int64_t ld = n;
         const T* xr = as_opmath(xb + i0, C, ni, ld, xs.data());
         for (int64_t p = 0; p < P; ++p) convert(ni, hin + p * n + i0, hb.data() + p * ni);
+        bool done = false;
 #if ATTNPOOL_MULTI_ISA
         if constexpr (std::is_same_v<T, float>) {
           if (runtime_isa() == Isa::kAvx512 && ni >= 16 && ni < 64) {
@@ -479,14 +516,16 @@ struct WeightedForwardJob {
               else if (ni < 48) weighted_rows_avx512<2>(C, ni, hp, xr, ld, z + p * C);
               else weighted_rows_avx512<3>(C, ni, hp, xr, ld, z + p * C);
             }
-            continue;
+            done = true;
           }
         }
 #endif
-        for (int64_t c = 0; c < C; ++c)
-          for (int64_t p = 0; p < P; ++p)
-            z[p * C + c] += dot_short(ni, hb.data() + p * ni, xr + c * ld);
+        if (!done)
+          for (int64_t c = 0; c < C; ++c)
+            for (int64_t p = 0; p < P; ++p)
+              z[p * C + c] += dot_short(ni, hb.data() + p * ni, xr + c * ld);
       }
+      end_task(g, local, zout, t);
     }
   }
 };
@@ -578,15 +617,15 @@ AttpoolForward attentional_pool_forward_cpu(const at::Tensor& x_in,
   const at::Tensor bias = bb.to(opmath).contiguous();
   at::Tensor h = at::empty({g.B, g.P, g.n}, x.options());
   at::Tensor z = at::empty({g.B, g.P, g.C}, x.options());
-  at::Tensor zpart = at::zeros({g.B * g.blocks, g.P, g.C}, x.options().dtype(opmath));
+  const at::Tensor zpart = z_partials(g, x);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(),
                                   "attentional_pool_forward_cpu", [&] {
     using T = at::opmath_type<scalar_t>;
     const ForwardJob<scalar_t> job{g, x.const_data_ptr<scalar_t>(), w.const_data_ptr<T>(),
                                    bias.const_data_ptr<T>(), h.mutable_data_ptr<scalar_t>(),
-                                   zpart.mutable_data_ptr<T>()};
+                                   data_or_null<T>(zpart), z.mutable_data_ptr<scalar_t>()};
     parallel_run(g.B * g.blocks, job);
-    finish_z<scalar_t>(g, zpart.const_data_ptr<T>(), z.mutable_data_ptr<scalar_t>());
+    finish_z<scalar_t>(g, data_or_null<T>(zpart), z.mutable_data_ptr<scalar_t>());
   });
   return {z, h};
 }
@@ -639,18 +678,17 @@ at::Tensor weighted_pool_forward_cpu(const at::Tensor& x_in, const at::Tensor& h
   at::Tensor x = x_in;
   const Geometry g = make_geometry(x, P);
   const auto dtype = x.scalar_type();
-  const auto opmath = opmath_dtype(dtype);
   const at::Tensor h = h_in.to(dtype).contiguous();
   at::Tensor z = at::empty({g.B, g.P, g.C}, x.options());
-  at::Tensor zpart = at::zeros({g.B * g.blocks, g.P, g.C}, x.options().dtype(opmath));
+  const at::Tensor zpart = z_partials(g, x);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype,
                                   "weighted_pool_forward_cpu", [&] {
     using T = at::opmath_type<scalar_t>;
     const WeightedForwardJob<scalar_t> job{g, x.const_data_ptr<scalar_t>(),
-                                           h.const_data_ptr<scalar_t>(),
-                                           zpart.mutable_data_ptr<T>()};
+                                           h.const_data_ptr<scalar_t>(), data_or_null<T>(zpart),
+                                           z.mutable_data_ptr<scalar_t>()};
     parallel_run(g.B * g.blocks, job);
-    finish_z<scalar_t>(g, zpart.const_data_ptr<T>(), z.mutable_data_ptr<scalar_t>());
+    finish_z<scalar_t>(g, data_or_null<T>(zpart), z.mutable_data_ptr<scalar_t>());
   });
   return z;
 }
