@@ -1,9 +1,9 @@
 """The one benchmark harness: timing, peak memory, and the results CSV (DESIGN §5).
 
 A benchmark script describes, per provider, a callable that builds its inputs and
-returns ``(forward, backward)`` closures; ``measure`` times forward, backward and
-forward + backward and (on CUDA) peak memory, and ``write_rows`` merges the rows
-into ``benchmarks/results/<device>.csv``.
+returns ``(forward, backward)`` closures; ``measure`` times one op's providers in
+forward, backward and forward + backward, interleaved round by round, and (on CUDA) their
+peak memory, and ``write_rows`` merges the rows into ``benchmarks/results/<device>.csv``.
 """
 
 from __future__ import annotations
@@ -57,28 +57,45 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_ms(fn: Callable[[], object], device: torch.device, *, warmup: int = 3,
-            rep: int = 20, min_time_s: float = 0.5) -> tuple[float, float, float]:
-    """(p50, p20, p80) milliseconds of ``fn`` after warm-up; CUDA events on a GPU."""
-    for _ in range(warmup):
+def _elapsed_ms(fn: Callable[[], object], device: torch.device) -> float:
+    """One timed call of ``fn``: CUDA events on a GPU, the wall clock on the CPU."""
+    if device.type == "cuda":
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        begin.record()
         fn()
+        end.record()
+        end.synchronize()
+        return begin.elapsed_time(end)
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
+
+
+def time_interleaved(fns: list[Callable[[], object]], device: torch.device, *, warmup: int = 3,
+                     rep: int = 20, min_time_s: float = 0.5) -> list[tuple[float, float, float]]:
+    """(p50, p20, p80) milliseconds of each of ``fns`` after warm-up. The calls are taken in
+    rounds, one call of each fn per round, so that a slow spell of a shared machine lands on
+    every fn alike instead of on whichever happened to be timed then."""
+    for fn in fns:
+        for _ in range(warmup):
+            fn()
     _sync(device)
-    samples: list[float] = []
+    samples: list[list[float]] = [[] for _ in fns]
     start = time.perf_counter()
-    while len(samples) < rep or (time.perf_counter() - start < min_time_s and len(samples) < 1000):
-        if device.type == "cuda":
-            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            begin.record()
-            fn()
-            end.record()
-            end.synchronize()
-            samples.append(begin.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            samples.append((time.perf_counter() - t0) * 1e3)
-    q = statistics.quantiles(samples, n=10)
-    return statistics.median(samples), q[1], q[7]
+    while len(samples[0]) < rep or (time.perf_counter() - start < min_time_s * len(fns)
+                                    and len(samples[0]) < 1000):
+        for fn, out in zip(fns, samples):
+            out.append(_elapsed_ms(fn, device))
+    stats = []
+    for out in samples:
+        q = statistics.quantiles(out, n=10)
+        stats.append((statistics.median(out), q[1], q[7]))
+    return stats
+
+
+def time_ms(fn: Callable[[], object], device: torch.device, **kwargs) -> tuple[float, float, float]:
+    """(p50, p20, p80) milliseconds of ``fn`` after warm-up."""
+    return time_interleaved([fn], device, **kwargs)[0]
 
 
 def peak_mb(fn: Callable[[], object], device: torch.device) -> float | None:
@@ -104,19 +121,24 @@ class Case:
     setup: Callable[[], tuple[Callable[[], object], Callable[[], object]]]
 
 
-def measure(case: Case, device: torch.device, modes: Iterable[str] = ("forward", "backward",
-                                                                       "full")) -> list[dict]:
-    forward, backward = case.setup()
-    full = lambda: (forward(), backward())  # noqa: E731
-    fns = {"forward": forward, "backward": backward, "full": full}
-    forward()  # a graph for the first timed backward
+def measure(cases: list[Case], device: torch.device,
+            modes: Iterable[str] = ("forward", "backward", "full")) -> list[dict]:
+    """Time every case in every mode, the cases interleaved (time_interleaved); on CUDA also
+    the peak memory of each."""
+    closures = []
+    for case in cases:
+        forward, backward = case.setup()
+        forward()  # a graph for the first timed backward
+        closures.append({"forward": forward, "backward": backward,
+                         "full": lambda f=forward, b=backward: (f(), b())})
     rows = []
     for mode in modes:
-        p50, p20, p80 = time_ms(fns[mode], device)
-        rows.append(_row(case, mode, "time_ms", p50, p20, p80, device))
-        mem = peak_mb(fns[mode], device)
-        if mem is not None:
-            rows.append(_row(case, mode, "peak_mb", mem, mem, mem, device))
+        fns = [c[mode] for c in closures]
+        for case, fn, (p50, p20, p80) in zip(cases, fns, time_interleaved(fns, device)):
+            rows.append(_row(case, mode, "time_ms", p50, p20, p80, device))
+            mem = peak_mb(fn, device)
+            if mem is not None:
+                rows.append(_row(case, mode, "peak_mb", mem, mem, mem, device))
     return rows
 
 
@@ -238,8 +260,11 @@ def cli(doc: str, shapes: dict[str, list[tuple[int, ...]]], sweep: list[tuple[in
             probes = floors(*s, args.device, dtype)
             print(f"floor probes {s}: " + ", ".join(f"{k} {v:.3f} ms" for k, v in probes.items()),
                   flush=True)
+        by_op: dict[str, list[Case]] = {}
         for case in cases(*s, args.device, dtype):
-            new = measure(case, device)
+            by_op.setdefault(case.op, []).append(case)
+        for op_cases in by_op.values():  # one op's providers are timed against each other
+            new = measure(op_cases, device)
             print_rows(new)
             rows += new
     for line in speedups(rows, "attnpool-cpp" if device.type == "cpu" else "attnpool-cuda"):
