@@ -182,7 +182,7 @@ void check_inputs(const at::Tensor& x, const at::Tensor& wb) {
               "attentional_pool cpu: wb must have x's dtype ", x.scalar_type());
 }
 
-// ---------------------------------------------------------------- forward
+// ---------------------------------------------------------------- z of a forward task
 
 // Where a task's share of z[b] (unscaled) accumulates: the task's zpart row when a sample
 // spans several tasks (finish_z sums them), else a zeroed per-thread buffer that end_task
@@ -233,61 +233,7 @@ T* data_or_null(const at::Tensor& t) {
 }
 
 
-// Tasks [t0, t1): h of each task's block, and its share of z[b] (unscaled) in zpart[task].
-template <typename scalar_t>
-struct ForwardJob {
-  using T = at::opmath_type<scalar_t>;
-  Geometry g;
-  const scalar_t* x;
-  const T* w;     // [P, C]
-  const T* bias;  // [P]
-  scalar_t* h;    // [B, P, n]
-  T* zpart;       // [B * blocks, P, C], zero-filled (null when blocks == 1)
-  scalar_t* zout; // [B, P, C]
-
-  template <int>
-  C10_ALWAYS_INLINE void run(int64_t t0, int64_t t1) const {
-    const int64_t C = g.C, n = g.n, P = g.P;
-    constexpr bool kConvert = !std::is_same_v<scalar_t, T>;
-    // Per-thread scratch: h of a block (or row group) and the opmath copy of x's rows.
-    std::vector<T> hb(P * std::max(g.block, kRows));
-    std::vector<T> xs(kConvert ? C * (g.channels_last ? kRows : g.block) : 0);
-    std::vector<T> local(g.blocks == 1 ? P * C : 0);
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t b = t / g.blocks, i0 = (t % g.blocks) * g.block;
-      const int64_t ni = std::min(g.block, n - i0);
-      const scalar_t* xb = x + b * C * n;
-      scalar_t* hout = h + b * P * n;
-      T* z = begin_task(g, zpart, local, t);
-      if (g.channels_last) {
-        for (int64_t i = i0; i < i0 + ni; i += kRows) {
-          const int64_t nr = std::min(kRows, i0 + ni - i);
-          int64_t ld = C;
-          const T* xr = as_opmath(xb + i * C, nr, C, ld, xs.data());
-          for (int64_t p = 0; p < P; ++p)
-            for (int64_t r = 0; r < nr; ++r) {
-              const T hv = bias[p] + dot(C, w + p * C, xr + r * ld);
-              hb[p * kRows + r] = hv;
-              hout[p * n + i + r] = static_cast<scalar_t>(hv);
-            }
-          gemv_t(C, nr, P, hb.data(), kRows, xr, ld, z, C);
-        }
-      } else {
-        int64_t ld = n;
-        const T* xr = as_opmath(xb + i0, C, ni, ld, xs.data());
-        for (int64_t p = 0; p < P; ++p) std::fill_n(hb.data() + p * ni, ni, bias[p]);
-        gemv_t(ni, C, P, w, C, xr, ld, hb.data(), ni);  // first read of the block
-        for (int64_t p = 0; p < P; ++p) convert(ni, hb.data() + p * ni, hout + p * n + i0);
-        for (int64_t c = 0; c < C; ++c)  // second read, from cache
-          for (int64_t p = 0; p < P; ++p)
-            z[p * C + c] += dot(ni, hb.data() + p * ni, xr + c * ld);
-      }
-      end_task(g, local, zout, t);
-    }
-  }
-};
-
-// ---------------------------------------------------------------- backward
+// ---------------------------------------------------------------- attentional backward
 
 // grad_x = h (x) grad_z / n + dh (x) wb needs no x: a task reads its block of x for dh (first
 // read) and grad_wb (second, from cache) and writes its block of grad_x. Groups [k0, k1): group
@@ -364,7 +310,7 @@ struct BackwardJob {
 };
 
 
-// ---------------------------------------------------------------- AVX-512 weighted-pool paths
+// ---------------------------------------------------------------- AVX-512, 16..63 positions
 
 #if ATTNPOOL_MULTI_ISA
 #include <immintrin.h>
@@ -465,32 +411,57 @@ ATTNPOOL_TARGET_AVX512 __attribute__((noinline)) void outer_block_avx512(
 }
 #endif
 
-// ---------------------------------------------------------------- weighted pool (h given)
+// ---------------------------------------------------------------- forward (both pools)
 
-// The forward without the h = wb x + bb step: tasks [t0, t1) add their block's share of z[b]
-// (unscaled) to zpart[task]; finish_z sums the partials in block order. x is read once.
+// z[p*C + c] += sum_{i < ni} h[p*ni + i] x[c*ld + i] for one n-contiguous block: the 16-row
+// AVX-512 kernel for float blocks of 16..63 positions (7x7 maps), else dot_short row by row.
+template <typename T>
+C10_ALWAYS_INLINE void z_block(int64_t C, int64_t ni, int64_t P, const T* h, const T* x,
+                               int64_t ld, T* z) {
+#if ATTNPOOL_MULTI_ISA
+  if constexpr (std::is_same_v<T, float>) {
+    if (runtime_isa() == Isa::kAvx512 && ni >= 16 && ni < 64) {
+      for (int64_t p = 0; p < P; ++p) {
+        const float* hp = h + p * ni;
+        if (ni < 32) weighted_rows_avx512<1>(C, ni, hp, x, ld, z + p * C);
+        else if (ni < 48) weighted_rows_avx512<2>(C, ni, hp, x, ld, z + p * C);
+        else weighted_rows_avx512<3>(C, ni, hp, x, ld, z + p * C);
+      }
+      return;
+    }
+  }
+#endif
+  for (int64_t c = 0; c < C; ++c)
+    for (int64_t p = 0; p < P; ++p) z[p * C + c] += dot_short(ni, h + p * ni, x + c * ld);
+}
+
+// Tasks [t0, t1): the task's block of h, and its share of z[b] (unscaled; begin_task and
+// end_task). h is computed, h = wb x + bb (attentional pooling), or given (the weighted
+// pool, w null). x is read from memory once: an n-contiguous block stays in cache from h to z.
 template <typename scalar_t>
-struct WeightedForwardJob {
+struct ForwardJob {
   using T = at::opmath_type<scalar_t>;
   Geometry g;
   const scalar_t* x;
-  const scalar_t* h;  // [B, P, n]
-  T* zpart;           // [B * blocks, P, C], zero-filled (null when blocks == 1)
-  scalar_t* zout;     // [B, P, C]
+  const T* w;             // [P, C]; null when h is given
+  const T* bias;          // [P], with w
+  const scalar_t* h_in;   // [B, P, n] when given
+  scalar_t* h_out;        // [B, P, n] when computed
+  T* zpart;               // [B * blocks, P, C], zero-filled (null when blocks == 1)
+  scalar_t* zout;         // [B, P, C]
 
   template <int>
   C10_ALWAYS_INLINE void run(int64_t t0, int64_t t1) const {
     const int64_t C = g.C, n = g.n, P = g.P;
     constexpr bool kConvert = !std::is_same_v<scalar_t, T>;
-    const int64_t rows = g.channels_last ? kRows : g.block;
-    std::vector<T> hb(P * rows);
-    std::vector<T> xs(kConvert ? C * rows : 0);
+    // Per-thread scratch: h of a block (or row group) and the opmath copy of x's rows.
+    std::vector<T> hb(P * std::max(g.block, kRows));
+    std::vector<T> xs(kConvert ? C * (g.channels_last ? kRows : g.block) : 0);
     std::vector<T> local(g.blocks == 1 ? P * C : 0);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t b = t / g.blocks, i0 = (t % g.blocks) * g.block;
       const int64_t ni = std::min(g.block, n - i0);
       const scalar_t* xb = x + b * C * n;
-      const scalar_t* hin = h + b * P * n;
       T* z = begin_task(g, zpart, local, t);
       if (g.channels_last) {
         for (int64_t i = i0; i < i0 + ni; i += kRows) {
@@ -498,37 +469,39 @@ struct WeightedForwardJob {
           int64_t ld = C;
           const T* xr = as_opmath(xb + i * C, nr, C, ld, xs.data());
           for (int64_t p = 0; p < P; ++p)
-            for (int64_t r = 0; r < nr; ++r)
-              hb[p * kRows + r] = static_cast<T>(hin[p * n + i + r]);
+            for (int64_t r = 0; r < nr; ++r) {
+              const int64_t e = (b * P + p) * n + i + r;
+              T hv;
+              if (w) {
+                hv = bias[p] + dot(C, w + p * C, xr + r * ld);
+                h_out[e] = static_cast<scalar_t>(hv);
+              } else {
+                hv = static_cast<T>(h_in[e]);
+              }
+              hb[p * kRows + r] = hv;
+            }
           gemv_t(C, nr, P, hb.data(), kRows, xr, ld, z, C);
         }
       } else {
         int64_t ld = n;
         const T* xr = as_opmath(xb + i0, C, ni, ld, xs.data());
-        for (int64_t p = 0; p < P; ++p) convert(ni, hin + p * n + i0, hb.data() + p * ni);
-        bool done = false;
-#if ATTNPOOL_MULTI_ISA
-        if constexpr (std::is_same_v<T, float>) {
-          if (runtime_isa() == Isa::kAvx512 && ni >= 16 && ni < 64) {
-            for (int64_t p = 0; p < P; ++p) {
-              const float* hp = hb.data() + p * ni;
-              if (ni < 32) weighted_rows_avx512<1>(C, ni, hp, xr, ld, z + p * C);
-              else if (ni < 48) weighted_rows_avx512<2>(C, ni, hp, xr, ld, z + p * C);
-              else weighted_rows_avx512<3>(C, ni, hp, xr, ld, z + p * C);
-            }
-            done = true;
-          }
+        if (w) {
+          for (int64_t p = 0; p < P; ++p) std::fill_n(hb.data() + p * ni, ni, bias[p]);
+          gemv_t(ni, C, P, w, C, xr, ld, hb.data(), ni);  // first read of the block
+          for (int64_t p = 0; p < P; ++p)
+            convert(ni, hb.data() + p * ni, h_out + (b * P + p) * n + i0);
+        } else {
+          for (int64_t p = 0; p < P; ++p)
+            convert(ni, h_in + (b * P + p) * n + i0, hb.data() + p * ni);
         }
-#endif
-        if (!done)
-          for (int64_t c = 0; c < C; ++c)
-            for (int64_t p = 0; p < P; ++p)
-              z[p * C + c] += dot_short(ni, hb.data() + p * ni, xr + c * ld);
+        z_block(C, ni, P, hb.data(), xr, ld, z);  // (second read, from cache)
       }
       end_task(g, local, zout, t);
     }
   }
 };
+
+// ---------------------------------------------------------------- weighted backward
 
 // grad_h = grad_z x / n reads x once; grad_x = grad_z^T h / n needs no x and is written as the
 // task goes. Neither sums over tasks, so there are no partials.
@@ -622,8 +595,9 @@ AttpoolForward attentional_pool_forward_cpu(const at::Tensor& x_in,
                                   "attentional_pool_forward_cpu", [&] {
     using T = at::opmath_type<scalar_t>;
     const ForwardJob<scalar_t> job{g, x.const_data_ptr<scalar_t>(), w.const_data_ptr<T>(),
-                                   bias.const_data_ptr<T>(), h.mutable_data_ptr<scalar_t>(),
-                                   data_or_null<T>(zpart), z.mutable_data_ptr<scalar_t>()};
+                                   bias.const_data_ptr<T>(), nullptr,
+                                   h.mutable_data_ptr<scalar_t>(), data_or_null<T>(zpart),
+                                   z.mutable_data_ptr<scalar_t>()};
     parallel_run(g.B * g.blocks, job);
     finish_z<scalar_t>(g, data_or_null<T>(zpart), z.mutable_data_ptr<scalar_t>());
   });
@@ -684,9 +658,9 @@ at::Tensor weighted_pool_forward_cpu(const at::Tensor& x_in, const at::Tensor& h
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype,
                                   "weighted_pool_forward_cpu", [&] {
     using T = at::opmath_type<scalar_t>;
-    const WeightedForwardJob<scalar_t> job{g, x.const_data_ptr<scalar_t>(),
-                                           h.const_data_ptr<scalar_t>(), data_or_null<T>(zpart),
-                                           z.mutable_data_ptr<scalar_t>()};
+    const ForwardJob<scalar_t> job{g, x.const_data_ptr<scalar_t>(), nullptr, nullptr,
+                                   h.const_data_ptr<scalar_t>(), nullptr, data_or_null<T>(zpart),
+                                   z.mutable_data_ptr<scalar_t>()};
     parallel_run(g.B * g.blocks, job);
     finish_z<scalar_t>(g, data_or_null<T>(zpart), z.mutable_data_ptr<scalar_t>());
   });
