@@ -236,6 +236,18 @@ def stream_floor_ms(x: torch.Tensor) -> dict[str, float]:
     return {"read": read, "read+write": read_write, "op (read, then read+write)": read + read_write}
 
 
+def _check_install() -> None:
+    """Say which attnpool is timed: the scripts import the installed package, and a
+    non-editable install does not follow the checkout's rebuilds."""
+    import attnpool
+
+    here = os.path.dirname(os.path.abspath(attnpool.__file__))
+    print(f"# attnpool from {here}", flush=True)
+    if os.path.dirname(here) != os.path.dirname(os.path.dirname(RESULTS)):
+        print("# WARNING: not this checkout's attnpool; for the checkout's kernels run "
+              "`pip install --no-build-isolation --no-deps -e .`", flush=True)
+
+
 def cli(doc: str, shapes: dict[str, list[tuple[int, ...]]], sweep: list[tuple[int, ...]],
         cases: Callable[..., Iterable[Case]],
         floors: Callable[..., dict[str, float]] | None = None) -> None:
@@ -251,6 +263,7 @@ def cli(doc: str, shapes: dict[str, list[tuple[int, ...]]], sweep: list[tuple[in
     p.add_argument("--shape", help="comma-separated sizes instead of the defaults")
     p.add_argument("--no-write", action="store_true", help="print only, do not touch the CSV")
     args = p.parse_args()
+    _check_install()
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     chosen = [tuple(map(int, args.shape.split(",")))] if args.shape else \
         shapes[device.type] + (sweep if args.sweep else [])
