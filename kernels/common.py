@@ -1,5 +1,6 @@
-"""Pieces every Triton kernel module shares: IEEE division and square root inside kernels,
-and the host-side choices of accumulation dtype, dot precision and block sizes."""
+"""Pieces every Triton kernel module shares: IEEE division and square root and scalar
+arguments as opmath values inside kernels, and the host-side choices of accumulation dtype,
+dot precision and block sizes."""
 
 from __future__ import annotations
 
@@ -29,6 +30,13 @@ def sqrt_rn(x):
     else:
         r = tl.sqrt_rn(x)
     return r
+
+
+@triton.jit
+def as_scalar(v, ACC: tl.constexpr):
+    """A scalar kernel argument (int, float32, or an int specialised to a constexpr 1) as an
+    opmath 0-dim value."""
+    return tl.sum(tl.zeros([1], dtype=ACC) + v, axis=0)
 
 
 def opmath(dtype: torch.dtype) -> torch.dtype:

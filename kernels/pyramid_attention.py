@@ -96,7 +96,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .common import block, div_rn, opmath, sqrt_rn
+from .common import as_scalar, block, div_rn, opmath, sqrt_rn
 
 __all__ = ["pyramid_attention_forward", "pyramid_attention_backward"]
 
@@ -115,12 +115,6 @@ NUM_WARPS = 4
 
 
 # =============================================================================== helpers
-@triton.jit
-def _scalar(v, ACC: tl.constexpr):
-    """A scalar kernel argument (int, or an int specialised to a constexpr 1) as opmath."""
-    return tl.sum(tl.zeros([1], dtype=ACC) + v, axis=0)
-
-
 @triton.jit
 def _pick(vec, idx, s):
     """vec[s] of a small per-level vector, as a 0-dim value."""
@@ -251,7 +245,7 @@ def _head_fwd_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     eps = tl.load(scal_ptr)
     lam = tl.load(scal_ptr + 1)
-    nf = _scalar(n, ACC)
+    nf = as_scalar(n, ACC)
 
     # ---- pass A: y (stored), its Gram matrix and sums, softmax max / sum
     gram = tl.zeros([BLOCK_S, BLOCK_S], dtype=ACC)
@@ -304,8 +298,8 @@ def _head_fwd_kernel(
             out = div_rn(acc_o, denom)
             tl.store(out_ptr + b * Ctot + off + c, out.to(DT), mask=c_ok)
             usq += tl.sum(u * u, axis=0)
-        variance += div_rn(usq, _scalar(C, ACC))
-    loss_b = lam * penalty - div_rn(variance, _scalar(S, ACC))
+        variance += div_rn(usq, as_scalar(C, ACC))
+    loss_b = lam * penalty - div_rn(variance, as_scalar(S, ACC))
     tl.store(lossb_ptr + b, loss_b)
 
 
@@ -318,7 +312,7 @@ def _batch_sum_kernel(part_ptr, out_ptr, B, K, div, BLOCK_K: tl.constexpr):
     acc = tl.zeros([BLOCK_K], dtype=ACC)
     for bb in range(B):
         acc += tl.load(part_ptr + bb * K + k, mask=ok, other=0.0)
-    tl.store(out_ptr + k, div_rn(acc, _scalar(div, ACC)).to(out_ptr.dtype.element_ty), mask=ok)
+    tl.store(out_ptr + k, div_rn(acc, as_scalar(div, ACC)).to(out_ptr.dtype.element_ty), mask=ok)
 
 
 # =============================================================================== backward
@@ -349,8 +343,8 @@ def _head_bwd_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     eps = tl.load(scal_ptr)
     lam = tl.load(scal_ptr + 1)
-    nf = _scalar(n, ACC)
-    gl = div_rn(tl.load(gl_ptr).to(ACC), _scalar(B, ACC))
+    nf = as_scalar(n, ACC)
+    gl = div_rn(tl.load(gl_ptr).to(ACC), as_scalar(B, ACC))
     zero = tl.sum(tl.zeros([BLOCK_S], dtype=ACC), axis=0)
 
     # ---- phase 1: statistics of y (as the forward's pass A)
@@ -372,7 +366,7 @@ def _head_bwd_kernel(
     for s in range(S):
         off = tl.load(meta_ptr + s)
         C = tl.load(meta_ptr + S + s)
-        kappa = div_rn(-2.0 * gl, _scalar(S * C, ACC))
+        kappa = div_rn(-2.0 * gl, as_scalar(S * C, ACC))
         rr_s = _pick(rr, sidx, s)
         sig_n_s = _pick(sig_n, sidx, s)
         for c0 in range(0, C, BLOCK_C):

@@ -48,7 +48,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .common import div_rn, sqrt_rn
+from .common import as_scalar, div_rn, sqrt_rn
 
 __all__ = ["st_regularizer_forward", "st_regularizer_backward"]
 
@@ -63,16 +63,9 @@ NUM_WARPS = 4
 
 # =============================================================================== helpers
 @triton.jit
-def _scalar(v, ACC: tl.constexpr):
-    """A scalar kernel argument (int, float32, or an int specialised to a constexpr 1) as an
-    opmath 0-dim value."""
-    return tl.sum(tl.zeros([1], dtype=ACC) + v, axis=0)
-
-
-@triton.jit
 def _weight(hi, lo, ACC: tl.constexpr):
     """A float64 weight passed as the float32 pair (hi, lo)."""
-    return _scalar(hi, ACC) + _scalar(lo, ACC)
+    return as_scalar(hi, ACC) + as_scalar(lo, ACC)
 
 
 @triton.jit
@@ -97,9 +90,9 @@ def _q(w_l, w_c, w_r, ACC: tl.constexpr):
 def _combine(tv, con, u, tv_hi, tv_lo, con_hi, con_lo, u_hi, u_lo, tv_div, con_div, u_div,
              ACC: tl.constexpr):
     """total = tv_w * TV / tv_div + con_w * CON / B + u_w * U / u_div (0-dim opmath)."""
-    return (_weight(tv_hi, tv_lo, ACC) * div_rn(tv, _scalar(tv_div, ACC))
-            + _weight(con_hi, con_lo, ACC) * div_rn(con, _scalar(con_div, ACC))
-            + _weight(u_hi, u_lo, ACC) * div_rn(u, _scalar(u_div, ACC)))
+    return (_weight(tv_hi, tv_lo, ACC) * div_rn(tv, as_scalar(tv_div, ACC))
+            + _weight(con_hi, con_lo, ACC) * div_rn(con, as_scalar(con_div, ACC))
+            + _weight(u_hi, u_lo, ACC) * div_rn(u, as_scalar(u_div, ACC)))
 
 
 # =============================================================================== forward
@@ -195,9 +188,9 @@ def _st_bwd_kernel(
     DT = gm_ptr.dtype.element_ty
     pid = tl.program_id(0)
     g = tl.load(gt_ptr).to(ACC)
-    g_tv = div_rn(g * _weight(tv_hi, tv_lo, ACC), _scalar(tv_div, ACC))
-    g_con = div_rn(g * _weight(con_hi, con_lo, ACC), _scalar(con_div, ACC))
-    g_u = div_rn(g * _weight(u_hi, u_lo, ACC), _scalar(u_div, ACC))
+    g_tv = div_rn(g * _weight(tv_hi, tv_lo, ACC), as_scalar(tv_div, ACC))
+    g_con = div_rn(g * _weight(con_hi, con_lo, ACC), as_scalar(con_div, ACC))
+    g_u = div_rn(g * _weight(u_hi, u_lo, ACC), as_scalar(u_div, ACC))
     offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     m_mask = offs_m < BT
     row_off = offs_m.to(tl.int64)[:, None] * HW  # [BLOCK_M, 1]
