@@ -494,7 +494,7 @@ struct ForwardJob {
           for (int64_t p = 0; p < P; ++p)
             convert(ni, h_in + (b * P + p) * n + i0, hb.data() + p * ni);
         }
-        z_block(C, ni, P, hb.data(), xr, ld, z);  // (second read, from cache)
+        z_block(C, ni, P, hb.data(), xr, ld, z);  // from cache when h was just computed
       }
       end_task(g, local, zout, t);
     }
