@@ -36,7 +36,8 @@ def extension_setup() -> dict:
         return {}
 
     sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
-    cxx = ["-O3", "-std=c++17"]
+    # The C++ standard is torch's own: cpp_extension adds the one its headers need.
+    cxx = ["-O3"]
     if not _flag("ATTNPOOL_NO_OPENMP"):
         cxx += ["-fopenmp"]
     nvcc_found = CUDA_HOME is not None and shutil.which(os.path.join(CUDA_HOME, "bin", "nvcc"))
@@ -56,7 +57,7 @@ def extension_setup() -> dict:
         ext = CUDAExtension(
             "attnpool._C", sources, include_dirs=include_dirs,
             define_macros=[("ATTNPOOL_WITH_CUDA", None)],
-            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17"] + gencode},
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3"] + gencode},
         )
     else:
         ext = CppExtension("attnpool._C", sources, include_dirs=include_dirs,

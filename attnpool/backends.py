@@ -59,24 +59,25 @@ def extension():
 
 
 # ---------------------------------------------------------------- triton
-_triton_state: tuple[object | None, str | None] | None = None
+# Imports happen on first use, which may be inside torch.compile's tracing (a compiled model's
+# first call): dynamo cannot trace an import, so the functions that import are marked
+# constant-valued (their result never changes once known) and run eagerly at trace time.
+_triton_state: list[str | None] = []
 
 
-def _triton():
-    """(triton module, None) or (None, why not)."""
-    global _triton_state
-    if _triton_state is None:
+@torch.compiler.assume_constant_result
+def _triton_error() -> str | None:
+    """None if a usable triton is installed, else why not."""
+    if not _triton_state:
         try:
             triton = importlib.import_module("triton")
         except ImportError as e:
-            _triton_state = (None, f"triton is not installed ({e})")
+            _triton_state.append(f"triton is not installed ({e})")
         else:
             major, minor = (int(p) for p in triton.__version__.split(".")[:2])
-            if (major, minor) < (3, 2):
-                _triton_state = (None, f"triton {triton.__version__} < 3.2")
-            else:
-                _triton_state = (triton, None)
-    return _triton_state
+            too_old = (major, minor) < (3, 2)
+            _triton_state.append(f"triton {triton.__version__} < 3.2" if too_old else None)
+    return _triton_state[0]
 
 
 def triton_interpreted() -> bool:
@@ -147,6 +148,13 @@ def _load(op: str, backend: str) -> Implementation | str:
     return _loaded[key]
 
 
+@torch.compiler.assume_constant_result
+def _load_error(op: str, backend: str) -> str | None:
+    """None if ``backend``'s kernels of ``op`` load, else why not (see _triton_error)."""
+    impl = _load(op, backend)
+    return impl if isinstance(impl, str) else None
+
+
 def implementation(op: str, backend: str) -> Implementation:
     impl = _load(op, backend)
     if isinstance(impl, str):
@@ -173,8 +181,8 @@ def why_not(op: str, backend: str, device: torch.device, dtype: torch.dtype) -> 
         if device.type != "cuda":
             return f"cuda runs on CUDA tensors, got {device.type}"
     elif backend == "triton":
-        triton, err = _triton()
-        if triton is None:
+        err = _triton_error()
+        if err is not None:
             return err
         if device.type == "cpu":
             if not triton_interpreted():
@@ -183,13 +191,27 @@ def why_not(op: str, backend: str, device: torch.device, dtype: torch.dtype) -> 
                 return "the Triton interpreter has no bfloat16"
         elif device.type != "cuda":
             return f"triton runs on CUDA tensors, got {device.type}"
-    impl = _load(op, backend)
-    return impl if isinstance(impl, str) else None
+    return _load_error(op, backend)
+
+
+def _legacy_onnx_export() -> bool:
+    """Inside torch.onnx.export(..., dynamo=False), which traces with torch.jit."""
+    return torch.jit.is_tracing() and torch.onnx.is_in_onnx_export()
 
 
 def resolve(op: str, backend: str | None, device: torch.device, dtype: torch.dtype) -> str:
     """The concrete backend that runs ``op``; raises if an explicit choice cannot."""
     choice = requested(backend)
+    if _legacy_onnx_export():
+        # The TorchScript-based exporter has no translation of attnpool's ops; "auto" exports
+        # the reference, which is plain torch (standard ONNX operators, same results).
+        if choice in ("auto", "reference"):
+            return "reference"
+        raise BackendUnavailableError(
+            f"attnpool backend {choice!r} cannot be exported by torch.onnx.export(..., "
+            f"dynamo=False): the TorchScript-based exporter has no translation of attnpool::"
+            f"{op}. Export with backend='auto' or 'reference' (the plain-PyTorch math, as "
+            "standard ONNX operators), e.g. inside attnpool.use_backend('reference').")
     if choice == "auto":
         for candidate in AUTO_ORDER.get(device.type, ("reference",)):
             if why_not(op, candidate, device, dtype) is None:

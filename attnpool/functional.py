@@ -20,26 +20,34 @@ __all__ = [
 
 
 # ---------------------------------------------------------------- input checks
-def _check_float(name: str, t: Tensor, shape: str) -> None:
+# Error messages are built only when raising: under torch.compile sizes are symbolic, and
+# formatting them would break the graph.
+def _shape_str(shape: str | tuple) -> str:
+    return shape if isinstance(shape, str) else "[" + ", ".join(map(str, shape)) + "]"
+
+
+def _check_float(name: str, t: Tensor, shape: str | tuple) -> None:
     if not isinstance(t, Tensor):
-        raise TypeError(f"{name} must be a Tensor of shape {shape}, got {type(t).__name__}")
+        raise TypeError(f"{name} must be a Tensor of shape {_shape_str(shape)}, "
+                        f"got {type(t).__name__}")
     if not t.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor of shape {shape}, got {t.dtype}")
+        raise TypeError(f"{name} must be a floating-point tensor of shape {_shape_str(shape)}, "
+                        f"got {t.dtype}")
 
 
-def _check_like(name: str, t: Tensor | None, ref: Tensor, shape: tuple[int, ...]) -> None:
-    """``t`` has exactly ``shape`` and the device and dtype of ``ref`` (x)."""
+def _check_like(name: str, t: Tensor | None, ref: Tensor, shape: tuple, ref_name: str = "x"
+                ) -> None:
+    """``t`` has exactly ``shape`` and the device and dtype of ``ref`` (named ``ref_name``)."""
     if t is None:
         return
-    want = "[" + ", ".join(map(str, shape)) + "]"
-    _check_float(name, t, want)
-    if tuple(t.shape) != shape:
-        raise ValueError(f"{name} must have shape {want}, got {list(t.shape)}")
+    _check_float(name, t, shape)
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {_shape_str(shape)}, got {list(t.shape)}")
     if t.device != ref.device:
-        raise ValueError(f"{name} is on {t.device} but x is on {ref.device}")
+        raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}")
     if t.dtype != ref.dtype:
-        raise TypeError(f"{name} has dtype {t.dtype} but x has {ref.dtype}; use one dtype "
-                        "(or torch.autocast)")
+        raise TypeError(f"{name} has dtype {t.dtype} but {ref_name} has {ref.dtype}; use one "
+                        "dtype (or torch.autocast)")
 
 
 def _autocast(*tensors: Tensor | None) -> list[Tensor | None]:
@@ -144,8 +152,10 @@ def attention_cluster(
         return out, attn.to(x.dtype)
     if attention == "average":
         scores = x.new_zeros(B, L, N)
-    else:
-        scores = F.linear(torch.tanh(F.linear(x, weight1, bias1)), weight, bias)
+    else:  # padded frames must not reach the scoring layers' gradients as 0 * NaN
+        keys = x if lengths is None else x.masked_fill(
+            ~reference.valid_frames(lengths, L)[..., None], 0)
+        scores = F.linear(torch.tanh(F.linear(keys, weight1, bias1)), weight, bias)
     out, attn, _ = ops.call(ops.cluster_pool, x, scores, None, None, lengths, alpha, beta, shift,
                             eps, name)
     return out, attn.to(x.dtype)
@@ -180,27 +190,14 @@ def attentional_pooling(
     Returns:
         ``(logits [B, K], bottom-up maps [B, (T,) P, H, W])``.
     """
-    _check_float("x", x, "[B, C, H, W] or [B, T, C, H, W]")
-    if x.dim() not in (4, 5):
-        raise ValueError(f"x must have shape [B, C, H, W] or [B, T, C, H, W], got {list(x.shape)}")
     _check_float("weight_bottom_up", weight_bottom_up, "[P, C]")
-    _check_float("weight_top_down", weight_top_down, "[P, K, C]")
-    if weight_bottom_up.dim() != 2 or weight_top_down.dim() != 3:
-        raise ValueError(f"weight_bottom_up must have shape [P, C] and weight_top_down [P, K, C], "
-                         f"got {list(weight_bottom_up.shape)} and {list(weight_top_down.shape)}")
+    if weight_bottom_up.dim() != 2:
+        raise ValueError(f"weight_bottom_up must have shape [P, C], "
+                         f"got {list(weight_bottom_up.shape)}")
     P, C = weight_bottom_up.shape
-    K = weight_top_down.shape[1]
-    if x.shape[-3] != C:
-        want = "[B, T, " if x.dim() == 5 else "[B, "
-        raise ValueError(f"x must have shape {want}{C}, H, W] (the channels the weights expect), "
-                         f"got {list(x.shape)}")
-    H, W = x.shape[-2:]
-    if H * W < 1:
-        raise ValueError(f"x must have H, W >= 1, got {list(x.shape)}")
+    _check_attentional(x, P, C, weight_top_down, bias_top_down)
     _check_like("weight_bottom_up", weight_bottom_up, x, (P, C))
     _check_like("bias_bottom_up", bias_bottom_up, x, (P,))
-    _check_like("weight_top_down", weight_top_down, x, (P, K, C))
-    _check_like("bias_top_down", bias_top_down, x, (P, K))
 
     x, weight_bottom_up, bias_bottom_up, weight_top_down, bias_top_down = _autocast(
         x, weight_bottom_up, bias_bottom_up, weight_top_down, bias_top_down)
@@ -208,10 +205,34 @@ def attentional_pooling(
     if name == "reference":
         return reference.attentional_pooling(x, weight_bottom_up, bias_bottom_up,
                                              weight_top_down, bias_top_down)
+    H, W = x.shape[-2:]
     feats = x.reshape(-1, C, H * W)  # a view for NCHW and channels-last alike
     bb = bias_bottom_up if bias_bottom_up is not None else x.new_zeros(P)
     z, h, m = ops.call(ops.attentional_pool, feats, weight_bottom_up, bb, name)
     return _factored_logits(x, z, h, m, weight_top_down, bias_top_down)
+
+
+def _check_attentional(x: Tensor, P: int, C: int, weight_top_down: Tensor,
+                       bias_top_down: Tensor | None) -> int:
+    """Checks the feature map x ``[B, (T,) C, H, W]`` and the top-down parameters
+    ``[P, K, C]``, ``[P, K]``; returns K."""
+    _check_float("x", x, "[B, C, H, W] or [B, T, C, H, W]")
+    if x.dim() not in (4, 5):
+        raise ValueError(f"x must have shape [B, C, H, W] or [B, T, C, H, W], got {list(x.shape)}")
+    if x.shape[-3] != C:
+        lead = "[B, T, " if x.dim() == 5 else "[B, "
+        raise ValueError(f"x must have shape {lead}{C}, H, W] (the channels the weights "
+                         f"expect), got {list(x.shape)}")
+    if x.shape[-2] * x.shape[-1] < 1:
+        raise ValueError(f"x must have H, W >= 1, got {list(x.shape)}")
+    _check_float("weight_top_down", weight_top_down, "[P, K, C]")
+    if weight_top_down.dim() != 3:
+        raise ValueError(f"weight_top_down must have shape [P={P}, K, C={C}], "
+                         f"got {list(weight_top_down.shape)}")
+    K = weight_top_down.shape[1]
+    _check_like("weight_top_down", weight_top_down, x, (P, K, C))
+    _check_like("bias_top_down", bias_top_down, x, (P, K))
+    return K
 
 
 def _factored_logits(x: Tensor, z: Tensor, h: Tensor, m: Tensor, weight_top_down: Tensor,
@@ -234,8 +255,25 @@ def pose_attentional_pooling(
     """Attentional pooling with bottom-up maps from the pose pre-logits q ``[B, (T,) D, H, W]``
     (weight_bottom_up ``[P, D]``), in the factored form: the pooling of x under the maps runs
     in the fused ``weighted_pool`` kernel. Returns ``(logits [B, K], maps [B, (T,) P, H, W])``."""
-    C, H, W = x.shape[-3:]
-    D = q.shape[-3]
+    _check_float("weight_top_down", weight_top_down, "[P, K, C]")
+    if weight_top_down.dim() != 3:
+        raise ValueError(f"weight_top_down must have shape [P, K, C], "
+                         f"got {list(weight_top_down.shape)}")
+    P, _, C = weight_top_down.shape
+    _check_attentional(x, P, C, weight_top_down, bias_top_down)
+    _check_float("weight_bottom_up", weight_bottom_up, "[P, D]")
+    if weight_bottom_up.dim() != 2 or weight_bottom_up.shape[0] != P:
+        raise ValueError(f"weight_bottom_up must have shape [P={P}, D], "
+                         f"got {list(weight_bottom_up.shape)}")
+    D = weight_bottom_up.shape[1]
+    _check_float("q", q, "[B, (T,) D, H, W]")
+    if q.shape != (*x.shape[:-3], D, *x.shape[-2:]):
+        raise ValueError(f"q must have shape {[*x.shape[:-3], D, *x.shape[-2:]]} (x's batch, "
+                         f"frames and H×W with D={D} channels), got {list(q.shape)}")
+    _check_like("q", q, x, tuple(q.shape))
+    _check_like("weight_bottom_up", weight_bottom_up, x, (P, D))
+    _check_like("bias_bottom_up", bias_bottom_up, x, (P,))
+    H, W = x.shape[-2:]
     feats = x.reshape(-1, C, H * W)
     h = torch.einsum("pd,bdn->bpn", weight_bottom_up, q.reshape(-1, D, H * W))
     if bias_bottom_up is not None:
@@ -287,7 +325,7 @@ def st_regularizer(
         w = mask.new_zeros(mask.shape[:2])
         unimodal_weight = 0.0
     mask, w = _autocast(mask, w)
-    _check_like("w", w, mask, tuple(mask.shape[:2]))
+    _check_like("w", w, mask, tuple(mask.shape[:2]), "mask")
     name = backends.resolve("st_regularizer", backend, mask.device, mask.dtype)
     args = (float(tv_weight), float(contrast_weight), float(unimodal_weight))
     if name == "reference":
@@ -388,8 +426,8 @@ def pyramid_attention(
     maps, score_weights, score_bias = cast[:S], cast[S:2 * S], cast[2 * S]
     x = maps[0]
     for s, w in enumerate(score_weights):
-        _check_like(f"score_weights[{s}]", w, x, (channels[s],))
-    _check_like("score_bias", score_bias, x, (len(channels),))
+        _check_like(f"score_weights[{s}]", w, x, (channels[s],), "maps[0]")
+    _check_like("score_bias", score_bias, x, (len(channels),), "maps[0]")
     name = backends.resolve("pyramid_attention", backend, x.device, x.dtype)
     if name == "cuda" and S > _CUDA_MAX_LEVELS:
         if backends.requested(backend) == "cuda":
@@ -402,6 +440,6 @@ def pyramid_attention(
         return reference.pyramid_attention(maps, list(score_weights), score_bias, eps,
                                            diversity_weight)
     clips = [m if m.dim() == 5 else m.unsqueeze(1) for m in maps]
-    out, loss, _, _ = ops.pyramid_attention(clips, list(score_weights), score_bias, float(eps),
-                                            float(diversity_weight), name)
+    out, loss, _, _ = ops.call(ops.pyramid_attention, clips, list(score_weights), score_bias,
+                               float(eps), float(diversity_weight), name)
     return out, loss

@@ -106,10 +106,19 @@ class SpatioTemporalAttention(reference.SpatioTemporalAttention):
     def __init__(self, in_channels: int, mask_hidden: tuple[int, int] = (1024, 512), *,
                  backend: str | None = None, **kwargs) -> None:
         super().__init__(in_channels, mask_hidden, **kwargs)
-        self.backend = backend
         self.regularizer = losses.SpatioTemporalRegularizer(
             self.regularizer.tv_weight, self.regularizer.contrast_weight,
-            self.regularizer.unimodal_weight, backend=backend)
+            self.regularizer.unimodal_weight)
+        self.backend = backend
+
+    @property
+    def backend(self) -> str | None:
+        """The backend of the pooling and of ``.regularizer`` (setting it sets both)."""
+        return self.regularizer.backend
+
+    @backend.setter
+    def backend(self, name: str | None) -> None:
+        self.regularizer.backend = name
 
     def _frame_means(self, x: Tensor, mask: Tensor) -> Tensor:
         return functional.masked_frame_means(x, mask, backend=self.backend)

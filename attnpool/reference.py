@@ -31,6 +31,11 @@ __all__ = [
 # --------------------------------------------------------------------------
 # Attention clusters (Long et al., CVPR 2018), DESIGN 3.1
 # --------------------------------------------------------------------------
+def valid_frames(lengths: Tensor, L: int) -> Tensor:
+    """``[B, L]`` bool: frame l of sample b is valid (l < lengths[b])."""
+    return torch.arange(L, device=lengths.device) < lengths[:, None]
+
+
 def attention_scores(
     x: Tensor,
     weight: Tensor | None,
@@ -64,13 +69,15 @@ def cluster_pool(
     """Softmax over valid frames, weighted sum, shifting operation and L2 norm.
 
     x ``[B, L, F]``, scores ``[B, L, N]`` -> (out ``[B, N*F]``, attention ``[B, N, L]``).
+    Frames past ``lengths`` do not take part at all: whatever they hold (NaN included),
+    output and gradients are those of the valid frames, and their gradient is 0.
     """
     B, L, _ = x.shape
     N = scores.shape[-1]
     scores = scores.transpose(1, 2)  # [B, N, L]
     if lengths is not None:
-        frame = torch.arange(L, device=x.device)
-        valid = frame[None, :] < lengths.to(x.device)[:, None]  # [B, L]
+        valid = valid_frames(lengths.to(x.device), L)  # [B, L]
+        x = x.masked_fill(~valid[:, :, None], 0)
         scores = scores.masked_fill(~valid[:, None, :], float("-inf"))
     a = torch.softmax(scores, dim=-1)
     v = torch.bmm(a, x)  # [B, N, F]
@@ -99,6 +106,8 @@ def attention_cluster(
 
     Returns (out ``[B, N*F]``, attention ``[B, N, L]``).
     """
+    if lengths is not None:  # padded frames reach neither the scores nor the pooling
+        x = x.masked_fill(~valid_frames(lengths.to(x.device), x.shape[1])[:, :, None], 0)
     scores = attention_scores(x, weight, bias, attention, weight1, bias1, alpha.shape[0])
     return cluster_pool(x, scores, lengths, alpha, beta, shift, eps)
 
@@ -489,10 +498,12 @@ class SpatioTemporalAttention(nn.Module):
         kw = {"device": device, "dtype": dtype}
         h1, h2 = mask_hidden
         self.in_channels = in_channels
+        # the official layers: convolutions without bias (BN follows the first two)
         self.mask_net = nn.Sequential(
-            nn.Conv2d(in_channels, h1, 3, padding=1, **kw), nn.BatchNorm2d(h1, **kw), nn.ReLU(),
-            nn.Conv2d(h1, h2, 3, padding=1, **kw), nn.BatchNorm2d(h2, **kw), nn.ReLU(),
-            nn.Conv2d(h2, 1, 3, padding=1, **kw), nn.Sigmoid(),
+            nn.Conv2d(in_channels, h1, 3, padding=1, bias=False, **kw), nn.BatchNorm2d(h1, **kw),
+            nn.ReLU(),
+            nn.Conv2d(h1, h2, 3, padding=1, bias=False, **kw), nn.BatchNorm2d(h2, **kw), nn.ReLU(),
+            nn.Conv2d(h2, 1, 3, padding=1, bias=False, **kw), nn.Sigmoid(),
         )
         self.temporal_scorer = nn.Linear(in_channels, 1, **kw)
         self.regularizer = self.regularizer_class(tv_weight, contrast_weight, unimodal_weight)
@@ -567,15 +578,18 @@ def check_pyramid_maps(maps, in_channels: list[int]) -> None:
                          f"{list(getattr(first, 'shape', [])) or type(first).__name__}")
     lead = list(first.shape[:first.dim() - 3])
     for s, (x, c) in enumerate(zip(maps, in_channels)):
-        want = "[" + ", ".join([str(d) for d in lead] + [str(c), "H", "W"]) + "]"
+        # the message is built only to raise: under torch.compile the sizes are symbolic
+        def want(c=c):
+            return "[" + ", ".join([str(d) for d in lead] + [str(c), "H", "W"]) + "]"
         if not isinstance(x, Tensor):
-            raise TypeError(f"maps[{s}] must be a Tensor of shape {want}, got {type(x).__name__}")
+            raise TypeError(f"maps[{s}] must be a Tensor of shape {want()}, got {type(x).__name__}")
         if x.dim() != first.dim() or list(x.shape[:x.dim() - 3]) != lead or x.shape[-3] != c:
-            raise ValueError(f"maps[{s}] must have shape {want}, got {list(x.shape)}")
+            raise ValueError(f"maps[{s}] must have shape {want()}, got {list(x.shape)}")
         if min(x.shape[-2:]) < 1 or (x.dim() == 5 and x.shape[1] < 1):
             raise ValueError(f"maps[{s}] must have T, H, W >= 1, got {list(x.shape)}")
         if not x.is_floating_point():
-            raise TypeError(f"maps[{s}] must be a floating-point tensor of shape {want}, got {x.dtype}")
+            raise TypeError(f"maps[{s}] must be a floating-point tensor of shape {want()}, "
+                            f"got {x.dtype}")
         if x.dtype != first.dtype:
             raise TypeError(f"maps[{s}] must have maps[0]'s dtype {first.dtype}, got {x.dtype}")
         if x.device != first.device:

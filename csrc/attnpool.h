@@ -23,9 +23,12 @@ ClusterForward cluster_pool_forward_cpu(const at::Tensor& x, const at::Tensor& s
                                         const c10::optional<at::Tensor>& lengths,
                                         const at::Tensor& alpha, const at::Tensor& beta,
                                         bool shift, double eps);
+// lengths as the forward's: padded frames are never read (NaN there reaches no gradient;
+// grad_x is 0 on them).
 ClusterBackward cluster_pool_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x,
                                           const at::Tensor& attn, const at::Tensor& norm,
                                           const at::Tensor& alpha, const at::Tensor& beta,
+                                          const c10::optional<at::Tensor>& lengths,
                                           bool shift, double eps);
 // Attention clusters with the fc1 scoring layer fused: scores = x weight^T (weight [N, F],
 // x's dtype; a bias would cancel in the softmax), never written to memory.
@@ -38,7 +41,8 @@ ClusterForward cluster_pool_fc1_forward_cpu(const at::Tensor& x, const at::Tenso
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cluster_pool_fc1_backward_cpu(
     const at::Tensor& grad_out, const c10::optional<at::Tensor>& grad_attn, const at::Tensor& x,
     const at::Tensor& weight, const at::Tensor& attn, const at::Tensor& norm,
-    const at::Tensor& alpha, const at::Tensor& beta, bool shift, double eps);
+    const at::Tensor& alpha, const at::Tensor& beta, const c10::optional<at::Tensor>& lengths,
+    bool shift, double eps);
 
 // Attentional pooling, factored core (DESIGN 3.2):
 //   x [B, C, n] (n-contiguous, or C-contiguous = channels-last), wb [P, C], bb [P]
@@ -119,6 +123,7 @@ ClusterForward cluster_pool_forward_cuda(const at::Tensor& x, const at::Tensor& 
 ClusterBackward cluster_pool_backward_cuda(const at::Tensor& grad_out, const at::Tensor& x,
                                            const at::Tensor& attn, const at::Tensor& norm,
                                            const at::Tensor& alpha, const at::Tensor& beta,
+                                           const c10::optional<at::Tensor>& lengths,
                                            bool shift, double eps);
 AttpoolForward attentional_pool_forward_cuda(const at::Tensor& x, const at::Tensor& wb,
                                              const at::Tensor& bb);

@@ -128,8 +128,11 @@ def main() -> None:
         json.dump(summary, f, indent=2)
     print(json.dumps(summary, indent=2))
 
-    import matplotlib
-
+    try:  # the plot is optional: `pip install matplotlib` (or the `examples` extra)
+        import matplotlib
+    except ImportError:
+        print("matplotlib is not installed: skipping the plot (pip install matplotlib)")
+        return
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

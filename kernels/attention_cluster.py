@@ -3,7 +3,7 @@
 Contract: csrc/attnpool.h; executable spec: attnpool.reference.cluster_pool.
 
     cluster_pool_forward(x, scores, lengths, alpha, beta, shift, eps) -> (out, attn, norm)
-    cluster_pool_backward(grad_out, x, attn, norm, alpha, beta, shift, eps)
+    cluster_pool_backward(grad_out, x, attn, norm, alpha, beta, lengths, shift, eps)
         -> (grad_x, grad_scores, grad_alpha, grad_beta)
 
 Layout of the work (b = sample, n = attention unit, l = frame, f = feature):
@@ -102,10 +102,10 @@ def _fwd_v_tile(x_base, s_base, a_dot, offs_n, n_mask, offs_l, f, f_mask, length
 
 
 @triton.jit
-def _bwd_v_tile(x_base, attn_base, a_dot, xt, offs_n, n_mask, offs_l, f, f_mask, L, F,
+def _bwd_v_tile(x_base, attn_base, a_dot, xt, offs_n, n_mask, offs_l, f, f_mask, length, L, F,
                 SINGLE_L: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr,
                 BLOCK_F: tl.constexpr, ACC: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """v[n, f] = sum_l attn[n, l] x[l, f] for one F tile (backward; attn is 0 on padding).
+    """v[n, f] = sum_{l < length} attn[n, l] x[l, f] for one F tile (backward).
 
     SINGLE_L: a_dot [BLOCK_N, BLOCK_L] and the x tile xt [BLOCK_L, BLOCK_F] are given."""
     DT = x_base.dtype.element_ty
@@ -113,9 +113,9 @@ def _bwd_v_tile(x_base, attn_base, a_dot, xt, offs_n, n_mask, offs_l, f, f_mask,
     if SINGLE_L:
         acc = tl.dot(a_dot, xt, acc, input_precision=DOT_PRECISION)
     else:
-        for l0 in range(0, L, BLOCK_L):
+        for l0 in range(0, length, BLOCK_L):
             ll = l0 + offs_l
-            l_mask = ll < L
+            l_mask = ll < length
             a = tl.load(attn_base + offs_n[:, None] * L + ll[None, :],
                         mask=n_mask[:, None] & l_mask[None, :], other=0.0)
             xj = tl.load(x_base + ll[:, None] * F + f[None, :],
@@ -221,14 +221,16 @@ def _cluster_fwd_kernel(
 # =============================================================================== backward
 @triton.jit
 def _cluster_bwd_scores_kernel(
-    go_ptr, x_ptr, attn_ptr, norm_ptr, alpha_ptr, beta_ptr, eps_ptr, ga_ptr,
+    go_ptr, x_ptr, len_ptr, attn_ptr, norm_ptr, alpha_ptr, beta_ptr, eps_ptr, ga_ptr,
     gs_ptr, da_ptr, coef_ptr, pa_ptr, pb_ptr,
     L, F, N,
-    SHIFT: tl.constexpr, SINGLE_L: tl.constexpr, HAS_GRAD_ATTN: tl.constexpr,
+    SHIFT: tl.constexpr, HAS_LENGTHS: tl.constexpr, SINGLE_L: tl.constexpr,
+    HAS_GRAD_ATTN: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_F: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    """Per (b, unit block, frame chunk): scalars, da = x_c . dv, grad_scores (or da)."""
+    """Per (b, unit block, frame chunk): scalars, da = x_c . dv, grad_scores (or da).
+    Padded frames (l >= length, a = 0) are never read: a NaN there reaches no gradient."""
     ACC = eps_ptr.dtype.element_ty
     DT = x_ptr.dtype.element_ty
     b = tl.program_id(0).to(tl.int64)
@@ -239,6 +241,11 @@ def _cluster_bwd_scores_kernel(
     offs_l = tl.arange(0, BLOCK_L)
     lc = pid_l * BLOCK_L + offs_l
     lc_mask = lc < L
+    if HAS_LENGTHS:
+        length = tl.minimum(tl.load(len_ptr + b), L)
+    else:
+        length = L
+    lv_mask = lc < length
     offs_f = tl.arange(0, BLOCK_F)
     x_base = x_ptr + b * L * F
     attn_base = attn_ptr + b * N * L
@@ -269,14 +276,15 @@ def _cluster_bwd_scores_kernel(
         f = f0 + offs_f
         f_mask = f < F
         xc = tl.load(x_base + lc[:, None] * F + f[None, :],
-                     mask=lc_mask[:, None] & f_mask[None, :], other=0.0)  # [BLOCK_L, BLOCK_F]
+                     mask=lv_mask[:, None] & f_mask[None, :], other=0.0)  # [BLOCK_L, BLOCK_F]
         g = tl.load(go_base + offs_n[:, None] * F + f[None, :],
                     mask=n_mask[:, None] & f_mask[None, :], other=0.0)  # [BLOCK_N, BLOCK_F]
         xc_t = tl.trans(xc)
         gx = tl.dot(g, xc_t, gx, input_precision=DOT_PRECISION)
         if SHIFT:
             v = _bwd_v_tile(x_base, attn_base, a_dot, xc, offs_n, n_mask, offs_l, f, f_mask,
-                            L, F, SINGLE_L, BLOCK_N, BLOCK_L, BLOCK_F, ACC, DOT_PRECISION)
+                            length, L, F, SINGLE_L, BLOCK_N, BLOCK_L, BLOCK_F, ACC,
+                            DOT_PRECISION)
             u = alpha[:, None] * v + beta[:, None]
             w = div_rn(u, r_w[:, None])
             w = tl.where(f_mask[None, :], w, 0.0)
@@ -346,9 +354,9 @@ def _softmax_bwd_kernel(attn_ptr, da_ptr, gs_ptr, L, N,
 
 @triton.jit
 def _cluster_bwd_x_kernel(
-    go_ptr, x_ptr, attn_ptr, alpha_ptr, beta_ptr, coef_ptr, gx_ptr,
+    go_ptr, x_ptr, len_ptr, attn_ptr, alpha_ptr, beta_ptr, coef_ptr, gx_ptr,
     L, F, N,
-    SHIFT: tl.constexpr, SINGLE_L: tl.constexpr,
+    SHIFT: tl.constexpr, HAS_LENGTHS: tl.constexpr, SINGLE_L: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_F: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
@@ -366,9 +374,13 @@ def _cluster_bwd_x_kernel(
     x_base = x_ptr + b * L * F
     attn_base = attn_ptr + b * N * L
     go_base = go_ptr + b * N * F
+    if HAS_LENGTHS:  # padded frames (a = 0) are never read
+        length = tl.minimum(tl.load(len_ptr + b), L)
+    else:
+        length = L
 
     xc = tl.load(x_base + lc[:, None] * F + f[None, :],
-                 mask=lc_mask[:, None] & f_mask[None, :], other=0.0)
+                 mask=(lc < length)[:, None] & f_mask[None, :], other=0.0)
     acc = tl.zeros([BLOCK_L, BLOCK_F], dtype=ACC)
     for n0 in range(0, N, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
@@ -380,7 +392,8 @@ def _cluster_bwd_x_kernel(
         g = tl.load(go_base + offs_n[:, None] * F + f[None, :], mask=nf_mask, other=0.0)
         if SHIFT:
             v = _bwd_v_tile(x_base, attn_base, a_dot, xc, offs_n, n_mask, offs_l, f, f_mask,
-                            L, F, SINGLE_L, BLOCK_N, BLOCK_L, BLOCK_F, ACC, DOT_PRECISION)
+                            length, L, F, SINGLE_L, BLOCK_N, BLOCK_L, BLOCK_F, ACC,
+                            DOT_PRECISION)
             alpha = tl.load(alpha_ptr + offs_n, mask=n_mask, other=0.0).to(ACC)
             beta = tl.load(beta_ptr + offs_n, mask=n_mask, other=0.0).to(ACC)
             p = tl.load(coef_ptr + (b * N + offs_n) * 3, mask=n_mask, other=0.0)
@@ -427,10 +440,11 @@ def cluster_pool_forward(x: Tensor, scores: Tensor, lengths: Tensor | None, alph
 
 
 def cluster_pool_backward(grad_out: Tensor, x: Tensor, attn: Tensor, norm: Tensor,
-                          alpha: Tensor, beta: Tensor, shift: bool, eps: float, *,
-                          grad_attn: Tensor | None = None
+                          alpha: Tensor, beta: Tensor, lengths: Tensor | None, shift: bool,
+                          eps: float, *, grad_attn: Tensor | None = None
                           ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Gradients w.r.t. x [B, L, F], scores [B, L, N], alpha [N], beta [N] (x.dtype).
+    Frames past ``lengths`` are never read; their gradients are 0.
 
     ``grad_attn`` (optional, [B, N, L], any float dtype): a gradient w.r.t. the returned
     attention, folded into the one softmax backward (grad_scores = a (da + grad_attn - sum)),
@@ -453,9 +467,12 @@ def cluster_pool_backward(grad_out: Tensor, x: Tensor, attn: Tensor, norm: Tenso
     da = eps_t if single_l else torch.empty(B, N, L, dtype=acc, device=dev)
     ga = eps_t if grad_attn is None else grad_attn.contiguous()
     n_lc = triton.cdiv(L, cs["BLOCK_L"])  # 1 when SINGLE_L
+    has_lengths = lengths is not None
+    len_arg = lengths if has_lengths else eps_t  # never read without lengths
     _cluster_bwd_scores_kernel[(B, triton.cdiv(N, cs["BLOCK_N"]), n_lc)](
-        grad_out, x, attn, norm, alpha, beta, eps_t, ga, grad_scores, da, coef, pa, pb, L, F, N,
-        SHIFT=shift, HAS_GRAD_ATTN=grad_attn is not None, DOT_PRECISION=prec, **cs,
+        grad_out, x, len_arg, attn, norm, alpha, beta, eps_t, ga, grad_scores, da, coef, pa, pb,
+        L, F, N, SHIFT=shift, HAS_LENGTHS=has_lengths, HAS_GRAD_ATTN=grad_attn is not None,
+        DOT_PRECISION=prec, **cs,
     )
     if not single_l:
         _softmax_bwd_kernel[(B, triton.cdiv(N, cs["BLOCK_N"]))](
@@ -463,8 +480,8 @@ def cluster_pool_backward(grad_out: Tensor, x: Tensor, attn: Tensor, norm: Tenso
             num_warps=4)
     grid_x = (B, triton.cdiv(L, cx["BLOCK_L"]), triton.cdiv(F, cx["BLOCK_F"]))
     _cluster_bwd_x_kernel[grid_x](
-        grad_out, x, attn, alpha, beta, coef, grad_x, L, F, N,
-        SHIFT=shift, DOT_PRECISION=prec, **cx,
+        grad_out, x, len_arg, attn, alpha, beta, coef, grad_x, L, F, N,
+        SHIFT=shift, HAS_LENGTHS=has_lengths, DOT_PRECISION=prec, **cx,
     )
     if shift:
         grad_alpha = pa.sum(0).to(alpha.dtype)  # fixed-order reduction over b

@@ -32,9 +32,10 @@ on GPUs; float64 uses tl.sqrt and "/", which are exact). Outputs are rounded onc
 input dtype. Triton passes Python floats as float32, so each weight travels as a float32
 pair (hi, lo) with hi + lo = weight to ~48 bits (float64 inputs keep ~1e-14 relative); the
 mean divisors B*T and B*(T-2) travel as integers and divide in opmath. The one exception to
-opmath: q_t = w[t-1] w[t+1] - w[t]^2 is formed in float64 (exact products for fp32 / fp16 /
-bf16 inputs, one rounding), since its cancellation near the relu threshold, magnified by
-sqrt's slope, would otherwise cost float32 results several digits (_q).
+opmath: q_t = w[t-1] w[t+1] - w[t]^2, the unimodality term and its slope are in float64 (exact
+products for fp32 / fp16 / bf16 inputs, one rounding), since its cancellation near the relu
+threshold, magnified by sqrt's slope, would otherwise cost float32 results several digits,
+and q of small float32 weights would be a float32 denormal (_q).
 NaN / Inf follow torch's autograd of the reference: the contrast of a NaN or +-Inf is NaN
 (0.5*M*0), sign(NaN) = 0 in the TV gradient, relu passes NaN (threshold "q <= 0 -> 0").
 """
@@ -75,15 +76,19 @@ def _sign(d):
 
 
 @triton.jit
-def _q(w_l, w_c, w_r, ACC: tl.constexpr):
-    """q = w_l * w_r - w_c^2 (input dtype in, opmath out), formed in float64: the products of
+def _q(w_l, w_c, w_r):
+    """q = w_l * w_r - w_c^2 (input dtype in, float64 out), formed in float64: the products of
     fp32 / fp16 / bf16 values are exact there, so q is rounded once, as the float64 reference
     has it (q cancels badly near the relu threshold, and sqrt's slope 1 / (2 sqrt(q)) then
-    magnifies an opmath q's error far beyond float32 precision)."""
+    magnifies an opmath q's error far beyond float32 precision). For float64 weights the
+    products are rounded on their own, as the reference's: the launchers turn FMA contraction
+    off (enable_fp_fusion=False), which would leave w_c^2's rounding error where equal
+    weights must give exactly 0. The term and its slope stay in float64 too: q of small
+    float32 weights (w ~ 1e-19) would be a float32 denormal."""
     a = w_l.to(tl.float64)
     b = w_c.to(tl.float64)
     c = w_r.to(tl.float64)
-    return (a * c - b * b).to(ACC)
+    return a * c - b * b
 
 
 @triton.jit
@@ -135,11 +140,11 @@ def _st_fwd_kernel(
     w_l = tl.load(w_ptr + offs_m - 1, mask=u_ok, other=0.0)
     w_c = tl.load(w_ptr + offs_m, mask=u_ok, other=0.0)
     w_r = tl.load(w_ptr + offs_m + 1, mask=u_ok, other=0.0)
-    q = _q(w_l, w_c, w_r, ACC)
+    q = _q(w_l, w_c, w_r)
     r = tl.where(q <= 0, 0.0, q)  # relu; NaN stays NaN
     if SQRT:
         r = sqrt_rn(r)
-    r = tl.where(u_ok, r, 0.0)
+    r = tl.where(u_ok, r, 0.0).to(ACC)
     tv_s = tl.sum(tl.sum(tv, axis=1), axis=0)
     con_s = tl.sum(tl.sum(con, axis=1), axis=0)
     u_s = tl.sum(r, axis=0)
@@ -228,19 +233,20 @@ def _st_bwd_kernel(
     ok_prev = m_mask & (t >= 2)  # term t-1: w[s] is its w[t+1]
     ok_cur = m_mask & (t >= 1) & (t < T - 1)  # term t: w[s] is its w[t]
     ok_next = m_mask & (t < T - 2)  # term t+1: w[s] is its w[t-1]
-    gq_prev = _dq(_q(w_m2, w_m1, w_0, ACC), g_u, SQRT)
-    gq_cur = _dq(_q(w_m1, w_0, w_p1, ACC), g_u, SQRT)
-    gq_next = _dq(_q(w_0, w_p1, w_p2, ACC), g_u, SQRT)
-    gw = (tl.where(ok_next, gq_next * w_p2.to(ACC), 0.0)
-          + tl.where(ok_cur, -gq_cur * (2.0 * w_0.to(ACC)), 0.0)
-          + tl.where(ok_prev, gq_prev * w_m2.to(ACC), 0.0))
+    g_u64 = g_u.to(tl.float64)
+    gq_prev = _dq(_q(w_m2, w_m1, w_0), g_u64, SQRT)
+    gq_cur = _dq(_q(w_m1, w_0, w_p1), g_u64, SQRT)
+    gq_next = _dq(_q(w_0, w_p1, w_p2), g_u64, SQRT)
+    gw = (tl.where(ok_next, gq_next * w_p2.to(tl.float64), 0.0)
+          + tl.where(ok_cur, -gq_cur * (2.0 * w_0.to(tl.float64)), 0.0)
+          + tl.where(ok_prev, gq_prev * w_m2.to(tl.float64), 0.0))
     tl.store(gw_ptr + offs_m, gw.to(DT), mask=m_mask)
 
 
 @triton.jit
 def _dq(q, g_u, SQRT: tl.constexpr):
-    """d(term)/dq times g_u: relu passes the gradient unless q <= 0 (so NaN passes, as
-    torch's threshold_backward); sqrt's slope 1 / (2 sqrt(q))."""
+    """d(term)/dq times g_u (float64): relu passes the gradient unless q <= 0 (so NaN passes,
+    as torch's threshold_backward); sqrt's slope 1 / (2 sqrt(q))."""
     if SQRT:
         d = div_rn(g_u, 2.0 * sqrt_rn(q))
     else:
@@ -297,7 +303,7 @@ def st_regularizer_forward(mask: Tensor, w: Tensor, tv_weight: float, contrast_w
     _st_fwd_kernel[(n_prog,)](
         mask, w, part, total, BT, T, H, W, HW, n_prog, *scalars,
         SQRT=bool(sqrt), SINGLE=single, ACC=_acc_dtype(mask.dtype),
-        BLOCK_M=block_m, BLOCK_K=block_k, num_warps=NUM_WARPS,
+        BLOCK_M=block_m, BLOCK_K=block_k, num_warps=NUM_WARPS, enable_fp_fusion=False,
     )
     if not single:
         _st_sum_kernel[(1,)](part, total, n_prog, *scalars, BLOCK_R=REDUCE_BLOCK,
@@ -320,6 +326,6 @@ def st_regularizer_backward(grad_total: Tensor, mask: Tensor, w: Tensor, tv_weig
     _st_bwd_kernel[(triton.cdiv(BT, block_m),)](
         grad_total, mask, w, grad_mask, grad_w, BT, T, H, W, HW, *scalars,
         SQRT=bool(sqrt), ACC=_acc_dtype(mask.dtype), BLOCK_M=block_m, BLOCK_K=block_k,
-        num_warps=NUM_WARPS,
+        num_warps=NUM_WARPS, enable_fp_fusion=False,
     )
     return grad_mask, grad_w

@@ -62,14 +62,16 @@ def run(mod, x, lens, grad_out, grad_attn, *, backend, dtype, device="cpu"):
     return {k: v.detach().cpu() for k, v in result.items()}
 
 
-def check_backend(case, backend, dtype, device="cpu"):
+def check_backend(case, backend, dtype, device="cpu", x=None):
+    """``x``: the backend's input instead of the case's (the reference keeps the case's)."""
     ref64 = run(*case, backend="reference", dtype=torch.float64)
     lowp = dtype in (torch.float16, torch.bfloat16)
     # the reference at the same dtype: low precision must stay within 2x its error; fp32 within
     # 1e-5 relative or, where the problem is ill-conditioned, within 2x the fp32 reference's error
     ref_lowp = run(*case, backend="reference", dtype=dtype, device=device) \
         if dtype != torch.float64 else {}
-    got = run(*case, backend=backend, dtype=dtype, device=device)
+    got = run(case[0], case[1] if x is None else x, *case[2:], backend=backend, dtype=dtype,
+              device=device)
     # A parameter gradient can cancel far below the terms it sums (scores gradients through
     # a softmax over two frames, say): each is measured against at least a tenth of the
     # module's largest parameter gradient.
@@ -188,8 +190,8 @@ def test_opcheck(backend, lengths):
     grad_out = torch.randn(B, N * F, generator=g, dtype=torch.float64)
     torch.library.opcheck(
         torch.ops.attnpool.cluster_pool_backward.default,
-        (grad_out, x.detach(), attn.detach(), norm, alpha.detach(), beta.detach(), True, 1e-12,
-         backend))
+        (grad_out, x.detach(), attn.detach(), norm, alpha.detach(), beta.detach(), lens, True,
+         1e-12, backend))
     if backend == "cpp" and hasattr(attnpool.backends.extension(),
                                     "cluster_pool_fc1_forward_cpu"):
         out, attn, norm = torch.ops.attnpool.cluster_pool(x, None, weight, bias, lens, alpha,
@@ -199,7 +201,7 @@ def test_opcheck(backend, lengths):
             torch.library.opcheck(
                 torch.ops.attnpool.cluster_pool_fc1_backward.default,
                 (grad_out, ga, x.detach(), weight.detach(), attn.detach(), norm,
-                 alpha.detach(), beta.detach(), True, 1e-12, backend))
+                 alpha.detach(), beta.detach(), lens, True, 1e-12, backend))
 
 
 # ------------------------------------------------------------------ compile
@@ -408,3 +410,34 @@ def test_single_feature(backend):
     got = run(*case, backend=backend, dtype=torch.float64)
     for name in ref:
         torch.testing.assert_close(got[name], ref[name], rtol=1e-9, atol=1e-12, msg=name)
+
+
+# ------------------------------------------------------------------ padded frames
+@pytest.mark.parametrize("backend", ["reference"] + CPU_BACKENDS)
+@pytest.mark.parametrize("attention", ["fc1", "fc2", "average"])
+@pytest.mark.parametrize("L", [6, 40])  # 40: several frame chunks in the Triton kernels
+def test_nan_in_padded_frames_reaches_nothing(backend, attention, L):
+    """Frames past lengths are never read, forward or backward: NaN and Inf there give the
+    outputs and gradients of zeros there (gradients of those frames: exactly 0)."""
+    mod, x, _, go, ga = make_case(3, L, 6, 2, attention=attention, hidden=4, seed=11)
+    lens = torch.tensor([2, L, 1])
+    case = (mod, x.clone(), lens, go, ga)
+    x[0, 2:] = float("nan")
+    x[2, 1:] = float("inf")
+    x[2, L - 1] = -float("inf")
+    check_backend(case, backend, torch.float64, x=x)
+    got = run(mod, x, lens, go, ga, backend=backend, dtype=torch.float64)
+    assert torch.count_nonzero(got["grad_x"][0, 2:]) == 0
+    assert torch.count_nonzero(got["grad_x"][2, 1:]) == 0
+
+
+@pytest.mark.parametrize("backend", ["reference"] + CPU_BACKENDS)
+@pytest.mark.parametrize("attention", ["fc1", "fc2"])
+def test_without_shift_alpha_and_beta_get_no_gradient(backend, attention):
+    """shift=False does not use alpha and beta: their .grad stays None (as in the reference),
+    so weight decay does not move them."""
+    torch.manual_seed(0)
+    m = attnpool.AttentionCluster(6, 2, attention=attention, shift=False, backend=backend)
+    m(torch.randn(2, 4, 6)).square().sum().backward()
+    assert m.alpha.grad is None and m.beta.grad is None
+    assert m.weight.grad is not None

@@ -365,3 +365,30 @@ def test_gpu_deterministic(backend):
     b = run(*case, backend=backend, dtype=torch.float32, device="cuda")
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.parametrize("backend", ["reference"] + CPU_BACKENDS)
+def test_pose_bad_input(backend):
+    """The pose variant's functional form checks its inputs like the plain one: errors name
+    the argument and the expected shape before any kernel runs."""
+    torch.manual_seed(0)
+    x, q = torch.randn(2, 4, 3, 3), torch.randn(2, 5, 3, 3)
+    wb, bb, wt, bt = torch.randn(1, 5), torch.randn(1), torch.randn(1, 3, 4), torch.randn(1, 3)
+    logits, maps = AF.pose_attentional_pooling(x, q, wb, bb, wt, bt, backend=backend)
+    assert logits.shape == (2, 3) and maps.shape == (2, 1, 3, 3)
+    with pytest.raises(ValueError, match=r"q must have shape \[2, 5, 3, 3\]"):
+        AF.pose_attentional_pooling(x, q[:, :, :2], wb, bb, wt, bt, backend=backend)
+    with pytest.raises(ValueError, match=r"q must have shape \[2, 5, 3, 3\]"):
+        AF.pose_attentional_pooling(x, q[:, :4], wb, bb, wt, bt, backend=backend)
+    with pytest.raises(ValueError, match=r"x must have shape \[B, 4, H, W\]"):
+        AF.pose_attentional_pooling(x[:, :3], q, wb, bb, wt, bt, backend=backend)
+    with pytest.raises(ValueError, match=r"weight_bottom_up must have shape \[P=1, D\]"):
+        AF.pose_attentional_pooling(x, q, wb[0], bb, wt, bt, backend=backend)
+    with pytest.raises(ValueError, match=r"bias_bottom_up must have shape \[1\]"):
+        AF.pose_attentional_pooling(x, q, wb, torch.randn(2), wt, bt, backend=backend)
+    with pytest.raises(ValueError, match=r"bias_top_down must have shape \[1, 3\]"):
+        AF.pose_attentional_pooling(x, q, wb, bb, wt, bt[:, :2], backend=backend)
+    with pytest.raises(TypeError, match="q has dtype torch.float64 but x has torch.float32"):
+        AF.pose_attentional_pooling(x, q.double(), wb, bb, wt, bt, backend=backend)
+    with pytest.raises(TypeError, match="q must be a floating-point"):
+        AF.pose_attentional_pooling(x, q.long(), wb, bb, wt, bt, backend=backend)

@@ -289,3 +289,74 @@ def test_gpu_matches_reference(backend, dtype):
     for name in reg_ref:
         assert_close(reg_got[name].cpu(), reg_ref[name], f"{backend}/{name}",
                      reg_lowp[name].cpu())
+
+
+# ------------------------------------------------------------------ unimodality's cancellation
+def _unimodality_run(w, backend, sqrt):
+    w = w.detach().clone().requires_grad_()
+    fn = reference.unimodality if backend == "reference" else \
+        lambda *a, **k: losses.unimodality(*a, **k, backend=backend)
+    term = fn(w, sqrt=sqrt)
+    return term.detach(), torch.autograd.grad(term, w)[0]
+
+
+@pytest.mark.parametrize("backend", ["reference"] + REG_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("sqrt", [True, False])
+def test_unimodality_of_equal_weights_is_exactly_zero(backend, dtype, sqrt):
+    """q = w[t-1]·w[t+1] − w[t]² of equal weights is exactly 0 (no FMA may leave the rounding
+    error of w[t]²): uniform weights (the softmax of a zero-initialised scorer) and clips of
+    repeated frames give a zero term and a zero gradient, for every T in 3..40."""
+    for T in range(3, 41):
+        uniform = torch.softmax(torch.zeros(2, T, dtype=dtype), 1)
+        scores = torch.randn(2, (T + 2) // 3, dtype=torch.float64).repeat_interleave(3, 1)[:, :T]
+        for w in (uniform, torch.softmax(scores, 1).to(dtype)):
+            term, grad = _unimodality_run(w, backend, sqrt)
+            ref, ref_grad = _unimodality_run(w.double(), "reference", sqrt)
+            if torch.equal(w, uniform):
+                assert term.item() == 0.0 and torch.count_nonzero(grad) == 0, (T, term, grad)
+            elif backend != "reference":  # repeated frames: equal triples add exactly nothing
+                assert_close(term, ref, f"{backend}/T={T}/term")
+                assert_close(grad, ref_grad, f"{backend}/T={T}/grad_w")
+
+
+@pytest.mark.parametrize("backend", REG_BACKENDS)
+@pytest.mark.parametrize("sqrt", [True, False])
+def test_unimodality_near_the_threshold_matches_float64(backend, sqrt):
+    """Weights of a linear ramp of scores are geometric, so q ≈ 0 up to rounding, where
+    sqrt's slope magnifies any error of q: float32 weights give the float64 reference's
+    value and gradient (evaluated on the same float32 weights) within the fp32 bound. (The
+    reference itself forms q in float32 for float32 weights: it is not held to this.)"""
+    for T in range(3, 41):
+        for slope in (0.1, 0.7, 2.5):
+            w = torch.softmax(slope * torch.arange(T, dtype=torch.float64), 0)[None].float()
+            term, grad = _unimodality_run(w, backend, sqrt)
+            ref, ref_grad = _unimodality_run(w.double(), "reference", sqrt)
+            assert_close(term, ref, f"{backend}/T={T}/slope={slope}/term")
+            assert_close(grad, ref_grad, f"{backend}/T={T}/slope={slope}/grad_w")
+
+
+# ------------------------------------------------------------------ module details
+def test_mask_network_matches_the_official_layers():
+    """Three 3×3 convolutions without bias (BN after the first two), sigmoid."""
+    m = attnpool.SpatioTemporalAttention(6, (5, 4))
+    convs = [layer for layer in m.mask_net if isinstance(layer, torch.nn.Conv2d)]
+    assert [c.bias for c in convs] == [None, None, None]
+    assert [tuple(c.weight.shape) for c in convs] == [(5, 6, 3, 3), (4, 5, 3, 3), (1, 4, 3, 3)]
+    assert not any(k.endswith(".bias") and k.startswith(("mask_net.0", "mask_net.3", "mask_net.6"))
+                   for k in m.state_dict())
+
+
+def test_backend_set_after_construction_reaches_the_regularizer():
+    m = attnpool.SpatioTemporalAttention(4, (3, 2))
+    m.backend = "reference"
+    assert m.regularizer.backend == "reference"
+    with pytest.raises(ValueError, match="backend must be one of"):
+        m.backend = "nope"
+        m.regularizer(torch.rand(1, 3, 2, 2), torch.softmax(torch.randn(1, 3), 1))
+
+
+def test_regularizer_dtype_error_names_the_mask():
+    mask, w = make_mask_w(2, 3, 2, 2, seed=1)
+    with pytest.raises(TypeError, match=r"w has dtype torch.float32 but mask has torch.float64"):
+        AF.st_regularizer(mask, w.float())

@@ -529,6 +529,9 @@ struct BackwardJob {
   const T* weight = nullptr;     // [N, F]
   const T* grad_attn = nullptr;  // [B, N, L] or nullptr: added to da before the softmax backward
   T* gs_op = nullptr;
+  // [B] or nullptr. Padded frames are never read: NaN or Inf there must not reach a gradient
+  // through 0 * NaN (their attention is 0, so they contribute nothing in exact arithmetic).
+  const int64_t* lengths = nullptr;
 
   int64_t dv_rows() const { return weight != nullptr ? 2 * s.N : s.N; }
 
@@ -599,13 +602,17 @@ struct BackwardJob {
                                 T* da) const {
     using Tile = Tiling<kVec, T>;
     const int64_t L = s.L, F = s.F, N = s.N, rows = n1 - n0;
+    const int64_t len = valid_length(lengths, b, L);
     const T* ab = attn + (b * N + n0) * L;
     T* dvb = dv + n0 * F;
-    // v = A X over all frames (padded ones carry a = 0), then dv in place.
-    gemm<kVec, Tile::kRows, Tile::kVecs>(rows, F, L, ab, L, 1, xb, F, dvb, F);
+    // v = A X over the valid frames, then dv in place.
+    gemm<kVec, Tile::kRows, Tile::kVecs>(rows, F, len, ab, L, 1, xb, F, dvb, F);
     for (int64_t n = n0; n < n1; ++n) unit_backward(b, n, dv + n * F);
-    // da = DV X^T, then the softmax backward grad_scores_l = a_l (da_l - sum_l' a_l' da_l').
-    dots<kVec, Tile::kDotRows, Tile::kDotCols>(rows, L, F, dvb, F, xb, F, da, L);
+    // da = DV X^T (0 on padded frames), then the softmax backward
+    // grad_scores_l = a_l (da_l - sum_l' a_l' da_l').
+    dots<kVec, Tile::kDotRows, Tile::kDotCols>(rows, len, F, dvb, F, xb, F, da, L);
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t l = len; l < L; ++l) da[r * L + l] = T(0);
     if (grad_attn != nullptr) {
       const T* ga = grad_attn + (b * N + n0) * L;
       for (int64_t k = 0; k < rows * L; ++k) da[k] += ga[k];
@@ -686,21 +693,28 @@ struct WeightGradJob {
   const scalar_t* x;
   const T* gs;  // [B*L, N]
   T* gw;        // [N, F]
+  const int64_t* lengths;  // [B] or nullptr; padded frames are read as 0 (see BackwardJob)
 
   template <int kVec>
   ATTNPOOL_INLINE void run(int64_t t0, int64_t t1) const {
     using Tile = Tiling<kVec, T>;
     const int64_t K = s.B * s.L, F = s.F, N = s.N;
-    std::vector<T> xs(std::is_same_v<scalar_t, T> ? 0 : K * kColBlock);
+    constexpr bool kInPlace = std::is_same_v<scalar_t, T>;
+    std::vector<T> xs(kInPlace && lengths == nullptr ? 0 : K * kColBlock);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t f0 = t * kColBlock, fw = std::min(F, f0 + kColBlock) - f0;
-      if constexpr (std::is_same_v<scalar_t, T>) {
-        gemm<kVec, Tile::kRows, Tile::kVecs>(N, fw, K, gs, 1, N, x + f0, F, gw + f0, F);
-      } else {
-        for (int64_t k = 0; k < K; ++k)
-          for (int64_t f = 0; f < fw; ++f) xs[k * fw + f] = static_cast<T>(x[k * F + f0 + f]);
-        gemm<kVec, Tile::kRows, Tile::kVecs>(N, fw, K, gs, 1, N, xs.data(), fw, gw + f0, F);
+      if constexpr (kInPlace) {
+        if (lengths == nullptr) {
+          gemm<kVec, Tile::kRows, Tile::kVecs>(N, fw, K, gs, 1, N, x + f0, F, gw + f0, F);
+          continue;
+        }
       }
+      for (int64_t k = 0; k < K; ++k) {
+        const bool valid = k % s.L < valid_length(lengths, k / s.L, s.L);
+        for (int64_t f = 0; f < fw; ++f)
+          xs[k * fw + f] = valid ? static_cast<T>(x[k * F + f0 + f]) : T(0);
+      }
+      gemm<kVec, Tile::kRows, Tile::kVecs>(N, fw, K, gs, 1, N, xs.data(), fw, gw + f0, F);
     }
   }
 };
@@ -780,7 +794,8 @@ ClusterBackward backward_impl(const at::Tensor& grad_out, const at::Tensor& x,
                               const at::Tensor& attn, const at::Tensor& norm,
                               const at::Tensor& alpha, const at::Tensor& beta, bool shift,
                               double eps, const at::Tensor* weight,
-                              const c10::optional<at::Tensor>& grad_attn) {
+                              const c10::optional<at::Tensor>& grad_attn,
+                              const c10::optional<at::Tensor>& lengths) {
   TORCH_CHECK(x.dim() == 3, "cluster_pool cpu: x must be [B, L, F], got ", x.sizes());
   TORCH_CHECK(attn.dim() == 3, "cluster_pool cpu: attn must be [B, N, L]");
   const Shape s{x.size(0), x.size(1), x.size(2), attn.size(1)};
@@ -805,6 +820,12 @@ ClusterBackward backward_impl(const at::Tensor& grad_out, const at::Tensor& x,
                   "cluster_pool cpu: grad_attn must be [B, N, L]");
       gat = grad_attn->to(opmath).contiguous();
     }
+  }
+  const int64_t* len = nullptr;
+  if (lengths.has_value()) {
+    check_tensor(*lengths, at::kLong, "lengths");
+    TORCH_CHECK(lengths->numel() == s.B, "cluster_pool cpu: lengths must be [B=", s.B, "]");
+    len = lengths->const_data_ptr<int64_t>();
   }
   at::Tensor grad_x = at::empty_like(x);
   at::Tensor grad_scores = fc1 ? at::empty({s.B, s.L, s.N}, x.options().dtype(opmath))
@@ -836,6 +857,7 @@ ClusterBackward backward_impl(const at::Tensor& grad_out, const at::Tensor& x,
             grad_x.mutable_data_ptr<scalar_t>(),
             fc1 ? nullptr : grad_scores.mutable_data_ptr<scalar_t>(),
             partials.mutable_data_ptr<double>()};
+    job.lengths = len;
     if (fc1) {
       job.weight = w.const_data_ptr<T>();
       job.grad_attn = gat.defined() ? gat.const_data_ptr<T>() : nullptr;
@@ -853,7 +875,7 @@ ClusterBackward backward_impl(const at::Tensor& grad_out, const at::Tensor& x,
       using WJob = WeightGradJob<scalar_t>;
       at::Tensor gw = at::empty({s.N, s.F}, x.options().dtype(opmath));
       const WJob wjob{s, x.const_data_ptr<scalar_t>(), grad_scores.const_data_ptr<T>(),
-                      gw.mutable_data_ptr<T>()};
+                      gw.mutable_data_ptr<T>(), len};
       parallel_run((s.F + WJob::kColBlock - 1) / WJob::kColBlock, wjob);
       grad_weight = gw.to(weight->scalar_type());
     }
@@ -885,8 +907,10 @@ ClusterForward cluster_pool_forward_cpu(const at::Tensor& x, const at::Tensor& s
 ClusterBackward cluster_pool_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x,
                                           const at::Tensor& attn, const at::Tensor& norm,
                                           const at::Tensor& alpha, const at::Tensor& beta,
-                                          bool shift, double eps) {
-  return backward_impl(grad_out, x, attn, norm, alpha, beta, shift, eps, nullptr, c10::nullopt);
+                                          const c10::optional<at::Tensor>& lengths, bool shift,
+                                          double eps) {
+  return backward_impl(grad_out, x, attn, norm, alpha, beta, shift, eps, nullptr, c10::nullopt,
+                       lengths);
 }
 
 ClusterForward cluster_pool_fc1_forward_cpu(const at::Tensor& x, const at::Tensor& weight,
@@ -899,8 +923,10 @@ ClusterForward cluster_pool_fc1_forward_cpu(const at::Tensor& x, const at::Tenso
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cluster_pool_fc1_backward_cpu(
     const at::Tensor& grad_out, const c10::optional<at::Tensor>& grad_attn, const at::Tensor& x,
     const at::Tensor& weight, const at::Tensor& attn, const at::Tensor& norm,
-    const at::Tensor& alpha, const at::Tensor& beta, bool shift, double eps) {
-  return backward_impl(grad_out, x, attn, norm, alpha, beta, shift, eps, &weight, grad_attn);
+    const at::Tensor& alpha, const at::Tensor& beta, const c10::optional<at::Tensor>& lengths,
+    bool shift, double eps) {
+  return backward_impl(grad_out, x, attn, norm, alpha, beta, shift, eps, &weight, grad_attn,
+                       lengths);
 }
 
 }  // namespace attnpool

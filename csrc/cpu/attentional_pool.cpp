@@ -142,13 +142,17 @@ int64_t divup(int64_t a, int64_t b) { return (a + b - 1) / b; }
 // (kBlockBytes of opmath) in between; but channel rows shorter than kMinRun positions stream
 // poorly from memory (the prefetchers run past each row segment), which costs more than taking
 // the second read from L3. Blocks are balanced over the sample, and a small batch is split
-// further so that every thread gets work.
+// further, into about kParallelTasks tasks, so that every thread gets work. That number is
+// fixed, not the thread count: the split sets the order of the sums, so results would
+// otherwise depend on the number of threads.
+constexpr int64_t kParallelTasks = 16;
+
 int64_t positions_per_block(int64_t B, int64_t C, int64_t n, int64_t opmath_bytes) {
   constexpr int64_t kBlockBytes = 1024 * 1024;
   constexpr int64_t kMinRun = 256;
   constexpr int64_t kAlign = 16;  // whole SIMD vectors per channel row
   const int64_t fit = std::max(kMinRun, kBlockBytes / (C * opmath_bytes) / kAlign * kAlign);
-  const int64_t blocks = std::min(std::max(divup(n, fit), divup(at::get_num_threads(), B)),
+  const int64_t blocks = std::min(std::max(divup(n, fit), divup(kParallelTasks, B)),
                                   divup(n, kAlign));
   return std::min(n, divup(divup(n, blocks), kAlign) * kAlign);
 }
@@ -567,6 +571,19 @@ struct WeightedBackwardJob {
   }
 };
 
+// parts [groups, ...] summed over the groups in group order (a fixed order, one pass).
+at::Tensor sum_groups(const at::Tensor& parts) {
+  at::Tensor out = parts[0].clone();
+  const int64_t m = out.numel();
+  AT_DISPATCH_FLOATING_TYPES(parts.scalar_type(), "attentional_pool_sum_groups", [&] {
+    const scalar_t* p = parts.const_data_ptr<scalar_t>();
+    scalar_t* o = out.mutable_data_ptr<scalar_t>();
+    for (int64_t k = 1; k < parts.size(0); ++k)
+      for (int64_t j = 0; j < m; ++j) o[j] += p[k * m + j];
+  });
+  return out;
+}
+
 void check_weighted(const at::Tensor& x, const at::Tensor& h) {
   TORCH_CHECK(x.device().is_cpu() && h.device().is_cpu(),
               "weighted_pool cpu: tensors must be on the CPU");
@@ -621,7 +638,9 @@ AttpoolBackward attentional_pool_backward_cpu(
   const at::Tensor h = h_in.to(dtype).contiguous();
   const at::Tensor gh = grad_h.to(opmath).contiguous();
   at::Tensor grad_x = at::empty_like(x);  // x is dense in one of the layouts: same strides
-  const int64_t groups = std::min<int64_t>(at::get_num_threads(), g.B * g.blocks);
+  // Task groups with their own weight-gradient partials: a fixed number (not the thread count,
+  // which would make the sums' order, hence the result, depend on it).
+  const int64_t groups = std::min<int64_t>(kParallelTasks, g.B * g.blocks);
   at::Tensor wb_parts = at::zeros({groups, g.P, g.C}, x.options().dtype(opmath));
   at::Tensor bb_parts = at::zeros({groups, g.P}, x.options().dtype(opmath));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype,
@@ -634,13 +653,7 @@ AttpoolBackward attentional_pool_backward_cpu(
                                     wb_parts.mutable_data_ptr<T>(), bb_parts.mutable_data_ptr<T>()};
     parallel_run(groups, job);
   });
-  // Group partials summed in group order.
-  at::Tensor grad_wb = wb_parts[0].clone(), grad_bb = bb_parts[0].clone();
-  for (int64_t k = 1; k < groups; ++k) {
-    grad_wb.add_(wb_parts[k]);
-    grad_bb.add_(bb_parts[k]);
-  }
-  return {grad_x, grad_wb.to(dtype), grad_bb.to(dtype)};
+  return {grad_x, sum_groups(wb_parts).to(dtype), sum_groups(bb_parts).to(dtype)};
 }
 
 

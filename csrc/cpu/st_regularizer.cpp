@@ -43,18 +43,37 @@ C10_ALWAYS_INLINE T contrast(T v) {
   return half * v * static_cast<T>(v < half) - half * v * static_cast<T>(v > half);
 }
 
-// q_t = w[t-1] w[t+1] - w[t]^2 of one sample's weights, 1 <= t <= T-2.
-template <typename T, typename scalar_t>
-C10_ALWAYS_INLINE T unimodal_q(const scalar_t* w, int64_t t) {
-  const T wt = static_cast<T>(w[t]);
-  return static_cast<T>(w[t - 1]) * static_cast<T>(w[t + 1]) - wt * wt;
+// A product rounded on its own, as the reference's: the volatile store keeps the compiler from
+// fusing it into an FMA with the subtraction that follows (which would leave the rounding error
+// of w[t]^2 where equal neighbours must give exactly 0). CUDA's __dmul_rn does the same.
+C10_ALWAYS_INLINE double mul_rn(double a, double b) {
+  volatile double p = a * b;
+  return p;
+}
+
+// q_t = w[t-1] w[t+1] - w[t]^2 of one sample's weights, 1 <= t <= T-2, formed in double: the
+// products of float / half / bfloat16 weights are exact there, so q is rounded once, as the
+// float64 reference has it (q cancels near relu's threshold, and sqrt's slope 1 / (2 sqrt(q))
+// magnifies any error of q far beyond float32 precision). q, the term and its slope stay in
+// double: q of small float32 weights (w ~ 1e-19) would be a float32 denormal.
+template <typename scalar_t>
+C10_ALWAYS_INLINE double unimodal_q(const scalar_t* w, int64_t t) {
+  const double wl = static_cast<double>(w[t - 1]);
+  const double wc = static_cast<double>(w[t]);
+  const double wr = static_cast<double>(w[t + 1]);
+  return mul_rn(wl, wr) - mul_rn(wc, wc);
+}
+
+// relu(q), or its square root: a NaN passes, as torch's relu.
+C10_ALWAYS_INLINE double unimodal_term(double q, bool sqrt) {
+  const double r = q <= 0.0 ? 0.0 : q;
+  return sqrt ? std::sqrt(r) : r;
 }
 
 // d term / d q (times `scale`), as torch's autograd: 0 where relu's input is <= 0 (NaN passes).
-template <typename T>
-C10_ALWAYS_INLINE T unimodal_slope(T q, bool sqrt, T scale) {
-  if (q <= T(0)) return T(0);
-  return sqrt ? scale / (T(2) * std::sqrt(q)) : scale;
+C10_ALWAYS_INLINE double unimodal_slope(double q, bool sqrt, double scale) {
+  if (q <= 0.0) return 0.0;
+  return sqrt ? scale / (2.0 * std::sqrt(q)) : scale;
 }
 
 struct Shape {
@@ -101,9 +120,7 @@ C10_ALWAYS_INLINE void forward_chunk(const Shape& s, const scalar_t* mask, const
   for (int64_t m = m0; m < m1; ++m) {
     const int64_t b = m / s.T, t = m % s.T;
     if (t >= 1 && t + 1 < s.T) {
-      T q = unimodal_q<T>(w + b * s.T, t);
-      T r = q <= T(0) ? T(0) : q;  // relu; a NaN passes, as torch's
-      uni += sqrt ? std::sqrt(r) : r;
+      uni += static_cast<T>(unimodal_term(unimodal_q(w + b * s.T, t), sqrt));
     }
   }
   part[0] = tv + tvh;
@@ -152,13 +169,14 @@ C10_ALWAYS_INLINE void backward_maps(const Shape& s, const scalar_t* mask, const
     // neighbour of term t-1 (terms 1..T-2).
     const int64_t b = m / TT, t = m % TT;
     const scalar_t* wb = w + b * TT;
-    T gw = 0;
+    double gw = 0;
+    const auto wd = [&](int64_t k) { return static_cast<double>(wb[k]); };
     if (t + 1 >= 1 && t + 1 <= TT - 2)
-      gw += unimodal_slope(unimodal_q<T>(wb, t + 1), sqrt, uni_s) * static_cast<T>(wb[t + 2]);
+      gw += unimodal_slope(unimodal_q(wb, t + 1), sqrt, uni_s) * wd(t + 2);
     if (t >= 1 && t <= TT - 2)
-      gw += unimodal_slope(unimodal_q<T>(wb, t), sqrt, uni_s) * (T(-2) * static_cast<T>(wb[t]));
+      gw += unimodal_slope(unimodal_q(wb, t), sqrt, uni_s) * (-2.0 * wd(t));
     if (t - 1 >= 1 && t - 1 <= TT - 2)
-      gw += unimodal_slope(unimodal_q<T>(wb, t - 1), sqrt, uni_s) * static_cast<T>(wb[t - 2]);
+      gw += unimodal_slope(unimodal_q(wb, t - 1), sqrt, uni_s) * wd(t - 2);
     grad_w[m] = static_cast<scalar_t>(gw);
   }
 }

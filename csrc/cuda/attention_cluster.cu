@@ -193,6 +193,7 @@ template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads)
 cluster_backward_unit_kernel(const scalar_t* __restrict__ grad_out,
                              const scalar_t* __restrict__ x,
+                             const int64_t* __restrict__ lengths,
                              const typename OpMath<scalar_t>::type* __restrict__ attn,
                              const typename OpMath<scalar_t>::type* __restrict__ norm,
                              const scalar_t* __restrict__ alpha, const scalar_t* __restrict__ beta,
@@ -225,7 +226,8 @@ cluster_backward_unit_kernel(const scalar_t* __restrict__ grad_out,
     }
     __syncthreads();  // a[] and da[] are read and written across threads below
 
-    // No lengths here: padded frames carry a = 0, so every loop runs over all L.
+    // Padded frames (a = 0) are never read: a NaN there must not reach a gradient as 0 * NaN.
+    const int64_t len = valid_length(lengths, b, L);
     const scalar_t* xb = x + b * L * F;
     const scalar_t* g = grad_out + unit * F;
     const acc_t al_n = shift ? to_acc(alpha[n]) : acc_t(1);
@@ -237,7 +239,7 @@ cluster_backward_unit_kernel(const scalar_t* __restrict__ grad_out,
     double uu_ug[2] = {0, 0};
     if (unclamped) {
       for (int64_t f = tid; f < F; f += kThreads) {
-        const double u = unit_u(al_n, be_n, pool_frames(a, xb + f, L, F));
+        const double u = unit_u(al_n, be_n, pool_frames(a, xb + f, len, F));
         uu_ug[0] += u * u;
         uu_ug[1] += u * static_cast<double>(to_acc(g[f]));
       }
@@ -261,7 +263,7 @@ cluster_backward_unit_kernel(const scalar_t* __restrict__ grad_out,
       for (int64_t j = tid; j < cf; j += kThreads) {
         double resid = to_acc(g[f0 + j]);
         if (shift) {
-          const acc_t v = pool_frames(a, xb + f0 + j, L, F);
+          const acc_t v = pool_frames(a, xb + f0 + j, len, F);
           resid = unit_resid(k, resid, unit_u(al_n, be_n, v));
           const double du = d1 * resid;
           part[1] += du * v;
@@ -270,7 +272,7 @@ cluster_backward_unit_kernel(const scalar_t* __restrict__ grad_out,
         dv_s[j] = static_cast<acc_t>(k.p * resid);
       }
       __syncthreads();  // dv chunk complete
-      for (int64_t l = warp; l < L; l += kWarps) {  // warp-uniform: full-warp shuffles
+      for (int64_t l = warp; l < len; l += kWarps) {  // warp-uniform: full-warp shuffles
         const scalar_t* xr = xb + l * F + f0;
         acc_t dot = 0;
         for (int64_t j = lane; j < cf; j += 32) dot += to_acc(xr[j]) * dv_s[j];
@@ -306,6 +308,7 @@ cluster_backward_unit_kernel(const scalar_t* __restrict__ grad_out,
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads)
 cluster_backward_x_kernel(const scalar_t* __restrict__ grad_out, const scalar_t* __restrict__ x,
+                          const int64_t* __restrict__ lengths,
                           const typename OpMath<scalar_t>::type* __restrict__ attn,
                           const double* __restrict__ coef, const scalar_t* __restrict__ alpha,
                           const scalar_t* __restrict__ beta, scalar_t* __restrict__ grad_x,
@@ -319,6 +322,7 @@ cluster_backward_x_kernel(const scalar_t* __restrict__ grad_out, const scalar_t*
     const int64_t f = (bx - b * f_blocks) * kThreads + threadIdx.x;
     if (f >= F) continue;
     const scalar_t* xcol = x + b * L * F + f;
+    const int64_t len = valid_length(lengths, b, L);  // padded frames: a = 0, x never read
     for (int64_t chunk = blockIdx.y; chunk < l_chunks; chunk += gridDim.y) {
       const int64_t l0 = chunk * kChunkL;
       const int64_t nl = imin(kChunkL, L - l0);
@@ -331,7 +335,7 @@ cluster_backward_x_kernel(const scalar_t* __restrict__ grad_out, const scalar_t*
         const acc_t* arow = attn + unit * L;
         double resid = to_acc(grad_out[unit * F + f]);
         if (!(k.s == 0.0)) {  // shift with norm >= eps: alpha/beta meaningful only then
-          const acc_t v = pool_frames(arow, xcol, L, F);
+          const acc_t v = pool_frames(arow, xcol, len, F);
           resid = unit_resid(k, resid, unit_u(to_acc(alpha[n]), to_acc(beta[n]), v));
         }
         const acc_t dv = static_cast<acc_t>(k.p * resid);
@@ -372,7 +376,8 @@ cudaError_t forward_impl(const void* x, const void* scores, const int64_t* lengt
 }
 
 template <typename scalar_t>
-cudaError_t backward_impl(const void* grad_out, const void* x, const void* attn, const void* norm,
+cudaError_t backward_impl(const void* grad_out, const void* x, const int64_t* lengths,
+                          const void* attn, const void* norm,
                           const void* alpha, const void* beta, void* grad_x, void* grad_scores,
                           void* grad_alpha_partial, void* grad_beta_partial, void* coef,
                           void* workspace, int64_t B, int64_t L, int64_t F, int64_t N, bool shift,
@@ -382,7 +387,7 @@ cudaError_t backward_impl(const void* grad_out, const void* x, const void* attn,
   if (!staged && workspace == nullptr) return cudaErrorInvalidValue;
   const size_t smem = static_cast<size_t>(kChunkF + (staged ? 2 * L : 0)) * sizeof(acc_t);
   cluster_backward_unit_kernel<scalar_t><<<grid_x(B * N), kThreads, smem, stream>>>(
-      static_cast<const scalar_t*>(grad_out), static_cast<const scalar_t*>(x),
+      static_cast<const scalar_t*>(grad_out), static_cast<const scalar_t*>(x), lengths,
       static_cast<const acc_t*>(attn), static_cast<const acc_t*>(norm),
       static_cast<const scalar_t*>(alpha), static_cast<const scalar_t*>(beta),
       static_cast<scalar_t*>(grad_scores), static_cast<acc_t*>(grad_alpha_partial),
@@ -395,7 +400,7 @@ cudaError_t backward_impl(const void* grad_out, const void* x, const void* attn,
   const int64_t l_chunks = (L + kChunkL - 1) / kChunkL;
   const dim3 grid(grid_x(B * f_blocks), static_cast<unsigned int>(imin(l_chunks, kMaxGridY)));
   cluster_backward_x_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(
-      static_cast<const scalar_t*>(grad_out), static_cast<const scalar_t*>(x),
+      static_cast<const scalar_t*>(grad_out), static_cast<const scalar_t*>(x), lengths,
       static_cast<const acc_t*>(attn), static_cast<const double*>(coef),
       static_cast<const scalar_t*>(alpha), static_cast<const scalar_t*>(beta),
       static_cast<scalar_t*>(grad_x), B, L, F, N);
@@ -425,7 +430,7 @@ int64_t cluster_pool_backward_workspace_elems(DType dtype, int64_t B, int64_t L,
 }
 
 cudaError_t cluster_pool_backward_launch(DType dtype, const void* grad_out, const void* x,
-                                         const void* attn, const void* norm, const void* alpha,
+                                         const int64_t* lengths, const void* attn, const void* norm, const void* alpha,
                                          const void* beta, void* grad_x, void* grad_scores,
                                          void* grad_alpha_partial, void* grad_beta_partial,
                                          void* coef, void* workspace, int64_t B, int64_t L,
@@ -434,7 +439,7 @@ cudaError_t cluster_pool_backward_launch(DType dtype, const void* grad_out, cons
   if (!valid_sizes(B, L, F, N)) return cudaErrorInvalidValue;
   return dispatch_dtype(dtype, [&](auto tag) {
     return backward_impl<typename decltype(tag)::type>(
-        grad_out, x, attn, norm, alpha, beta, grad_x, grad_scores, grad_alpha_partial,
+        grad_out, x, lengths, attn, norm, alpha, beta, grad_x, grad_scores, grad_alpha_partial,
         grad_beta_partial, coef, workspace, B, L, F, N, shift, eps, stream);
   });
 }

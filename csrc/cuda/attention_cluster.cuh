@@ -39,7 +39,8 @@ int64_t cluster_pool_backward_workspace_elems(DType dtype, int64_t B, int64_t L,
 
 // Backward. Requires B, L, F, N >= 1.
 //   grad_out [B, N*F], x [B, L, F], alpha/beta [N]: scalar; attn [B, N, L], norm [B, N]:
-//   opmath, as the forward returned them.
+//   opmath, as the forward returned them; lengths as the forward's: padded frames of x are
+//   never read (a NaN there reaches no gradient), and grad_x is 0 on them.
 //   -> grad_x [B, L, F], grad_scores [B, L, N]: scalar;
 //      grad_alpha_partial, grad_beta_partial [B, N]: opmath, per-sample terms of
 //      grad_alpha / grad_beta (zero when shift is false); the caller sums them over B
@@ -49,7 +50,7 @@ int64_t cluster_pool_backward_workspace_elems(DType dtype, int64_t B, int64_t L,
 //      workspace: opmath scratch of cluster_pool_backward_workspace_elems elements
 //      (may be nullptr when that is 0).
 cudaError_t cluster_pool_backward_launch(DType dtype, const void* grad_out, const void* x,
-                                         const void* attn, const void* norm, const void* alpha,
+                                         const int64_t* lengths, const void* attn, const void* norm, const void* alpha,
                                          const void* beta, void* grad_x, void* grad_scores,
                                          void* grad_alpha_partial, void* grad_beta_partial,
                                          void* coef, void* workspace, int64_t B, int64_t L,

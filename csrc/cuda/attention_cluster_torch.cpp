@@ -52,6 +52,7 @@ ClusterForward cluster_pool_forward_cuda(const at::Tensor& x, const at::Tensor& 
 ClusterBackward cluster_pool_backward_cuda(const at::Tensor& grad_out, const at::Tensor& x,
                                            const at::Tensor& attn, const at::Tensor& norm,
                                            const at::Tensor& alpha, const at::Tensor& beta,
+                                           const c10::optional<at::Tensor>& lengths,
                                            bool shift, double eps) {
   TORCH_CHECK(x.dim() == 3, "attnpool cuda: x must be [B, L, F], got ", x.sizes());
   TORCH_CHECK(attn.dim() == 3, "attnpool cuda: attn must be [B, N, L], got ", attn.sizes());
@@ -66,6 +67,7 @@ ClusterBackward cluster_pool_backward_cuda(const at::Tensor& grad_out, const at:
   check_input(norm, "norm", device, stat_type, {B, N});
   check_input(alpha, "alpha", device, dtype, {N});
   check_input(beta, "beta", device, dtype, {N});
+  if (lengths.has_value()) check_input(*lengths, "lengths", device, at::kLong, {B});
 
   const c10::cuda::CUDAGuard guard(device);
   const auto stat = x.options().dtype(stat_type);
@@ -82,8 +84,9 @@ ClusterBackward cluster_pool_backward_cuda(const at::Tensor& grad_out, const at:
   at::Tensor workspace =
       workspace_tensor(cc::cluster_pool_backward_workspace_elems(kdtype, B, L, N), stat);
   check_launch(cc::cluster_pool_backward_launch(
-                   kdtype, grad_out.data_ptr(), x.data_ptr(), attn.data_ptr(), norm.data_ptr(),
-                   alpha.data_ptr(), beta.data_ptr(), grad_x.data_ptr(), grad_scores.data_ptr(),
+                   kdtype, grad_out.data_ptr(), x.data_ptr(),
+                   lengths.has_value() ? lengths->data_ptr<int64_t>() : nullptr,
+                   attn.data_ptr(), norm.data_ptr(), alpha.data_ptr(), beta.data_ptr(), grad_x.data_ptr(), grad_scores.data_ptr(),
                    alpha_part.data_ptr(), beta_part.data_ptr(), coef.data_ptr(),
                    data_or_null(workspace), B, L, F, N, shift, eps,
                    current_stream(device)),

@@ -43,7 +43,6 @@ constexpr int64_t kMax32 = int64_t{1} << 30;
 
 // ------------------------------------------------------------------ opmath
 // Products rounded on their own (no FMA contraction), as the reference computes q_t.
-__device__ __forceinline__ float mul_rn(float a, float b) { return __fmul_rn(a, b); }
 __device__ __forceinline__ double mul_rn(double a, double b) { return __dmul_rn(a, b); }
 
 // torch.sign, (0 < d) - (d < 0): -1, 0 or 1; 0 for NaN (as abs's gradient in torch).
@@ -57,9 +56,15 @@ template <typename T> __device__ __forceinline__ T contrast_of(T m) {
   return half * m * T(m < half ? 1 : 0) - half * m * T(m > half ? 1 : 0);
 }
 
-// q = w[t-1] w[t+1] - w[t]^2 of the unimodality term t.
-template <typename T> __device__ __forceinline__ T uni_q(T wm, T w0, T wp) {
-  return mul_rn(wm, wp) - mul_rn(w0, w0);
+// q = w[t-1] w[t+1] - w[t]^2 of the unimodality term t, formed in double: the products of
+// float / half / bfloat16 weights are exact there, so q is rounded once, as the float64
+// reference has it (q cancels near relu's threshold, and sqrt's slope 1 / (2 sqrt(q)) magnifies
+// any error of q); equal neighbours give exactly 0.
+template <typename T> __device__ __forceinline__ double uni_q(T wm, T w0, T wp) {
+  const double a = static_cast<double>(to_acc(wm));
+  const double b = static_cast<double>(to_acc(w0));
+  const double c = static_cast<double>(to_acc(wp));
+  return mul_rn(a, c) - mul_rn(b, b);
 }
 
 // Weights and divisors of the three terms, and the sqrt flag, as the kernels take them.
@@ -140,9 +145,9 @@ st_forward_kernel(const scalar_t* __restrict__ mask, const scalar_t* __restrict_
   for (index_t e = first; e < NU; e += stride) {
     const index_t b = e / T2;
     const scalar_t* wt = w + b * T + (e - b * T2) + 1;  // w[b, t], t = 1 + (e mod (T-2))
-    const acc_t q = uni_q(to_acc(wt[-1]), to_acc(wt[0]), to_acc(wt[1]));
-    const acc_t r = q <= acc_t(0) ? acc_t(0) : q;  // relu; NaN stays NaN
-    u += k.sqrt ? op_sqrt(r) : r;
+    const double q = uni_q(wt[-1], wt[0], wt[1]);
+    const double r = q <= 0.0 ? 0.0 : q;  // relu; NaN stays NaN
+    u += static_cast<acc_t>(k.sqrt ? sqrt(r) : r);
   }
 
   acc_t v[3] = {tv, con, u};
@@ -206,22 +211,25 @@ st_backward_kernel(const scalar_t* __restrict__ grad_total, const scalar_t* __re
     store(grad_mask + e, tv_s * s + con_s * dcon);
   }
 
-  // d(term t)/dq_t: 0 where q_t <= 0 (relu), else uni_s (/ (2 sqrt(q_t)) with sqrt).
-  auto dterm = [&](const scalar_t* wt) -> acc_t {  // wt points at w[b, t]
-    const acc_t q = uni_q(to_acc(wt[-1]), to_acc(wt[0]), to_acc(wt[1]));
-    if (q <= acc_t(0)) return acc_t(0);
-    return k.sqrt ? uni_s / (acc_t(2) * op_sqrt(q)) : uni_s;
+  // d(term t)/dq_t: 0 where q_t <= 0 (relu), else uni_s (/ (2 sqrt(q_t)) with sqrt). In
+  // double, as q: q of small float32 weights (w ~ 1e-19) would be a float32 denormal.
+  const double uni_d = static_cast<double>(uni_s);
+  auto dterm = [&](const scalar_t* wt) -> double {  // wt points at w[b, t]
+    const double q = uni_q(wt[-1], wt[0], wt[1]);
+    if (q <= 0.0) return 0.0;
+    return k.sqrt ? uni_d / (2.0 * sqrt(q)) : uni_d;
   };
+  auto wd = [](scalar_t v) { return static_cast<double>(to_acc(v)); };
   for (index_t e = first; e < BT; e += stride) {
     const index_t b = e / T;
     const index_t t = e - b * T;
     const scalar_t* wb = w + b * T;
-    acc_t gw = 0;
+    double gw = 0;
     // Terms 1 <= s <= T-2 that w[t] enters: s = t+1 (as w[s-1]), s = t, s = t-1 (as w[s+1]).
-    if (t + 3 <= T) gw += dterm(wb + t + 1) * to_acc(wb[t + 2]);
-    if (t >= 1 && t + 2 <= T) gw -= acc_t(2) * dterm(wb + t) * to_acc(wb[t]);
-    if (t >= 2) gw += dterm(wb + t - 1) * to_acc(wb[t - 2]);
-    store(grad_w + e, gw);
+    if (t + 3 <= T) gw += dterm(wb + t + 1) * wd(wb[t + 2]);
+    if (t >= 1 && t + 2 <= T) gw -= 2.0 * dterm(wb + t) * wd(wb[t]);
+    if (t >= 2) gw += dterm(wb + t - 1) * wd(wb[t - 2]);
+    store(grad_w + e, static_cast<acc_t>(gw));
   }
 }
 
