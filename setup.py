@@ -11,6 +11,7 @@ Environment flags (flash-attention style):
 import glob
 import os
 import shutil
+import subprocess
 import warnings
 
 from setuptools import setup
@@ -22,9 +23,36 @@ def _flag(name: str) -> bool:
     return os.environ.get(name, "0").lower() in ("1", "true", "yes")
 
 
+def _find_cuda_home() -> None:
+    """Sets CUDA_HOME to the toolkit of the nvcc on PATH, as nvcc itself reports it (the TOP
+    of `nvcc --dryrun`), when it is not set. torch guesses it from the folder nvcc is in,
+    which is wrong when that nvcc is a wrapper script (say /usr/local/bin/nvcc exec'ing
+    /usr/local/cuda-13.0/bin/nvcc): the build then misses cuda_runtime_api.h."""
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
+        return
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        return
+    guess = os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
+    if os.path.exists(os.path.join(guess, "include", "cuda_runtime_api.h")):
+        return
+    try:
+        run = subprocess.run([nvcc, "--dryrun", "-c", "-x", "cu", os.devnull, "-o", os.devnull],
+                             capture_output=True, text=True, timeout=120)
+    except (OSError, subprocess.SubprocessError):
+        return
+    for line in (run.stdout + run.stderr).splitlines():
+        if line.startswith("#$ TOP="):
+            home = os.path.realpath(line.split("=", 1)[1].strip().strip('"'))
+            if os.path.exists(os.path.join(home, "include", "cuda_runtime_api.h")):
+                os.environ["CUDA_HOME"] = home
+            return
+
+
 def extension_setup() -> dict:
     if _flag("ATTNPOOL_SKIP_EXT"):
         return {}
+    _find_cuda_home()  # before torch.utils.cpp_extension reads it
     try:
         import torch
         from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
@@ -56,7 +84,8 @@ def extension_setup() -> dict:
         sources += sorted(glob.glob("csrc/cuda/*.cu")) + sorted(glob.glob("csrc/cuda/*_torch.cpp"))
         ext = CUDAExtension(
             "attnpool._C", sources, include_dirs=include_dirs,
-            define_macros=[("ATTNPOOL_WITH_CUDA", None)],
+            define_macros=[("ATTNPOOL_WITH_CUDA", None),
+                           ("ATTNPOOL_CUDA_ARCHS", "_".join(a for a in archs if a))],
             extra_compile_args={"cxx": cxx, "nvcc": ["-O3"] + gencode},
         )
     else:
@@ -67,7 +96,13 @@ def extension_setup() -> dict:
 
 
 setup(
-    packages=["attnpool", "attnpool.kernels"],
-    package_dir={"attnpool.kernels": "kernels"},
+    # attnpool._csrc: the C++/CUDA sources, shipped so that an install without attnpool._C
+    # (an isolated build, as a dependency) can build the CPU kernels on first use
+    # (attnpool/_jit.py).
+    packages=["attnpool", "attnpool.kernels", "attnpool._csrc", "attnpool._csrc.cpu",
+              "attnpool._csrc.cuda"],
+    package_dir={"attnpool.kernels": "kernels", "attnpool._csrc": "csrc"},
+    package_data={"attnpool._csrc": ["*.h", "*.cpp"], "attnpool._csrc.cpu": ["*.h", "*.cpp"],
+                  "attnpool._csrc.cuda": ["*.h", "*.cuh", "*.cu", "*.cpp"]},
     **extension_setup(),
 )

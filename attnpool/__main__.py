@@ -146,6 +146,21 @@ def _rel_err(got, ref):
     return num / max(den, 1e-30)
 
 
+def _build_line(ext) -> str:
+    """What attnpool._C was built with: torch, CPU instruction sets, CUDA and its archs."""
+    if ext is None:
+        return f"attnpool._C: missing ({backends.extension_error()})"
+    built = getattr(ext, "torch_version", "?")
+    line = (f"attnpool._C: built against torch {built}; cpp kernels for "
+            f"{getattr(ext, 'cpu_isas', '?')}")
+    if ext.with_cuda:
+        archs = ", ".join(f"sm_{a}" for a in getattr(ext, "cuda_archs", "?").split("_"))
+        line += f"; CUDA {getattr(ext, 'cuda_version', '?')} kernels for {archs}"
+    else:
+        line += "; no CUDA kernels (a CPU-only build)"
+    return line
+
+
 def main() -> int:
     p = argparse.ArgumentParser(prog="python -m attnpool", description=__doc__)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -165,10 +180,7 @@ def main() -> int:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.machine()
     interp = os.environ.get("TRITON_INTERPRET", "0")
     print(f"device: {device} ({name}), threads={torch.get_num_threads()}, TRITON_INTERPRET={interp}")
-    if ext is None:
-        print("attnpool._C: missing")
-    else:
-        print(f"attnpool._C: built {'with CUDA' if ext.with_cuda else '(CPU only)'}")
+    print(_build_line(ext))
 
     failures = 0
     for op, (make_case, timing_shape, make_timing) in CHECKS.items():

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
+from attnpool import _jit
+
 BACKENDS = ("reference", "cpp", "cuda", "triton")
 CHOICES = ("auto",) + BACKENDS
 
@@ -37,17 +39,20 @@ class BackendUnavailableError(RuntimeError):
 # ---------------------------------------------------------------- extension
 def _load_extension():
     try:
-        ext = importlib.import_module("attnpool._C")
+        return importlib.import_module("attnpool._C"), None
     except ImportError as e:  # no compiler at install time, or an isolated build
-        warnings.warn(
-            "attnpool: compiled extension attnpool._C is not available "
-            f"({e}); the cpp and cuda backends are off, auto uses Triton / reference. "
-            "Reinstall with `pip install --no-build-isolation .` to build it.",
-            RuntimeWarning,
-            stacklevel=3,
-        )
-        return None, f"attnpool._C is not built ({e})"
-    return ext, None
+        missing = e
+    try:  # build the CPU kernels now (once; cached), see attnpool/_jit.py
+        return _jit.load(), None
+    except ImportError as e:
+        why = f"attnpool._C is not built ({missing}) and no build on first use ({e})"
+    warnings.warn(
+        f"attnpool: {why}; the cpp and cuda backends are off, auto uses Triton / reference. "
+        "Reinstall with `pip install --no-build-isolation .` to build it.",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+    return None, why
 
 
 _C, _C_ERROR = _load_extension()
@@ -56,6 +61,11 @@ _C, _C_ERROR = _load_extension()
 def extension():
     """The compiled module ``attnpool._C``, or None."""
     return _C
+
+
+def extension_error() -> str | None:
+    """Why ``attnpool._C`` is missing (None when it loaded)."""
+    return _C_ERROR
 
 
 # ---------------------------------------------------------------- triton
@@ -180,6 +190,8 @@ def why_not(op: str, backend: str, device: torch.device, dtype: torch.dtype) -> 
             return "attnpool._C was built without CUDA"
         if device.type != "cuda":
             return f"cuda runs on CUDA tensors, got {device.type}"
+        if not torch.cuda.is_available():
+            return "no CUDA device is visible"
     elif backend == "triton":
         err = _triton_error()
         if err is not None:
@@ -191,6 +203,8 @@ def why_not(op: str, backend: str, device: torch.device, dtype: torch.dtype) -> 
                 return "the Triton interpreter has no bfloat16"
         elif device.type != "cuda":
             return f"triton runs on CUDA tensors, got {device.type}"
+        elif not torch.cuda.is_available():
+            return "no CUDA device is visible"
     return _load_error(op, backend)
 
 

@@ -164,9 +164,10 @@ def test_compile_fullgraph_changing_sizes(name, dynamic):
 
 
 @pytest.mark.skipif("triton" not in CPU_KERNELS, reason="no Triton interpreter here")
-def test_compile_triton_first_call_of_a_process():
+def test_compile_triton_first_call_of_a_process(tmp_path):
     """torch.compile(fullgraph=True) as the first attnpool call of a process, on the Triton
-    backend: the kernels' import must not happen inside the traced code."""
+    backend: the kernels' import must not happen inside the traced code. (Run outside the
+    checkout, so that the installed attnpool is the one imported.)"""
     code = ("import torch, attnpool\n"
             "m = attnpool.AttentionCluster(6, 3, backend='triton')\n"
             "x = torch.randn(2, 5, 6)\n"
@@ -175,7 +176,7 @@ def test_compile_triton_first_call_of_a_process():
             "print('ok')\n")
     env = dict(os.environ, TRITON_INTERPRET="1")
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                            timeout=600)
+                            timeout=600, cwd=tmp_path)
     assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]
 
 

@@ -1,0 +1,82 @@
+"""Builds the C++ CPU kernels on first use when ``attnpool._C`` is missing.
+
+That happens when attnpool is installed as another package's dependency: pip builds it in
+an isolated environment without torch, so no extension can be compiled then. The wheel
+ships the C++ sources (``attnpool/_csrc``); this compiles them with
+``torch.utils.cpp_extension.load`` into a per-user cache keyed by the torch and Python
+versions and the sources, once, and imports the result from there afterwards.
+
+``ATTNPOOL_NO_JIT=1`` turns it off; ``ATTNPOOL_CACHE`` sets the cache folder (default
+``$XDG_CACHE_HOME/attnpool`` or ``~/.cache/attnpool``). Only the CPU kernels are built this
+way (a CUDA build takes nvcc and many minutes: install with ``--no-build-isolation``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.machinery
+import importlib.util
+import os
+import platform
+import shutil
+import sys
+from pathlib import Path
+
+NAME = "attnpool_C"  # the module's name inside the cache (PYBIND11_MODULE(TORCH_EXTENSION_NAME))
+
+
+def _sources_root() -> Path | None:
+    """The C++ sources: shipped in the package, or the checkout's csrc/ (a development tree)."""
+    here = Path(__file__).resolve().parent
+    for root in (here / "_csrc", here.parent / "csrc"):
+        if (root / "ops.cpp").is_file():
+            return root
+    return None
+
+
+def _cache_dir(root: Path, sources: list[Path]) -> Path:
+    import torch
+
+    digest = hashlib.sha256()
+    for item in (torch.__version__, platform.python_version(), platform.machine()):
+        digest.update(item.encode() + b"\0")
+    for path in sorted(sources + sorted(root.rglob("*.h"))):
+        digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes())
+    base = os.environ.get("ATTNPOOL_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"),
+        "attnpool")
+    return Path(base) / f"torch{torch.__version__}-py{platform.python_version()}-{digest.hexdigest()[:16]}"
+
+
+def load():
+    """The compiled module (from the cache, or built now), or raises ImportError saying why."""
+    if os.environ.get("ATTNPOOL_NO_JIT", "0").lower() in ("1", "true", "yes"):
+        raise ImportError("ATTNPOOL_NO_JIT is set")
+    root = _sources_root()
+    if root is None:
+        raise ImportError("the C++ sources are not shipped with this install")
+    sources = [root / "ops.cpp"] + sorted((root / "cpu").glob("*.cpp"))
+    build = _cache_dir(root, sources)
+    built = next(iter(sorted(build.glob(f"{NAME}*.so"))), None)
+    if built is None:
+        compiler = os.environ.get("CXX", "c++")
+        if shutil.which(compiler) is None:
+            raise ImportError(f"no C++ compiler ({compiler}) to build the kernels with")
+        from torch.utils import cpp_extension
+
+        build.mkdir(parents=True, exist_ok=True)
+        print(f"attnpool: building the C++ kernels for this torch into {build} "
+              "(first use only; a few minutes)...", file=sys.stderr, flush=True)
+        openmp = [] if platform.system() == "Darwin" else ["-fopenmp"]
+        try:
+            return cpp_extension.load(
+                NAME, [str(s) for s in sources], extra_include_paths=[str(root)],
+                extra_cflags=["-O3"] + openmp, extra_ldflags=openmp, build_directory=str(build),
+                verbose=False)
+        except Exception as e:  # a compiler error: say so, and fall back
+            raise ImportError(f"building the C++ kernels failed: {e}") from e
+    spec = importlib.util.spec_from_file_location(
+        NAME, built, loader=importlib.machinery.ExtensionFileLoader(NAME, str(built)))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
