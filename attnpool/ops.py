@@ -73,8 +73,6 @@ def _register_vmap(op) -> None:
     torch.library.register_vmap(op, rule)
 
 
-
-
 # ------------------------------------------------------------ eager path, torch.func
 _FUNCTIONS: dict = {}   # forward op -> its eager torch.autograd.Function
 _FUNC_TRANSFORMS: dict = {}  # forward op -> its torch.autograd.Function for torch.func
