@@ -1,4 +1,4 @@
-"""Every op under PyTorch's tracers and transforms (DESIGN §2, §6, §7): torch.compile with
+"""Every op under PyTorch's tracers and transforms: torch.compile with
 changing sizes, torch.jit.trace and the TorchScript-based ONNX exporter, torch.func
 (vmap, grad, jacrev, jvp, batched gradcheck), and thread-count independence."""
 

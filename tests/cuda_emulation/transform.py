@@ -57,8 +57,9 @@ def _skip_literal_or_comment(text: str, i: int) -> int:
     return i
 
 
-def _find_matching(text: str, i: int) -> int:
-    """Index of the bracket closing the one at text[i] ( ( [ { ), skipping literals."""
+def _scan(text: str, i: int, launch: bool) -> int:
+    """Index of the bracket closing the one at text[i] ( ( [ { ), or with ``launch`` of the
+    `>>>` closing a launch configuration that starts at i (after `<<<`); skips literals."""
     depth = 0
     j = i
     while j < len(text):
@@ -71,10 +72,21 @@ def _find_matching(text: str, i: int) -> int:
             depth += 1
         elif c in _CLOSE:
             depth -= 1
-            if depth == 0:
+            if depth == 0 and not launch:
                 return j
+        elif launch and depth == 0 and text.startswith(">>>", j):
+            return j
         j += 1
-    raise TransformError(f"unbalanced bracket at offset {i}")
+    what = "launch configuration" if launch else "bracket"
+    raise TransformError(f"unbalanced {what} at offset {i}")
+
+
+def _find_matching(text: str, i: int) -> int:
+    return _scan(text, i, launch=False)
+
+
+def _find_launch_close(text: str, i: int) -> int:
+    return _scan(text, i, launch=True)
 
 
 def _kernel_name_start(text: str, end: int) -> int:
@@ -146,26 +158,6 @@ def _split_top_level(s: str) -> list[str]:
         else:
             merged.append(p)
     return merged
-
-
-def _find_launch_close(text: str, i: int) -> int:
-    """Index of the `>>>` closing the launch configuration that starts at i (after `<<<`)."""
-    depth = 0
-    j = i
-    while j < len(text):
-        k = _skip_literal_or_comment(text, j)
-        if k != j:
-            j = k
-            continue
-        c = text[j]
-        if c in _OPEN:
-            depth += 1
-        elif c in _CLOSE:
-            depth -= 1
-        elif depth == 0 and text.startswith(">>>", j):
-            return j
-        j += 1
-    raise TransformError(f"unterminated launch configuration at offset {i}")
 
 
 def rewrite_launches(text: str) -> tuple[str, int]:
