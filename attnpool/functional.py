@@ -153,8 +153,7 @@ def attention_cluster(
     if attention == "average":
         scores = x.new_zeros(B, L, N)
     else:  # padded frames must not reach the scoring layers' gradients as 0 * NaN
-        keys = x if lengths is None else x.masked_fill(
-            ~reference.valid_frames(lengths, L)[..., None], 0)
+        keys = reference.zero_padded_frames(x, lengths)
         scores = F.linear(torch.tanh(F.linear(keys, weight1, bias1)), weight, bias)
     out, attn, _ = ops.call(ops.cluster_pool, x, scores, None, None, lengths, alpha, beta, shift,
                             eps, name)

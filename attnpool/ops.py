@@ -377,8 +377,7 @@ def _cluster_backward(ctx, grad_out, grad_attn, grad_norm):
     F, N = x.shape[-1], weight.shape[0]
     gs = grad_scores.reshape(-1, N)
     grad_x.view(-1, F).addmm_(gs, weight)
-    if lengths is not None:  # padded frames (gs = 0 there) must not bring in 0 * NaN
-        x = x.masked_fill(~reference.valid_frames(lengths, x.shape[1])[..., None], 0)
+    x = reference.zero_padded_frames(x, lengths)  # gs = 0 there: no 0 * NaN from padding
     grad_weight = gs.t() @ x.reshape(-1, F)
     grad_bias = weight.new_zeros(N) if ctx.has_bias else None
     return grad_x, None, grad_weight, grad_bias, None, grad_alpha, grad_beta, None, None, None

@@ -36,6 +36,14 @@ def valid_frames(lengths: Tensor, L: int) -> Tensor:
     return torch.arange(L, device=lengths.device) < lengths[:, None]
 
 
+def zero_padded_frames(x: Tensor, lengths: Tensor | None) -> Tensor:
+    """x ``[B, L, F]`` with the frames past ``lengths`` set to 0 (x itself without lengths):
+    whatever padding holds, NaN included, it then reaches no output and no gradient."""
+    if lengths is None:
+        return x
+    return x.masked_fill(~valid_frames(lengths.to(x.device), x.shape[1])[:, :, None], 0)
+
+
 def attention_scores(
     x: Tensor,
     weight: Tensor | None,
@@ -77,7 +85,7 @@ def cluster_pool(
     scores = scores.transpose(1, 2)  # [B, N, L]
     if lengths is not None:
         valid = valid_frames(lengths.to(x.device), L)  # [B, L]
-        x = x.masked_fill(~valid[:, :, None], 0)
+        x = zero_padded_frames(x, lengths)
         scores = scores.masked_fill(~valid[:, None, :], float("-inf"))
     a = torch.softmax(scores, dim=-1)
     v = torch.bmm(a, x)  # [B, N, F]
@@ -106,9 +114,9 @@ def attention_cluster(
 
     Returns (out ``[B, N*F]``, attention ``[B, N, L]``).
     """
-    if lengths is not None:  # padded frames reach neither the scores nor the pooling
-        x = x.masked_fill(~valid_frames(lengths.to(x.device), x.shape[1])[:, :, None], 0)
-    scores = attention_scores(x, weight, bias, attention, weight1, bias1, alpha.shape[0])
+    # padded frames reach neither the scores nor (cluster_pool) the pooling
+    scores = attention_scores(zero_padded_frames(x, lengths), weight, bias, attention, weight1,
+                              bias1, alpha.shape[0])
     return cluster_pool(x, scores, lengths, alpha, beta, shift, eps)
 
 
