@@ -37,8 +37,13 @@
 
 #if defined(__GNUC__)
 #define ATTNPOOL_INLINE inline __attribute__((always_inline))
+// Fully unrolls a loop over tile rows/registers, so that its arrays of registers become
+// registers: GCC leaves some of them as rolled loops over stack arrays otherwise (the AVX2 dot
+// tile did, 3x slower than its AVX-512 twin).
+#define ATTNPOOL_UNROLL _Pragma("GCC unroll 16")
 #else
 #define ATTNPOOL_INLINE inline
+#define ATTNPOOL_UNROLL
 #endif
 
 namespace attnpool {
@@ -83,12 +88,26 @@ struct Simd {
 };
 #endif
 
+// One register of T from p (no alignment required): a plain vector load, where a memcpy into
+// the register's array is sometimes lowered as a copy through the stack.
+template <int kVec, typename T>
+ATTNPOOL_INLINE typename Simd<kVec, T>::type load(const T* p) {
+#if defined(__GNUC__)
+  typedef T unaligned __attribute__((vector_size(kVec), aligned(alignof(T)), may_alias));
+  return *reinterpret_cast<const unaligned*>(p);
+#else
+  typename Simd<kVec, T>::type v;
+  std::memcpy(&v, p, kVec);
+  return v;
+#endif
+}
+
 // Tile shapes for kVec-byte registers (64: AVX-512 with 32 registers; 32: AVX2 and 16: SSE,
 // with 16). A gemm tile holds kRows x kVecs accumulator registers, a dot tile kRows x kDotCols.
 template <int kVec, typename T>
 struct Tiling {
   static constexpr int kLanes = kVec / sizeof(T);
-  static constexpr int kRows = kVec == 64 ? 8 : 4;
+  static constexpr int kRows = kVec == 64 ? 8 : kVec == 32 ? 6 : 4;
   static constexpr int kVecs = 2;
   static constexpr int kDotRows = kVec == 64 ? 4 : 2;
   static constexpr int kDotCols = kVec == 64 ? 6 : 4;
@@ -139,10 +158,10 @@ ATTNPOOL_INLINE void gemm_tile(int64_t K, const T* a, int64_t ars, int64_t aks, 
   vec acc[R][NV] = {};
   for (int64_t k = 0; k < K; ++k) {
     vec bk[NV];
-    for (int j = 0; j < NV; ++j) std::memcpy(&bk[j], b + k * ldb + j * V, kVec);
-    for (int r = 0; r < R; ++r) {
+    ATTNPOOL_UNROLL for (int j = 0; j < NV; ++j) bk[j] = load<kVec>(b + k * ldb + j * V);
+    ATTNPOOL_UNROLL for (int r = 0; r < R; ++r) {
       const T ark = a[r * ars + k * aks];
-      for (int j = 0; j < NV; ++j) acc[r][j] += ark * bk[j];
+      ATTNPOOL_UNROLL for (int j = 0; j < NV; ++j) acc[r][j] += ark * bk[j];
     }
   }
   for (int r = 0; r < R; ++r)
@@ -160,10 +179,10 @@ ATTNPOOL_INLINE void affine_tile(int64_t K, const T* a, int64_t aks, const T* b,
   vec acc[R][NV] = {};
   for (int64_t k = 0; k < K; ++k) {
     vec bk[NV];
-    for (int j = 0; j < NV; ++j) std::memcpy(&bk[j], b + k * ldb + j * V, kVec);
-    for (int r = 0; r < R; ++r) {
+    ATTNPOOL_UNROLL for (int j = 0; j < NV; ++j) bk[j] = load<kVec>(b + k * ldb + j * V);
+    ATTNPOOL_UNROLL for (int r = 0; r < R; ++r) {
       const T ark = a[r + k * aks];
-      for (int j = 0; j < NV; ++j) acc[r][j] += ark * bk[j];
+      ATTNPOOL_UNROLL for (int j = 0; j < NV; ++j) acc[r][j] += ark * bk[j];
     }
   }
   for (int r = 0; r < R; ++r)
@@ -207,15 +226,37 @@ ATTNPOOL_INLINE int64_t balanced_part(int64_t rows, int64_t parts, int64_t i) {
   return rows / parts + (i < rows % parts);
 }
 
-// c[rows, cols] = a[rows, K] b[K, cols], by panels of at most R rows (each streams b once).
-// Every element is one in-order sum over k whatever the panel, so the split changes no bits.
+// c[rows, cols] = a[rows, K] b[K, cols], by panels of at most R rows.
+// With several panels, each block of b's columns (one tile wide) is first packed into a
+// contiguous K x W buffer that every panel then streams: b's rows are often 4 KiB apart
+// (F = 1024 floats), so the tile's K lines of b would share one L1 set and come from L2 on
+// every pass (the AVX2 tiles, with half the rows per pass of AVX-512's, suffered most).
+// Every element is one in-order sum over k whatever the panel or block, so the split and the
+// packing change no bits.
 template <int kVec, int R, int NV, typename T, typename Out>
 ATTNPOOL_INLINE void gemm(int64_t rows, int64_t cols, int64_t K, const T* a, int64_t ars,
                           int64_t aks, const T* b, int64_t ldb, Out* c, int64_t ldc) {
+  constexpr int W = NV * kVec / sizeof(T);
   const int64_t panels = (rows + R - 1) / R;
+  int64_t w = 0;
+  if (panels > 1 && ldb != W) {
+    thread_local std::vector<T> pack;
+    if (static_cast<int64_t>(pack.size()) < K * W) pack.resize(K * W);
+    T* pk = pack.data();
+    for (; w + W <= cols; w += W) {
+      for (int64_t k = 0; k < K; ++k) std::memcpy(pk + k * W, b + k * ldb + w, W * sizeof(T));
+      for (int64_t i = 0, r = 0; i < panels; ++i) {
+        const int64_t n = balanced_part(rows, panels, i);
+        gemm_panel_of<kVec, R, NV>(n, W, K, a + r * ars, ars, aks, pk, W, c + r * ldc + w, ldc);
+        r += n;
+      }
+    }
+  }
+  if (w == cols) return;
   for (int64_t i = 0, r = 0; i < panels; ++i) {
     const int64_t n = balanced_part(rows, panels, i);
-    gemm_panel_of<kVec, R, NV>(n, cols, K, a + r * ars, ars, aks, b, ldb, c + r * ldc, ldc);
+    gemm_panel_of<kVec, R, NV>(n, cols - w, K, a + r * ars, ars, aks, b + w, ldb,
+                               c + r * ldc + w, ldc);
     r += n;
   }
 }
@@ -231,10 +272,10 @@ ATTNPOOL_INLINE void dot_tile(int64_t K, const T* p, int64_t ldp, const T* q, in
   int64_t k = 0;
   for (; k + V <= K; k += V) {
     vec pv[R], qv[S];
-    for (int r = 0; r < R; ++r) std::memcpy(&pv[r], p + r * ldp + k, kVec);
-    for (int s = 0; s < S; ++s) std::memcpy(&qv[s], q + s * ldq + k, kVec);
-    for (int r = 0; r < R; ++r)
-      for (int s = 0; s < S; ++s) acc[r][s] += pv[r] * qv[s];
+    ATTNPOOL_UNROLL for (int r = 0; r < R; ++r) pv[r] = load<kVec>(p + r * ldp + k);
+    ATTNPOOL_UNROLL for (int s = 0; s < S; ++s) qv[s] = load<kVec>(q + s * ldq + k);
+    ATTNPOOL_UNROLL for (int r = 0; r < R; ++r)
+      ATTNPOOL_UNROLL for (int s = 0; s < S; ++s) acc[r][s] += pv[r] * qv[s];
   }
   for (int r = 0; r < R; ++r)
     for (int s = 0; s < S; ++s) {
