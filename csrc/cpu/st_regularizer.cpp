@@ -30,17 +30,29 @@ constexpr int64_t kThreadElems = 1 << 15;  // fewer elements than this per threa
 
 int64_t divup(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// The element functions below are selects, not products with static_cast<T>(bool): GCC
+// vectorises those for AVX-512 (mask registers) but left them as scalar branches for AVX2,
+// where the regulariser's forward then ran 7x slower.
+
 // sign as torch: 0 for 0 and for NaN.
 template <typename T>
 C10_ALWAYS_INLINE T sign(T d) {
-  return static_cast<T>(d > T(0)) - static_cast<T>(d < T(0));
+  return (d > T(0) ? T(1) : T(0)) - (d < T(0) ? T(1) : T(0));
 }
 
-// 0.5*M*[M<0.5] - 0.5*M*[M>0.5], written as the reference does (a NaN or inf M stays NaN).
+// 0.5*M*[M<0.5] - 0.5*M*[M>0.5], as the reference: the unselected side is 0.5*M*0, so a NaN
+// or inf M stays NaN.
 template <typename T>
 C10_ALWAYS_INLINE T contrast(T v) {
+  const T half(0.5), a = half * v, z = a * T(0);
+  return (v < half ? a : z) - (v > half ? a : z);
+}
+
+// d contrast / d M: 0.5 below 0.5, -0.5 above, 0 at 0.5 and for NaN.
+template <typename T>
+C10_ALWAYS_INLINE T contrast_slope(T v) {
   const T half(0.5);
-  return half * v * static_cast<T>(v < half) - half * v * static_cast<T>(v > half);
+  return (v < half ? half : T(0)) - (v > half ? half : T(0));
 }
 
 // A product rounded on its own, as the reference's: the volatile store keeps the compiler from
@@ -142,7 +154,6 @@ C10_ALWAYS_INLINE void backward_maps(const Shape& s, const scalar_t* mask, const
                                      scalar_t* grad_mask, scalar_t* grad_w) {
   using T = at::opmath_type<scalar_t>;
   const int64_t W = s.W, HW = s.H * W, TT = s.T, L = (m1 - m0) * HW;
-  const T half(0.5);
   std::vector<T> mv(std::is_same_v<scalar_t, T> ? 0 : L), gv(L, T(0)), dv(L);
   const T* v;
   if constexpr (std::is_same_v<scalar_t, T>) {
@@ -161,8 +172,7 @@ C10_ALWAYS_INLINE void backward_maps(const Shape& s, const scalar_t* mask, const
   for (int64_t k = 1; k < L; ++k) g[k] += d[k - 1];
   scalar_t* out = grad_mask + m0 * HW;
   for (int64_t k = 0; k < L; ++k) {
-    const T c = half * static_cast<T>(v[k] < half) - half * static_cast<T>(v[k] > half);
-    out[k] = static_cast<scalar_t>(tv_s * g[k] + con_s * c);
+    out[k] = static_cast<scalar_t>(tv_s * g[k] + con_s * contrast_slope(v[k]));
   }
   for (int64_t m = m0; m < m1; ++m) {
     // grad_w[b, t]: t is the left neighbour of term t+1, the centre of term t and the right
