@@ -314,7 +314,7 @@ struct BackwardJob {
 };
 
 
-// ---------------------------------------------------------------- AVX-512, 16..63 positions
+// ---------------------------------------------------------------- AVX-512 and AVX2, 7x7-sized blocks
 
 #if ATTNPOOL_MULTI_ISA
 #include <immintrin.h>
@@ -382,6 +382,43 @@ ATTNPOOL_TARGET_AVX512 __attribute__((noinline)) void weighted_rows_avx512(
   for (; c < C; ++c) z[c] += dot_short(m, h, x + c * ld);
 }
 
+// The AVX2 twin of weighted_rows_avx512, for float blocks of 9..64 positions: 8 rows at a
+// time, each a chain of NF 8-lane FMAs (the last chunk a masked load, h zero-padded), the
+// 8 rows' lanes folded by one transposed hadd tree. Its own fixed order (not dot_short's):
+// the per-row fold of dot_short's 16 lanes left AVX2 at 0.67 of the read floor here.
+template <int NF>
+ATTNPOOL_TARGET_AVX2 __attribute__((noinline)) void weighted_rows_avx2(
+    int64_t C, int64_t m, const float* h, const float* x, int64_t ld, float* z) {
+  alignas(32) float hpad[8 * NF] = {};
+  alignas(32) int32_t lanes[8] = {0, 1, 2, 3, 4, 5, 6, 7};
+  for (int64_t k = 0; k < m; ++k) hpad[k] = h[k];
+  __m256 hv[NF];
+  for (int k = 0; k < NF; ++k) hv[k] = _mm256_load_ps(hpad + 8 * k);
+  const int last = static_cast<int>(m - 8 * (NF - 1));  // 1..8 positions in the last chunk
+  const __m256i tail = _mm256_cmpgt_epi32(_mm256_set1_epi32(last), _mm256_load_si256(
+      reinterpret_cast<const __m256i*>(lanes)));
+  int64_t c = 0;
+  for (; c + 8 <= C; c += 8) {
+    const float* xr = x + c * ld;
+    __m256 a[8];
+    for (int r = 0; r < 8; ++r) {
+      const float* row = xr + r * ld;
+      __m256 acc = _mm256_mul_ps(_mm256_loadu_ps(row), hv[0]);
+      for (int k = 1; k < NF - 1; ++k) acc = _mm256_fmadd_ps(_mm256_loadu_ps(row + 8 * k), hv[k], acc);
+      if constexpr (NF > 1)
+        acc = _mm256_fmadd_ps(_mm256_maskload_ps(row + 8 * (NF - 1), tail), hv[NF - 1], acc);
+      a[r] = acc;
+    }
+    const __m256 t0 = _mm256_hadd_ps(a[0], a[1]), t1 = _mm256_hadd_ps(a[2], a[3]);
+    const __m256 t2 = _mm256_hadd_ps(a[4], a[5]), t3 = _mm256_hadd_ps(a[6], a[7]);
+    const __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);
+    const __m256 v = _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20),
+                                   _mm256_permute2f128_ps(u0, u1, 0x31));  // lane r = row r
+    _mm256_storeu_ps(z + c, _mm256_add_ps(_mm256_loadu_ps(z + c), v));
+  }
+  for (; c < C; ++c) z[c] += dot_short(m, h, x + c * ld);
+}
+
 // dst[c*n + i] = g[c] * h[i] for c < C (one contiguous [C, n] block), 16 rows (n vectors) at a
 // time; streaming stores when dst is 64-byte aligned. Same products as outer_row with P = 1.
 ATTNPOOL_TARGET_AVX512 __attribute__((noinline)) void outer_block_avx512(
@@ -418,7 +455,8 @@ ATTNPOOL_TARGET_AVX512 __attribute__((noinline)) void outer_block_avx512(
 // ---------------------------------------------------------------- forward (both pools)
 
 // z[p*C + c] += sum_{i < ni} h[p*ni + i] x[c*ld + i] for one n-contiguous block: the 16-row
-// AVX-512 kernel for float blocks of 16..63 positions (7x7 maps), else dot_short row by row.
+// AVX-512 kernel for float blocks of 16..63 positions (7x7 maps), the 8-row AVX2 kernel for
+// 9..64, else dot_short row by row.
 template <typename T>
 C10_ALWAYS_INLINE void z_block(int64_t C, int64_t ni, int64_t P, const T* h, const T* x,
                                int64_t ld, T* z) {
@@ -430,6 +468,22 @@ C10_ALWAYS_INLINE void z_block(int64_t C, int64_t ni, int64_t P, const T* h, con
         if (ni < 32) weighted_rows_avx512<1>(C, ni, hp, x, ld, z + p * C);
         else if (ni < 48) weighted_rows_avx512<2>(C, ni, hp, x, ld, z + p * C);
         else weighted_rows_avx512<3>(C, ni, hp, x, ld, z + p * C);
+      }
+      return;
+    }
+    if (runtime_isa() == Isa::kAvx2 && ni > 8 && ni <= 64) {
+      for (int64_t p = 0; p < P; ++p) {
+        const float* hp = h + p * ni;
+        float* zp = z + p * C;
+        switch ((ni + 7) / 8) {
+          case 2: weighted_rows_avx2<2>(C, ni, hp, x, ld, zp); break;
+          case 3: weighted_rows_avx2<3>(C, ni, hp, x, ld, zp); break;
+          case 4: weighted_rows_avx2<4>(C, ni, hp, x, ld, zp); break;
+          case 5: weighted_rows_avx2<5>(C, ni, hp, x, ld, zp); break;
+          case 6: weighted_rows_avx2<6>(C, ni, hp, x, ld, zp); break;
+          case 7: weighted_rows_avx2<7>(C, ni, hp, x, ld, zp); break;
+          default: weighted_rows_avx2<8>(C, ni, hp, x, ld, zp); break;
+        }
       }
       return;
     }
