@@ -612,7 +612,7 @@ def test_emulation_reports_failures(emu):
     """A launcher's error comes back as its cudaError_t: invalid sizes give
     cudaErrorInvalidValue (1), a missing workspace too."""
     assert emu.emu_cluster_forward(0, None, None, None, None, None, None, None, None,
-                                   0, 1, 1, 1, 1, 1e-12) == 1
+                                   0, 1, 1, 1, 1, 1e-12, 0.0) == 1
     x, wb, bb, *_ = _attpool_inputs(1, 4, 45, 2, torch.float32, seed=0)
     z = _empty((1, 2, 4), torch.float32)
     h = _empty((1, 2, 45), torch.float32)
