@@ -235,7 +235,7 @@ def attentional_pooling(cls, variables, *, pose: bool = False, scope: str = "", 
     """
     variables = _tf_variables(variables, "TensorFlow")
     if any(isinstance(k, str) and k.startswith(scope + "TemporalAttention/") for k in variables):
-        raise ValueError("TensorFlow variables: the temporal attention of NET.USE_TEMPORAL_ATT "
+        raise ValueError(f"TensorFlow variables: {scope}TemporalAttention/ (NET.USE_TEMPORAL_ATT) "
                          "is not supported (attnpool averages the frames' logits)")
     att = _Checkpoint(variables, scope + "PosePrelogitsBasedAttention/", "TensorFlow")
     rank = 1
