@@ -7,20 +7,16 @@ and shape (``ValueError`` naming the key and the shape it must have; ``TypeError
 that is no array), and returns the class it was called on (``attnpool.reference.X`` or the
 fused ``attnpool.X``) set up to compute what the official module computes:
 
-=================================  =============================  ===============================
-official code                      official module                attnpool
-=================================  =============================  ===============================
-longxiang92/Flash-MNIST (PyTorch)  ``ShiftingAttention``          ``AttentionCluster``, fc1,
-                                                                  ``eps=0`` (no eps in its norm)
-PaddlePaddle/models, PaddleCV      ``ShiftingAttentionModel``     ``AttentionCluster``, fc1,
-video ``attention_cluster``        (``satt{i}``)                  ``eps_placement="sqrt"``
-mindspore-ai/models                ``ShiftingAttention``          ``AttentionCluster``, fc1 or
-``research/cv/AttentionCluster``   (``seq``, ``w``, ``b``)        fc2, ``eps=0``
-rohitgirdhar/                      ``PosePrelogitsBasedAttention``  ``AttentionalPooling``, ranks
-AttentionalPoolingAction (TF)      (+ ``PoseLogits``)             unchained, dropout 0.8
-LiliMeng/spatial_temporal_att_*    ``Action_Att_LSTM``            ``SpatioTemporalAttention``,
-                                                                  ``temporal="convlstm"``
-=================================  =============================  ===============================
+- longxiang92/Flash-MNIST (PyTorch) ``ShiftingAttention``: ``AttentionCluster``, fc1,
+  ``eps=0`` (its norm has no eps);
+- PaddlePaddle/models, PaddleCV video ``attention_cluster`` (``satt{i}``):
+  ``AttentionCluster`` / ``MultimodalAttentionClusters``, fc1, ``eps_placement="sqrt"``;
+- mindspore-ai/models ``research/cv/AttentionCluster`` ``ShiftingAttention``:
+  ``AttentionCluster``, fc1 or fc2, ``eps=0``;
+- rohitgirdhar/AttentionalPoolingAction (TensorFlow) ``PosePrelogitsBasedAttention``
+  (+ ``PoseLogits``): ``AttentionalPooling``, chained ranks unrolled, top-down dropout 0.8;
+- LiliMeng/spatial_temporal_att_* ``Action_Att_LSTM``: ``SpatioTemporalAttention``,
+  ``temporal="convlstm"``, input dropout 0.2.
 
 Values may be torch tensors or numpy arrays (TensorFlow's checkpoint reader, PaddlePaddle's
 ``load_program_state`` and MindSpore's parameters' ``asnumpy()`` give numpy). The module gets
