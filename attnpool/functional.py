@@ -74,6 +74,7 @@ def attention_cluster(
     bias1: Tensor | None = None,
     shift: bool = True,
     eps: float = 1e-12,
+    eps_placement: str = "clamp",
     backend: str | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Attention clusters (Long et al. 2018): N attention units pool the frames of ``x``.
@@ -87,7 +88,9 @@ def attention_cluster(
         attention: "fc1" (linear scores), "fc2" (tanh hidden layer ``weight1 [H, F]``,
             ``bias1 [H]``) or "average" (uniform weights).
         shift: apply the shifting operation and L2 norm (``o = (αv+β) / (√N·‖αv+β‖)``).
-        eps: lower bound of the norm.
+        eps: the norm's eps, placed by ``eps_placement``: "clamp" (default), ‖u‖ clamped
+            below at eps (the first author's code and MindSpore's have no eps: eps=0);
+            "sqrt", sqrt(‖u‖² + eps) (PaddlePaddle's l2_normalize).
         backend: "auto", "reference", "cpp", "cuda" or "triton".
 
     Returns:
@@ -101,6 +104,7 @@ def attention_cluster(
         raise ValueError(f"x must have L >= 1 frames and F >= 1 features, got {list(x.shape)}")
     if attention not in ("fc1", "fc2", "average"):
         raise ValueError(f"attention must be 'fc1', 'fc2' or 'average', got {attention!r}")
+    eps_clamp, eps_sqrt = ops.cluster_norm_eps(eps, eps_placement)
     _check_float("alpha", alpha, "[N]")
     if alpha.dim() != 1:
         raise ValueError(f"alpha must have shape [N], got {list(alpha.shape)}")
@@ -144,11 +148,11 @@ def attention_cluster(
     if name == "reference":
         return reference.attention_cluster(
             x, weight, bias, alpha, beta, lengths, attention=attention,
-            weight1=weight1, bias1=bias1, shift=shift, eps=eps)
+            weight1=weight1, bias1=bias1, shift=shift, eps=eps, eps_placement=eps_placement)
 
     if attention == "fc1":  # the op takes the scoring layer itself (see ops.cluster_pool)
         out, attn, _ = ops.call(ops.cluster_pool, x, None, weight, bias, lengths, alpha, beta,
-                                shift, eps, name)
+                                shift, eps_clamp, eps_sqrt, name)
         return out, attn.to(x.dtype)
     if attention == "average":
         scores = x.new_zeros(B, L, N)
@@ -156,7 +160,7 @@ def attention_cluster(
         keys = reference.zero_padded_frames(x, lengths)
         scores = F.linear(torch.tanh(F.linear(keys, weight1, bias1)), weight, bias)
     out, attn, _ = ops.call(ops.cluster_pool, x, scores, None, None, lengths, alpha, beta, shift,
-                            eps, name)
+                            eps_clamp, eps_sqrt, name)
     return out, attn.to(x.dtype)
 
 

@@ -23,12 +23,15 @@ class AttentionCluster(reference.AttentionCluster):
         in_features: F. num_units: N.
         attention: "fc1" (linear scores), "fc2" (shared tanh hidden layer of
             ``hidden_features`` units) or "average".
-        shift: the shifting operation + L2 norm. eps: lower bound of the norm.
+        shift: the shifting operation + L2 norm.
+        eps, eps_placement: the norm is max(‖u‖, eps) with ``"clamp"`` (default) and
+            sqrt(‖u‖² + eps) with ``"sqrt"`` (PaddlePaddle's); every backend computes both.
         backend: None (context / ``ATTNPOOL_BACKEND`` / auto), "auto", "reference",
             "cpp", "cuda" or "triton".
 
     Parameters ``weight``, ``bias``, ``alpha``, ``beta`` (and ``weight1``, ``bias1`` for
-    fc2) match :class:`attnpool.reference.AttentionCluster` and the official code.
+    fc2) match :class:`attnpool.reference.AttentionCluster`; :meth:`from_official` loads the
+    official checkpoints (first author's PyTorch code, PaddlePaddle, MindSpore).
     """
 
     def __init__(self, in_features: int, num_units: int, *, backend: str | None = None, **kwargs):
@@ -41,7 +44,8 @@ class AttentionCluster(reference.AttentionCluster):
         out, attn = functional.attention_cluster(
             x, self.weight, self.bias, self.alpha, self.beta, lengths,
             attention=self.attention, weight1=self.weight1, bias1=self.bias1,
-            shift=self.shift, eps=self.eps, backend=self.backend,
+            shift=self.shift, eps=self.eps, eps_placement=self.eps_placement,
+            backend=self.backend,
         )
         return (out, attn) if return_attention else out
 
@@ -68,6 +72,10 @@ class AttentionalPooling(reference.AttentionalPooling):
             ``pose_channels`` "pose pre-logits" feeds the bottom-up maps and a keypoint
             heatmap head (``forward(..., return_heatmaps=True)``, :meth:`pose_loss`).
             Its pooling of x under those maps runs in the fused ``weighted_pool`` kernel.
+            ``pose_init="official"``: the official pose layer init, N(0, 0.001).
+        top_down_dropout: dropout probability of the features feeding the top-down maps, in
+            training (the official graph's: 0.8, i.e. keep 0.2); then the pooling runs in the
+            fused ``weighted_pool`` kernel.
         backend: None (context / ``ATTNPOOL_BACKEND`` / auto), "auto", "reference", "cpp",
             "cuda" or "triton".
 
@@ -99,7 +107,12 @@ class SpatioTemporalAttention(reference.SpatioTemporalAttention):
     The masked means read x once (fused ``weighted_pool``); ``.regularizer(mask, w)`` is the
     fused :class:`attnpool.losses.SpatioTemporalRegularizer`.
 
-    ``forward(x [B, T, C, H, W], return_attention=False)`` -> ``[B, C]`` (and mask
+    ``temporal="convlstm"``: the official temporal model instead, a ConvLSTM (plain PyTorch,
+    C -> ``temporal_hidden``) over the masked features, scored and pooled on its outputs'
+    spatial means; ``dropout``: the official input channel dropout (0.2). :meth:`from_official`
+    loads the official weights.
+
+    ``forward(x [B, T, C, H, W], return_attention=False)`` -> ``[B, out_features]`` (and mask
     ``[B, T, H, W]``, w ``[B, T]``). Same state_dict as the reference twin.
     """
 

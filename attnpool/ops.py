@@ -221,6 +221,17 @@ def check_lengths(lengths: Tensor, L: int) -> None:
         torch._assert_async(((lengths >= 1) & (lengths <= L)).all(), "lengths must lie in [1, L]")
 
 
+def cluster_norm_eps(eps: float, eps_placement: str) -> tuple[float, float]:
+    """The kernels' (eps, eps_sqrt) of the cluster norm max(sqrt(‖u‖² + eps_sqrt), eps):
+    ``"clamp"`` is max(‖u‖, eps) (torch's clamp_min), ``"sqrt"`` is sqrt(‖u‖² + eps)
+    (PaddlePaddle's l2_normalize)."""
+    if eps_placement == "clamp":
+        return float(eps), 0.0
+    if eps_placement == "sqrt":
+        return 0.0, float(eps)
+    raise ValueError(f"eps_placement must be 'clamp' or 'sqrt', got {eps_placement!r}")
+
+
 def _int64(lengths: Tensor | None) -> Tensor | None:
     return None if lengths is None else lengths.to(torch.int64).contiguous()
 
@@ -236,6 +247,7 @@ def cluster_pool(
     beta: Tensor,
     shift: bool,
     eps: float,
+    eps_sqrt: float,
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Fused softmax pooling + shift + L2 norm of attention clusters.
@@ -244,6 +256,7 @@ def cluster_pool(
     (+ bias [N]; "fc1": scores = x weight^T + bias, whose bias the softmax cancels) ->
     out [B, N*F], attn [B, N, L], norm [B, N]. Taking the scoring layer in the op lets its
     backward add grad_scores·weight into grad_x in place and skip an autograd node.
+    The norm is max(sqrt(‖u‖² + eps_sqrt), eps) (see :func:`cluster_norm_eps`).
     """
     B, L, F = x.shape
     N = alpha.shape[0]
@@ -257,16 +270,16 @@ def cluster_pool(
     if _fc1_fused(weight, backend):  # scores computed inside the kernel, bias cancelled
         return backends.extension().cluster_pool_fc1_forward_cpu(
             x.contiguous(), weight.contiguous(), lengths, alpha.contiguous(), beta.contiguous(),
-            shift, eps)
+            shift, eps, eps_sqrt)
     if weight is not None:  # the bias shifts every frame's score alike: the softmax cancels it
         scores = torch.nn.functional.linear(x, weight)
     impl = backends.implementation("attention_cluster", backend)
     return impl.forward(x.contiguous(), scores.contiguous(), lengths, alpha.contiguous(),
-                        beta.contiguous(), shift, eps)
+                        beta.contiguous(), shift, eps, eps_sqrt)
 
 
 @cluster_pool.register_fake
-def _(x, scores, weight, bias, lengths, alpha, beta, shift, eps, backend):
+def _(x, scores, weight, bias, lengths, alpha, beta, shift, eps, eps_sqrt, backend):
     B, L, F = x.shape
     N = alpha.shape[0]
     stat = _opmath(x.dtype)
@@ -284,6 +297,7 @@ def cluster_pool_backward(
     lengths: Tensor | None,
     shift: bool,
     eps: float,
+    eps_sqrt: float,
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Gradients of cluster_pool w.r.t. x, scores, alpha, beta (recomputes v from attn, x).
@@ -296,11 +310,11 @@ def cluster_pool_backward(
     impl = backends.implementation("attention_cluster", backend)
     return impl.backward(grad_out.contiguous(), x.contiguous(), attn.contiguous(),
                          norm.contiguous(), alpha.contiguous(), beta.contiguous(),
-                         _int64(lengths), shift, eps)
+                         _int64(lengths), shift, eps, eps_sqrt)
 
 
 @cluster_pool_backward.register_fake
-def _(grad_out, x, attn, norm, alpha, beta, lengths, shift, eps, backend):
+def _(grad_out, x, attn, norm, alpha, beta, lengths, shift, eps, eps_sqrt, backend):
     B, L, _ = x.shape
     return (torch.empty_like(x), x.new_empty(B, L, attn.shape[1]), torch.empty_like(alpha),
             torch.empty_like(beta))
@@ -319,6 +333,7 @@ def cluster_pool_fc1_backward(
     lengths: Tensor | None,
     shift: bool,
     eps: float,
+    eps_sqrt: float,
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Gradients of cluster_pool with the fused fc1 scoring layer w.r.t. x, weight, alpha,
@@ -329,21 +344,22 @@ def cluster_pool_fc1_backward(
     return backends.extension().cluster_pool_fc1_backward_cpu(
         grad_out.contiguous(), None if grad_attn is None else grad_attn.contiguous(),
         x.contiguous(), weight.contiguous(), attn.contiguous(), norm.contiguous(),
-        alpha.contiguous(), beta.contiguous(), _int64(lengths), shift, eps)
+        alpha.contiguous(), beta.contiguous(), _int64(lengths), shift, eps, eps_sqrt)
 
 
 @cluster_pool_fc1_backward.register_fake
-def _(grad_out, grad_attn, x, weight, attn, norm, alpha, beta, lengths, shift, eps, backend):
+def _(grad_out, grad_attn, x, weight, attn, norm, alpha, beta, lengths, shift, eps, eps_sqrt,
+      backend):
     return (torch.empty_like(x, memory_format=torch.contiguous_format),
             torch.empty_like(weight, memory_format=torch.contiguous_format),
             torch.empty_like(alpha), torch.empty_like(beta))
 
 
 def _cluster_setup(ctx, inputs, output):
-    x, _, weight, bias, lengths, alpha, beta, shift, eps, backend = inputs
+    x, _, weight, bias, lengths, alpha, beta, shift, eps, eps_sqrt, backend = inputs
     _, attn, norm = output
     ctx.save_for_backward(x, attn, norm, alpha, beta, weight, lengths)
-    ctx.shift, ctx.eps, ctx.backend = shift, eps, backend
+    ctx.shift, ctx.eps, ctx.eps_sqrt, ctx.backend = shift, eps, eps_sqrt, backend
     ctx.has_bias = bias is not None
     ctx.fc1_fused = _fc1_fused(weight, backend)
     ctx.mark_non_differentiable(norm)
@@ -357,13 +373,15 @@ def _cluster_backward(ctx, grad_out, grad_attn, grad_norm):
     if ctx.fc1_fused:
         grad_x, grad_weight, grad_alpha, grad_beta = _backward_op(ctx, cluster_pool_fc1_backward)(
             grad_out, grad_attn, x, weight, attn, norm, alpha, beta, lengths, ctx.shift, ctx.eps,
-            ctx.backend)
+            ctx.eps_sqrt, ctx.backend)
         grad_bias = weight.new_zeros(weight.shape[0]) if ctx.has_bias else None
         if not ctx.shift:  # alpha and beta are unused without the shift, as in the reference
             grad_alpha = grad_beta = None
-        return grad_x, None, grad_weight, grad_bias, None, grad_alpha, grad_beta, None, None, None
+        return (grad_x, None, grad_weight, grad_bias, None, grad_alpha, grad_beta, None, None,
+                None, None)
     grad_x, grad_scores, grad_alpha, grad_beta = _backward_op(ctx, cluster_pool_backward)(
-        grad_out, x, attn, norm, alpha, beta, lengths, ctx.shift, ctx.eps, ctx.backend
+        grad_out, x, attn, norm, alpha, beta, lengths, ctx.shift, ctx.eps, ctx.eps_sqrt,
+        ctx.backend
     )
     if not ctx.shift:
         grad_alpha = grad_beta = None
@@ -371,7 +389,8 @@ def _cluster_backward(ctx, grad_out, grad_attn, grad_norm):
         g = attn * (grad_attn - (attn * grad_attn).sum(-1, keepdim=True))
         grad_scores = grad_scores + g.transpose(1, 2).to(grad_scores.dtype)
     if weight is None:
-        return grad_x, grad_scores, None, None, None, grad_alpha, grad_beta, None, None, None
+        return (grad_x, grad_scores, None, None, None, grad_alpha, grad_beta, None, None, None,
+                None)
     # the scoring layer: grad_x += grad_scores weight (into the kernel's fresh grad_x),
     # grad_weight = grad_scores^T x; the bias gradient is exactly 0
     F, N = x.shape[-1], weight.shape[0]
@@ -380,7 +399,8 @@ def _cluster_backward(ctx, grad_out, grad_attn, grad_norm):
     x = reference.zero_padded_frames(x, lengths)  # gs = 0 there: no 0 * NaN from padding
     grad_weight = gs.t() @ x.reshape(-1, F)
     grad_bias = weight.new_zeros(N) if ctx.has_bias else None
-    return grad_x, None, grad_weight, grad_bias, None, grad_alpha, grad_beta, None, None, None
+    return (grad_x, None, grad_weight, grad_bias, None, grad_alpha, grad_beta, None, None, None,
+            None)
 
 
 _register_autograd(cluster_pool, _cluster_backward, _cluster_setup)

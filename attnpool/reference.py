@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from attnpool import official
+
 __all__ = [
     "AttentionCluster",
     "AttentionalPooling",
@@ -22,6 +24,7 @@ __all__ = [
     "attention_cluster",
     "attention_scores",
     "cluster_pool",
+    "ConvLSTM",
     "init_attention_cluster_",
     "PyramidAttention",
     "pyramid_attention",
@@ -31,6 +34,9 @@ __all__ = [
 # --------------------------------------------------------------------------
 # Attention clusters (Long et al., CVPR 2018), DESIGN 3.1
 # --------------------------------------------------------------------------
+EPS_PLACEMENTS = ("clamp", "sqrt")
+
+
 def valid_frames(lengths: Tensor, L: int) -> Tensor:
     """``[B, L]`` bool: frame l of sample b is valid (l < lengths[b])."""
     return torch.arange(L, device=lengths.device) < lengths[:, None]
@@ -73,13 +79,18 @@ def cluster_pool(
     beta: Tensor,
     shift: bool = True,
     eps: float = 1e-12,
+    eps_placement: str = "clamp",
 ) -> tuple[Tensor, Tensor]:
     """Softmax over valid frames, weighted sum, shifting operation and L2 norm.
 
     x ``[B, L, F]``, scores ``[B, L, N]`` -> (out ``[B, N*F]``, attention ``[B, N, L]``).
     Frames past ``lengths`` do not take part at all: whatever they hold (NaN included),
     output and gradients are those of the valid frames, and their gradient is 0.
+    The norm of u = alpha·v + beta is max(‖u‖, eps) (``eps_placement="clamp"``, torch's
+    clamp_min) or sqrt(‖u‖² + eps) (``"sqrt"``, PaddlePaddle's l2_normalize).
     """
+    if eps_placement not in EPS_PLACEMENTS:
+        raise ValueError(f"eps_placement must be one of {EPS_PLACEMENTS}, got {eps_placement!r}")
     B, L, _ = x.shape
     N = scores.shape[-1]
     scores = scores.transpose(1, 2)  # [B, N, L]
@@ -91,7 +102,10 @@ def cluster_pool(
     v = torch.bmm(a, x)  # [B, N, F]
     if shift:
         u = alpha[:, None] * v + beta[:, None]
-        norm = torch.linalg.vector_norm(u, dim=-1, keepdim=True).clamp_min(eps)
+        if eps_placement == "sqrt":
+            norm = torch.sqrt((u * u).sum(-1, keepdim=True) + eps)
+        else:
+            norm = torch.linalg.vector_norm(u, dim=-1, keepdim=True).clamp_min(eps)
         v = u / (math.sqrt(N) * norm)
     return v.reshape(B, N * x.shape[2]), a
 
@@ -109,6 +123,7 @@ def attention_cluster(
     bias1: Tensor | None = None,
     shift: bool = True,
     eps: float = 1e-12,
+    eps_placement: str = "clamp",
 ) -> tuple[Tensor, Tensor]:
     """Attention cluster of N units over the frames of ``x``.
 
@@ -117,7 +132,7 @@ def attention_cluster(
     # padded frames reach neither the scores nor (cluster_pool) the pooling
     scores = attention_scores(zero_padded_frames(x, lengths), weight, bias, attention, weight1,
                               bias1, alpha.shape[0])
-    return cluster_pool(x, scores, lengths, alpha, beta, shift, eps)
+    return cluster_pool(x, scores, lengths, alpha, beta, shift, eps, eps_placement)
 
 
 def init_attention_cluster_(module: nn.Module) -> None:
@@ -150,12 +165,16 @@ class AttentionCluster(nn.Module):
         hidden_features: int | None = None,
         shift: bool = True,
         eps: float = 1e-12,
+        eps_placement: str = "clamp",
         device=None,
         dtype=None,
     ) -> None:
         super().__init__()
         if attention not in self.ATTENTIONS:
             raise ValueError(f"attention must be one of {self.ATTENTIONS}, got {attention!r}")
+        if eps_placement not in EPS_PLACEMENTS:
+            raise ValueError(f"eps_placement must be one of {EPS_PLACEMENTS}, "
+                             f"got {eps_placement!r}")
         if in_features < 1 or num_units < 1:
             raise ValueError(
                 f"in_features and num_units must be >= 1, got {in_features}, {num_units}"
@@ -166,6 +185,7 @@ class AttentionCluster(nn.Module):
         self.attention = attention
         self.shift = shift
         self.eps = eps
+        self.eps_placement = eps_placement
         self.hidden_features = None
         self.weight1 = self.bias1 = None
         key_features = in_features
@@ -192,16 +212,25 @@ class AttentionCluster(nn.Module):
         return self.num_units * self.in_features
 
     def extra_repr(self) -> str:
+        placement = "" if self.eps_placement == "clamp" else f", eps_placement={self.eps_placement!r}"
         return (
             f"in_features={self.in_features}, num_units={self.num_units}, "
-            f"attention={self.attention!r}, shift={self.shift}"
+            f"attention={self.attention!r}, shift={self.shift}{placement}"
         )
+
+    @classmethod
+    def from_official(cls, state_dict, source: str, *, prefix: str = "", **kwargs):
+        """A cluster holding the weights of an official checkpoint, computing what the official
+        module computes: ``source="flash-mnist"`` (the first author's PyTorch
+        ``ShiftingAttention``), ``"paddle"`` (PaddlePaddle's ``ShiftingAttentionModel``) or
+        ``"mindspore"`` (the MindSpore port, fc1 or fc2). See :mod:`attnpool.official`."""
+        return official.attention_cluster(cls, state_dict, source, prefix=prefix, **kwargs)
 
     def forward(self, x: Tensor, lengths: Tensor | None = None, return_attention: bool = False):
         out, a = attention_cluster(
             x, self.weight, self.bias, self.alpha, self.beta, lengths,
             attention=self.attention, weight1=self.weight1, bias1=self.bias1,
-            shift=self.shift, eps=self.eps,
+            shift=self.shift, eps=self.eps, eps_placement=self.eps_placement,
         )
         return (out, a) if return_attention else out
 
@@ -227,6 +256,14 @@ class MultimodalAttentionClusters(nn.Module):
     @property
     def out_features(self) -> int:
         return sum(c.out_features for c in self.clusters.values())
+
+    @classmethod
+    def from_official(cls, state_dict, source: str = "paddle", *,
+                      modalities: tuple[str, ...] = ("rgb", "audio"), **cluster_kwargs):
+        """PaddlePaddle's multimodal attention cluster: its clusters ``satt0``, ``satt1``, ...
+        become the clusters named ``modalities`` (in that order). See :mod:`attnpool.official`."""
+        return official.multimodal_attention_clusters(cls, state_dict, source,
+                                                      modalities=modalities, **cluster_kwargs)
 
     def forward(self, inputs: dict[str, Tensor], lengths: dict[str, Tensor] | None = None) -> Tensor:
         missing = set(self.clusters) - set(inputs)
@@ -309,10 +346,18 @@ def pose_attentional_pooling(
 
 class AttentionalPooling(nn.Module):
     """Reference attentional pooling; same parameters and state_dict keys as
-    :class:`attnpool.AttentionalPooling`. A drop-in for avgpool + flatten + Linear."""
+    :class:`attnpool.AttentionalPooling`. A drop-in for avgpool + flatten + Linear.
+
+    ``top_down_dropout``: dropout (probability p, in training only) of the features feeding
+    the top-down maps, as the official graph does (keep 0.2: p = 0.8); the bottom-up maps see
+    the features unchanged. ``pose_init="official"``: the official pose branch's init
+    (pose layer N(0, 0.001)) instead of Kaiming-normal."""
+
+    POSE_INITS = ("kaiming", "official")
 
     def __init__(self, in_channels: int, num_classes: int, *, rank: int = 1, bias: bool = True,
                  pose_keypoints: int | None = None, pose_channels: int = 256,
+                 pose_init: str = "kaiming", top_down_dropout: float = 0.0,
                  device=None, dtype=None) -> None:
         super().__init__()
         if min(in_channels, num_classes, rank) < 1:
@@ -321,9 +366,14 @@ class AttentionalPooling(nn.Module):
         if pose_keypoints is not None and min(pose_keypoints, pose_channels) < 1:
             raise ValueError(f"pose_keypoints and pose_channels must be >= 1, got "
                              f"{pose_keypoints}, {pose_channels}")
+        if pose_init not in self.POSE_INITS:
+            raise ValueError(f"pose_init must be one of {self.POSE_INITS}, got {pose_init!r}")
+        if not 0.0 <= top_down_dropout < 1.0:
+            raise ValueError(f"top_down_dropout must lie in [0, 1), got {top_down_dropout}")
         kw = {"device": device, "dtype": dtype}
         self.in_channels, self.num_classes, self.rank = in_channels, num_classes, rank
-        self.pose_keypoints = pose_keypoints
+        self.pose_keypoints, self.pose_init = pose_keypoints, pose_init
+        self.top_down_dropout = float(top_down_dropout)
         bottom_up_in = in_channels
         if pose_keypoints is not None:  # Girdhar's pose-regularised model
             bottom_up_in = pose_channels
@@ -340,7 +390,9 @@ class AttentionalPooling(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Official init: weights N(0, 0.001), biases 0 (the pose layers: Kaiming-normal, 0)."""
+        """Official init: weights N(0, 0.001), biases 0. The pose layers: Kaiming-normal, biases
+        0; with ``pose_init="official"`` the pose layer N(0, 0.001) as the official graph (its
+        heatmap layer takes the backbone's default, He init for ResNet: Kaiming-normal here)."""
         with torch.no_grad():
             self.weight_bottom_up.normal_(0.0, 0.001)
             self.weight_top_down.normal_(0.0, 0.001)
@@ -352,11 +404,21 @@ class AttentionalPooling(nn.Module):
                              (self.heatmap_weight, self.heatmap_bias)):
                     nn.init.kaiming_normal_(w)
                     b.zero_()
+                if self.pose_init == "official":
+                    self.pose_weight.normal_(0.0, 0.001)
 
     def extra_repr(self) -> str:
         pose = "" if self.pose_keypoints is None else f", pose_keypoints={self.pose_keypoints}"
+        drop = f", top_down_dropout={self.top_down_dropout}" if self.top_down_dropout else ""
         return (f"in_channels={self.in_channels}, num_classes={self.num_classes}, "
-                f"rank={self.rank}, bias={self.bias_bottom_up is not None}{pose}")
+                f"rank={self.rank}, bias={self.bias_bottom_up is not None}{pose}{drop}")
+
+    @classmethod
+    def from_official(cls, variables, *, pose: bool = False, scope: str = "", **kwargs):
+        """The attention head of Girdhar's TensorFlow graph (``PosePrelogitsBasedAttention``,
+        and with ``pose=True`` the ``PoseLogits`` branch) from its variables, name -> numpy
+        array as TensorFlow's checkpoint reader returns them. See :mod:`attnpool.official`."""
+        return official.attentional_pooling(cls, variables, pose=pose, scope=scope, **kwargs)
 
     def _pool(self, x: Tensor) -> tuple[Tensor, Tensor]:
         return attentional_pooling(x, self.weight_bottom_up, self.bias_bottom_up,
@@ -370,28 +432,56 @@ class AttentionalPooling(nn.Module):
         """x ``[B, C, H, W]`` or ``[B, T, C, H, W]`` -> logits ``[B, K]``; with return_maps
         also the bottom-up maps ``[B, (T,) P, H, W]``; with return_heatmaps (pose variant)
         also the keypoint heatmaps ``[B, (T,) J, H, W]`` (train them with :meth:`pose_loss`)."""
+        # the official dropout: on the top-down path only (the bottom-up maps see x unchanged)
+        dropout = self.training and self.top_down_dropout > 0
         if self.pose_keypoints is None:
             if return_heatmaps:
                 raise ValueError("return_heatmaps needs the pose variant (pose_keypoints=J)")
-            logits, maps = self._pool(x)
+            if dropout:  # bottom-up maps from x, top-down maps from the dropped-out x
+                logits, maps = self._pose_pool(F.dropout(x, self.top_down_dropout), x)
+            else:
+                logits, maps = self._pool(x)
             heatmaps = None
         else:
             if x.dim() not in (4, 5) or x.shape[-3] != self.in_channels:
                 raise ValueError(f"x must have shape [B, {self.in_channels}, H, W] or "
                                  f"[B, T, {self.in_channels}, H, W], got {list(x.shape)}")
             q = pose_prelogits(x, self.pose_weight, self.pose_bias)
-            logits, maps = self._pose_pool(x, q)
+            top_down = F.dropout(x, self.top_down_dropout) if dropout else x
+            logits, maps = self._pose_pool(top_down, q)
             heatmaps = keypoint_heatmaps(q, self.heatmap_weight, self.heatmap_bias)
         out = (logits,) + ((maps,) if return_maps else ()) + ((heatmaps,) if return_heatmaps else ())
         return out if len(out) > 1 else logits
 
     @staticmethod
-    def pose_loss(heatmaps: Tensor, target: Tensor) -> Tensor:
-        """MSE between predicted and target keypoint heatmaps (the pose regulariser)."""
+    def pose_loss(heatmaps: Tensor, target: Tensor, valid: Tensor | None = None, *,
+                  official: bool = False) -> Tensor:
+        """MSE between predicted and target keypoint heatmaps ``[B, (T,) J, H, W]`` (the pose
+        regulariser).
+
+        ``valid`` (bool ``[B, (T,) J]``, optional): keypoints without a label add nothing (they
+        still count in the mean, as in the official loss). ``official=True``: the official
+        TensorFlow loss, 0.5·J/n times that mean, n = number of heatmap images (B, or B·T):
+        per keypoint the batch mean of 0.5·Σ_{i,j} (target − heatmap)² / (n·H·W), summed
+        over keypoints."""
         if heatmaps.shape != target.shape:
             raise ValueError(f"target must have the heatmaps' shape {list(heatmaps.shape)}, "
                              f"got {list(target.shape)}")
-        return torch.nn.functional.mse_loss(heatmaps, target)
+        if valid is None and not official:
+            return torch.nn.functional.mse_loss(heatmaps, target)
+        sq = (heatmaps - target).square()
+        if valid is not None:
+            if not isinstance(valid, Tensor) or valid.dtype != torch.bool:
+                raise TypeError(f"valid must be a bool Tensor of shape {list(heatmaps.shape[:-2])}")
+            if valid.shape != heatmaps.shape[:-2]:
+                raise ValueError(f"valid must have shape {list(heatmaps.shape[:-2])} (the heatmaps' "
+                                 f"[B, (T,) J]), got {list(valid.shape)}")
+            sq = torch.where(valid[..., None, None], sq, 0)
+        loss = sq.mean()
+        if official:
+            J, images = heatmaps.shape[-3], heatmaps[..., 0, 0, 0].numel()
+            loss = loss * (0.5 * J / images)
+        return loss
 
 
 def weighted_pool(x: Tensor, h: Tensor) -> Tensor:
@@ -484,28 +574,70 @@ class SpatioTemporalRegularizer(nn.Module):
                               unimodal_reduction=self.unimodal_reduction)
 
 
+class ConvLSTM(nn.Module):
+    """One-layer convolutional LSTM over the frames of x ``[B, T, C, H, W]`` -> the hidden
+    states ``[B, T, hidden, H, W]``, from a zero state: the official temporal model of Meng et
+    al. One convolution of [x_t, h_{t-1}] gives the gates in the order i, f, o, g:
+    c_t = σ(f)·c_{t-1} + σ(i)·tanh(g), h_t = σ(o)·tanh(c_t). Parameters ``conv.weight
+    [4·hidden, C + hidden, k, k]``, ``conv.bias [4·hidden]``."""
+
+    def __init__(self, in_channels: int, hidden_channels: int, kernel_size: int = 3, *,
+                 device=None, dtype=None) -> None:
+        super().__init__()
+        if min(in_channels, hidden_channels) < 1 or kernel_size % 2 != 1:
+            raise ValueError(f"in_channels and hidden_channels must be >= 1 and kernel_size odd, "
+                             f"got {in_channels}, {hidden_channels}, {kernel_size}")
+        self.in_channels, self.hidden_channels = in_channels, hidden_channels
+        self.conv = nn.Conv2d(in_channels + hidden_channels, 4 * hidden_channels, kernel_size,
+                              padding=kernel_size // 2, device=device, dtype=dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, T, _, H, W = x.shape
+        h = c = x.new_zeros(B, self.hidden_channels, H, W)
+        hidden = []
+        for t in range(T):
+            i, f, o, g = self.conv(torch.cat([x[:, t], h], dim=1)).chunk(4, dim=1)
+            c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+            h = torch.sigmoid(o) * torch.tanh(c)
+            hidden.append(h)
+        return torch.stack(hidden, dim=1)
+
+
 class SpatioTemporalAttention(nn.Module):
     """Reference spatio-temporal attention (Meng et al.): the official mask network (three
-    3×3 convs with BN + ReLU, sigmoid), a linear temporal scorer on the masked, spatially
-    averaged frame features, softmax over frames, the weighted sum; and the regulariser
-    as ``.regularizer(mask, w)``. Same state_dict as :class:`attnpool.SpatioTemporalAttention`.
+    3×3 convs with BN + ReLU, sigmoid), a temporal scorer, softmax over frames, the weighted
+    sum; and the regulariser as ``.regularizer(mask, w)``. Same state_dict as
+    :class:`attnpool.SpatioTemporalAttention`.
 
-    ``forward(x [B, T, C, H, W], return_attention=False)`` -> pooled ``[B, C]`` (and the
-    masks ``[B, T, H, W]`` and temporal weights ``[B, T]`` with return_attention).
+    ``temporal="linear"`` (default): the scorer is linear on the masked, spatially averaged
+    frame features, which are pooled (``[B, C]``). ``temporal="convlstm"``: the official model,
+    a :class:`ConvLSTM` (C -> ``temporal_hidden``) over the masked features, the scorer linear on
+    its outputs' spatial means, which are pooled (``[B, temporal_hidden]``). ``dropout``: the
+    official input dropout (0.2), in training only: each channel of a clip is zeroed for all
+    its frames alike (``nn.Dropout2d`` on the official ``[B, C, T, H, W]`` layout).
+
+    ``forward(x [B, T, C, H, W], return_attention=False)`` -> pooled ``[B, out_features]``
+    (and the masks ``[B, T, H, W]`` and temporal weights ``[B, T]`` with return_attention).
     """
 
     regularizer_class = SpatioTemporalRegularizer
+    TEMPORALS = ("linear", "convlstm")
 
     def __init__(self, in_channels: int, mask_hidden: tuple[int, int] = (1024, 512), *,
+                 temporal: str = "linear", temporal_hidden: int = 512, dropout: float = 0.0,
                  tv_weight: float = 1e-5, contrast_weight: float = 1e-4,
                  unimodal_weight: float = 1.0, device=None, dtype=None) -> None:
         super().__init__()
         if in_channels < 1 or len(mask_hidden) != 2 or min(mask_hidden) < 1:
             raise ValueError(f"in_channels must be >= 1 and mask_hidden two sizes >= 1, got "
                              f"{in_channels}, {mask_hidden}")
+        if temporal not in self.TEMPORALS:
+            raise ValueError(f"temporal must be one of {self.TEMPORALS}, got {temporal!r}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must lie in [0, 1), got {dropout}")
         kw = {"device": device, "dtype": dtype}
         h1, h2 = mask_hidden
-        self.in_channels = in_channels
+        self.in_channels, self.temporal, self.dropout = in_channels, temporal, float(dropout)
         # the official layers: convolutions without bias (BN follows the first two)
         self.mask_net = nn.Sequential(
             nn.Conv2d(in_channels, h1, 3, padding=1, bias=False, **kw), nn.BatchNorm2d(h1, **kw),
@@ -513,8 +645,27 @@ class SpatioTemporalAttention(nn.Module):
             nn.Conv2d(h1, h2, 3, padding=1, bias=False, **kw), nn.BatchNorm2d(h2, **kw), nn.ReLU(),
             nn.Conv2d(h2, 1, 3, padding=1, bias=False, **kw), nn.Sigmoid(),
         )
-        self.temporal_scorer = nn.Linear(in_channels, 1, **kw)
+        if temporal == "convlstm":
+            self.convlstm = ConvLSTM(in_channels, temporal_hidden, **kw)
+            self.temporal_scorer = nn.Linear(temporal_hidden, 1, **kw)
+        else:
+            self.temporal_scorer = nn.Linear(in_channels, 1, **kw)
         self.regularizer = self.regularizer_class(tv_weight, contrast_weight, unimodal_weight)
+
+    @property
+    def out_features(self) -> int:
+        return self.temporal_scorer.in_features
+
+    def extra_repr(self) -> str:
+        drop = f", dropout={self.dropout}" if self.dropout else ""
+        return f"in_channels={self.in_channels}, temporal={self.temporal!r}{drop}"
+
+    @classmethod
+    def from_official(cls, state_dict, **kwargs):
+        """Meng et al.'s official model (``Action_Att_LSTM``: mask network, ConvLSTM,
+        ``fc_attention``) from its PyTorch state_dict; ``temporal="convlstm"``, ``dropout=0.2``.
+        Its classifier ``fc`` is not part of this module. See :mod:`attnpool.official`."""
+        return official.spatiotemporal_attention(cls, state_dict, **kwargs)
 
     def _frame_means(self, x: Tensor, mask: Tensor) -> Tensor:
         return masked_frame_means(x, mask)
@@ -524,8 +675,15 @@ class SpatioTemporalAttention(nn.Module):
             raise ValueError(f"x must have shape [B, T, {self.in_channels}, H, W], "
                              f"got {list(x.shape)}")
         B, T, C, H, W = x.shape
+        if self.training and self.dropout > 0:
+            # nn.Dropout2d's noise on [B, C, T, H, W] (same draws): one per (clip, channel)
+            keep = x.new_empty(B, 1, C, 1, 1).bernoulli_(1 - self.dropout) / (1 - self.dropout)
+            x = x * keep
         mask = self.mask_net(x.reshape(B * T, C, H, W)).reshape(B, T, H, W)
-        f = self._frame_means(x, mask)                       # [B, T, C]
+        if self.temporal == "convlstm":
+            f = self.convlstm(x * mask[:, :, None]).mean((-2, -1))   # [B, T, hidden]
+        else:
+            f = self._frame_means(x, mask)                   # [B, T, C]
         w = torch.softmax(self.temporal_scorer(f).squeeze(-1), dim=1)
         pooled = torch.einsum("bt,btc->bc", w, f)
         return (pooled, mask, w) if return_attention else pooled

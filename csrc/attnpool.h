@@ -12,8 +12,10 @@ namespace attnpool {
 // Attention clusters: softmax pooling + shift + L2 norm (DESIGN 3.1).
 //   x [B, L, F], scores [B, L, N], lengths int64 [B] (optional), alpha/beta [N]
 //   -> out [B, N*F] (dtype of x), attn [B, N, L] and norm [B, N] (float32, or
-//      float64 for float64 input). norm is the unclamped ||alpha*v + beta||
-//      (||v|| when shift is false).
+//      float64 for float64 input). With shift, out = u / (sqrt(N) max(norm, eps)) and norm
+//      the unclamped sqrt(||u||^2 + eps_sqrt), u = alpha*v + beta (eps_sqrt = 0: torch's
+//      clamp_min form; eps = 0: eps inside the root, as PaddlePaddle's l2_normalize);
+//      ||v|| when shift is false.
 using ClusterForward = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
 // -> grad_x [B, L, F], grad_scores [B, L, N], grad_alpha [N], grad_beta [N]
 //    (all in the dtype of x; grad_alpha/beta are zero when shift is false).
@@ -22,27 +24,27 @@ using ClusterBackward = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tenso
 ClusterForward cluster_pool_forward_cpu(const at::Tensor& x, const at::Tensor& scores,
                                         const c10::optional<at::Tensor>& lengths,
                                         const at::Tensor& alpha, const at::Tensor& beta,
-                                        bool shift, double eps);
+                                        bool shift, double eps, double eps_sqrt);
 // lengths as the forward's: padded frames are never read (NaN there reaches no gradient;
 // grad_x is 0 on them).
 ClusterBackward cluster_pool_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x,
                                           const at::Tensor& attn, const at::Tensor& norm,
                                           const at::Tensor& alpha, const at::Tensor& beta,
                                           const c10::optional<at::Tensor>& lengths,
-                                          bool shift, double eps);
+                                          bool shift, double eps, double eps_sqrt);
 // Attention clusters with the fc1 scoring layer fused: scores = x weight^T (weight [N, F],
 // x's dtype; a bias would cancel in the softmax), never written to memory.
 ClusterForward cluster_pool_fc1_forward_cpu(const at::Tensor& x, const at::Tensor& weight,
                                             const c10::optional<at::Tensor>& lengths,
                                             const at::Tensor& alpha, const at::Tensor& beta,
-                                            bool shift, double eps);
+                                            bool shift, double eps, double eps_sqrt);
 // grad_attn [B, N, L] (optional; any float dtype): gradient w.r.t. the returned attention.
 //   -> grad_x [B, L, F], grad_weight [N, F] (deterministic), grad_alpha [N], grad_beta [N].
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cluster_pool_fc1_backward_cpu(
     const at::Tensor& grad_out, const c10::optional<at::Tensor>& grad_attn, const at::Tensor& x,
     const at::Tensor& weight, const at::Tensor& attn, const at::Tensor& norm,
     const at::Tensor& alpha, const at::Tensor& beta, const c10::optional<at::Tensor>& lengths,
-    bool shift, double eps);
+    bool shift, double eps, double eps_sqrt);
 
 // Attentional pooling, factored core (DESIGN 3.2):
 //   x [B, C, n] (n-contiguous, or C-contiguous = channels-last), wb [P, C], bb [P]
@@ -119,12 +121,12 @@ PyramidBackward pyramid_attention_backward_cpu(const at::Tensor& grad_out,
 ClusterForward cluster_pool_forward_cuda(const at::Tensor& x, const at::Tensor& scores,
                                          const c10::optional<at::Tensor>& lengths,
                                          const at::Tensor& alpha, const at::Tensor& beta,
-                                         bool shift, double eps);
+                                         bool shift, double eps, double eps_sqrt);
 ClusterBackward cluster_pool_backward_cuda(const at::Tensor& grad_out, const at::Tensor& x,
                                            const at::Tensor& attn, const at::Tensor& norm,
                                            const at::Tensor& alpha, const at::Tensor& beta,
                                            const c10::optional<at::Tensor>& lengths,
-                                           bool shift, double eps);
+                                           bool shift, double eps, double eps_sqrt);
 AttpoolForward attentional_pool_forward_cuda(const at::Tensor& x, const at::Tensor& wb,
                                              const at::Tensor& bb);
 AttpoolBackward attentional_pool_backward_cuda(const at::Tensor& grad_z, const at::Tensor& grad_h,

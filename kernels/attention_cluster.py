@@ -2,9 +2,13 @@
 
 Contract: csrc/attnpool.h; executable spec: attnpool.reference.cluster_pool.
 
-    cluster_pool_forward(x, scores, lengths, alpha, beta, shift, eps) -> (out, attn, norm)
-    cluster_pool_backward(grad_out, x, attn, norm, alpha, beta, lengths, shift, eps)
+    cluster_pool_forward(x, scores, lengths, alpha, beta, shift, eps, eps_sqrt)
+        -> (out, attn, norm)
+    cluster_pool_backward(grad_out, x, attn, norm, alpha, beta, lengths, shift, eps, eps_sqrt)
         -> (grad_x, grad_scores, grad_alpha, grad_beta)
+
+With shift, out = u / (sqrt(N) r), r = max(norm, eps), norm = sqrt(||u||^2 + eps_sqrt) (stored
+unclamped). eps_sqrt = 0 is torch's clamp_min form, eps = 0 PaddlePaddle's eps inside the root.
 
 Layout of the work (b = sample, n = attention unit, l = frame, f = feature):
 
@@ -14,7 +18,7 @@ forward  grid (B, cdiv(N, BLOCK_N)): masked softmax of a [BLOCK_N, L] block of s
          and writes out once; without shift a single loop writes v and accumulates ||v||^2.
          The [B, N, F] intermediate never reaches memory.
 backward kernel 1, grid (B, cdiv(N, BLOCK_N), L chunks): one loop over F tiles recomputes v,
-         u = alpha*v + beta and the unit vector w = u / r (r = max(norm, eps)), and
+         u = alpha*v + beta and w = u / r (r = max(norm, eps)), and
          accumulates the per-unit scalars (w.g, g.v, sum g, w.v, sum w) together with
          gx = g @ x_c^T and wx = w @ x_c^T for its chunk of frames. Then
          dv = p * (g - k * w) (p = alpha c / r, k = w.g; k = 0 where the norm is clamped)
@@ -190,7 +194,7 @@ def _cluster_fwd_kernel(
             u = alpha[:, None] * v + beta[:, None]
             u = tl.where(f_mask[None, :], u, 0.0)
             sumsq += tl.sum(u * u, axis=1)
-        nrm = sqrt_rn(sumsq)
+        nrm = sqrt_rn(sumsq + tl.load(eps_ptr + 1))  # eps_sqrt
         eps = tl.load(eps_ptr)
         r = tl.where(nrm < eps, eps, nrm)  # max(nrm, eps); NaN stays NaN
         scale = sqrt_rn(tl.zeros([BLOCK_N], dtype=ACC) + N) * r  # sqrt(N) * max(nrm, eps)
@@ -256,9 +260,10 @@ def _cluster_bwd_scores_kernel(
     a_dot = a_c.to(DT)
     gx = tl.zeros([BLOCK_N, BLOCK_L], dtype=ACC)  # g . x_l
     if SHIFT:
-        # out = c u / r with r = max(nrm, eps), c = 1/sqrt(N). With w = u / r (unit vector):
-        #   du = (c/r) (g - k w),  k = w . g  (k = 0 where the norm is clamped),  dv = alpha du.
-        # Normalising first makes F = 1 exact (w = +-1, du = 0) and never forms r^2.
+        # out = c u / r with r = max(nrm, eps), c = 1/sqrt(N). With w = u / r:
+        #   du = (c/r) (g - k w),  k = w . g  (k = 0 where the norm is clamped),  dv = alpha du,
+        # whether nrm holds eps_sqrt or not (dnrm/du = u / nrm in both forms). Normalising
+        # first makes F = 1 exact for eps_sqrt = 0 (w = +-1, du = 0) and never forms r^2.
         alpha = tl.load(alpha_ptr + offs_n, mask=n_mask, other=0.0).to(ACC)
         beta = tl.load(beta_ptr + offs_n, mask=n_mask, other=0.0).to(ACC)
         nrm = tl.load(norm_ptr + b * N + offs_n, mask=n_mask, other=1.0)
@@ -419,7 +424,8 @@ def _config(kernel: str, dtype: torch.dtype, L: int, F: int, N: int) -> dict:
 
 
 def cluster_pool_forward(x: Tensor, scores: Tensor, lengths: Tensor | None, alpha: Tensor,
-                         beta: Tensor, shift: bool, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+                         beta: Tensor, shift: bool, eps: float, eps_sqrt: float
+                         ) -> tuple[Tensor, Tensor, Tensor]:
     """x [B, L, F], scores [B, L, N] -> out [B, N*F] (x.dtype), attn [B, N, L], norm [B, N]."""
     B, L, F = x.shape
     N = scores.shape[-1]
@@ -427,7 +433,7 @@ def cluster_pool_forward(x: Tensor, scores: Tensor, lengths: Tensor | None, alph
     out = torch.empty(B, N * F, dtype=x.dtype, device=x.device)
     attn = torch.empty(B, N, L, dtype=acc, device=x.device)
     norm = torch.empty(B, N, dtype=acc, device=x.device)
-    eps_t = torch.full((1,), eps, dtype=acc, device=x.device)  # exact eps for float64
+    eps_t = torch.tensor([eps, eps_sqrt], dtype=acc, device=x.device)  # exact for float64
     has_lengths = lengths is not None
     len_arg = lengths if has_lengths else eps_t  # never read without lengths
     cfg = _config("fwd", x.dtype, L, F, N)
@@ -441,10 +447,11 @@ def cluster_pool_forward(x: Tensor, scores: Tensor, lengths: Tensor | None, alph
 
 def cluster_pool_backward(grad_out: Tensor, x: Tensor, attn: Tensor, norm: Tensor,
                           alpha: Tensor, beta: Tensor, lengths: Tensor | None, shift: bool,
-                          eps: float, *, grad_attn: Tensor | None = None
+                          eps: float, eps_sqrt: float, *, grad_attn: Tensor | None = None
                           ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Gradients w.r.t. x [B, L, F], scores [B, L, N], alpha [N], beta [N] (x.dtype).
-    Frames past ``lengths`` are never read; their gradients are 0.
+    Frames past ``lengths`` are never read; their gradients are 0. ``eps_sqrt`` is already in
+    the forward's ``norm``, which these kernels read instead of recomputing it.
 
     ``grad_attn`` (optional, [B, N, L], any float dtype): a gradient w.r.t. the returned
     attention, folded into the one softmax backward (grad_scores = a (da + grad_attn - sum)),

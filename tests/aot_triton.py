@@ -116,9 +116,9 @@ def _cases():
             x, s = e(B, L, F, dtype=dt), e(B, L, N, dtype=dt)
             alpha, beta = e(N, dtype=dt), e(N, dtype=dt)
             ln = e(B, dtype=torch.int64) if lengths else None
-            out, attn, norm = ac.cluster_pool_forward(x, s, ln, alpha, beta, shift, 1e-12)
+            out, attn, norm = ac.cluster_pool_forward(x, s, ln, alpha, beta, shift, 1e-12, 0.0)
             ac.cluster_pool_backward(e(B, N * F, dtype=dt), x, attn, norm, alpha, beta, ln,
-                                     shift, 1e-12,
+                                     shift, 1e-12, 0.0,
                                      grad_attn=e(B, N, L, dtype=f32) if grad_attn else None)
 
         for (B, L, F, N) in [(128, 25, 2048, 64), (128, 25, 2048, 8), (128, 25, 2048, 256),

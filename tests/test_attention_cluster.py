@@ -171,7 +171,8 @@ def test_gradcheck(backend, shift):
 # ------------------------------------------------------------------ opcheck
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("lengths", [False, True])
-def test_opcheck(backend, lengths):
+@pytest.mark.parametrize("eps", [(1e-12, 0.0), (0.0, 1e-12)], ids=["clamp", "sqrt"])
+def test_opcheck(backend, lengths, eps):
     g = torch.Generator().manual_seed(5)
     B, L, F, N = 2, 5, 7, 3
     x = torch.randn(B, L, F, generator=g, dtype=torch.float64, requires_grad=True)
@@ -182,26 +183,26 @@ def test_opcheck(backend, lengths):
     weight = torch.randn(N, F, generator=g, dtype=torch.float64, requires_grad=True)
     bias = torch.randn(N, generator=g, dtype=torch.float64, requires_grad=True)
     torch.library.opcheck(torch.ops.attnpool.cluster_pool.default,
-                          (x, scores, None, None, lens, alpha, beta, True, 1e-12, backend))
+                          (x, scores, None, None, lens, alpha, beta, True, *eps, backend))
     torch.library.opcheck(torch.ops.attnpool.cluster_pool.default,  # the fused scoring layer
-                          (x, None, weight, bias, lens, alpha, beta, True, 1e-12, backend))
+                          (x, None, weight, bias, lens, alpha, beta, True, *eps, backend))
     out, attn, norm = torch.ops.attnpool.cluster_pool(x, scores, None, None, lens, alpha, beta,
-                                                      True, 1e-12, backend)
+                                                      True, *eps, backend)
     grad_out = torch.randn(B, N * F, generator=g, dtype=torch.float64)
     torch.library.opcheck(
         torch.ops.attnpool.cluster_pool_backward.default,
         (grad_out, x.detach(), attn.detach(), norm, alpha.detach(), beta.detach(), lens, True,
-         1e-12, backend))
+         *eps, backend))
     if backend == "cpp" and hasattr(attnpool.backends.extension(),
                                     "cluster_pool_fc1_forward_cpu"):
         out, attn, norm = torch.ops.attnpool.cluster_pool(x, None, weight, bias, lens, alpha,
-                                                          beta, True, 1e-12, backend)
+                                                          beta, True, *eps, backend)
         grad_attn = torch.randn(B, N, L, generator=g, dtype=torch.float64)
         for ga in (None, grad_attn):
             torch.library.opcheck(
                 torch.ops.attnpool.cluster_pool_fc1_backward.default,
                 (grad_out, ga, x.detach(), weight.detach(), attn.detach(), norm,
-                 alpha.detach(), beta.detach(), lens, True, 1e-12, backend))
+                 alpha.detach(), beta.detach(), lens, True, *eps, backend))
 
 
 # ------------------------------------------------------------------ compile

@@ -100,7 +100,10 @@ def _rand(gen, shape, dtype, lo=-1.0, hi=1.0):
 
 
 # ------------------------------------------------------------------ attention cluster
-def _cluster_emu(lib, x, scores, lengths, alpha, beta, grad_out, shift, eps):
+def _cluster_emu(lib, x, scores, lengths, alpha, beta, grad_out, shift, eps,
+                 eps_placement="clamp"):
+    # the kernels' norm max(sqrt(‖u‖² + eps_sqrt), eps), as the torch glue is called
+    eps, eps_sqrt = (eps, 0.0) if eps_placement == "clamp" else (0.0, eps)
     dtype = x.dtype
     B, L, F = x.shape
     N = scores.shape[2]
@@ -110,7 +113,8 @@ def _cluster_emu(lib, x, scores, lengths, alpha, beta, grad_out, shift, eps):
     attn = _empty((B, N, L), om)
     norm = _empty((B, N), om)
     _check(lib, lib.emu_cluster_forward(code, _p(x), _p(scores), _p(lengths), _p(alpha), _p(beta),
-                                        _p(out), _p(attn), _p(norm), B, L, F, N, int(shift), eps),
+                                        _p(out), _p(attn), _p(norm), B, L, F, N, int(shift), eps,
+                                        eps_sqrt),
            "cluster_pool_forward")
     grad_x = _empty((B, L, F), dtype)
     grad_scores = _empty((B, L, N), dtype)
@@ -120,20 +124,22 @@ def _cluster_emu(lib, x, scores, lengths, alpha, beta, grad_out, shift, eps):
     ws = _workspace(lib.emu_cluster_backward_workspace_elems(code, B, L, N), dtype)
     _check(lib, lib.emu_cluster_backward(code, _p(grad_out), _p(x), _p(lengths), _p(attn), _p(norm),
                                          _p(alpha), _p(beta), _p(grad_x), _p(grad_scores), _p(ga),
-                                         _p(gb), _p(coef), _p(ws), B, L, F, N, int(shift), eps),
+                                         _p(gb), _p(coef), _p(ws), B, L, F, N, int(shift), eps,
+                                         eps_sqrt),
            "cluster_pool_backward")
     return {"out": out, "attn": attn, "norm": norm, "grad_x": grad_x, "grad_scores": grad_scores,
             "grad_alpha": ga.sum(0), "grad_beta": gb.sum(0)}
 
 
-def _cluster_ref(x, scores, lengths, alpha, beta, grad_out, shift, eps):
+def _cluster_ref(x, scores, lengths, alpha, beta, grad_out, shift, eps, eps_placement="clamp"):
     x, scores, alpha, beta = (t.detach().double().requires_grad_() for t in (x, scores, alpha, beta))
-    out, a = ref.cluster_pool(x, scores, lengths, alpha, beta, shift, eps)
-    with torch.no_grad():  # the kernel's norm: ||alpha v + beta|| (||v|| without shift)
+    out, a = ref.cluster_pool(x, scores, lengths, alpha, beta, shift, eps, eps_placement)
+    with torch.no_grad():  # the kernel's norm: sqrt(||alpha v + beta||² + eps_sqrt) (||v|| without shift)
         v = torch.bmm(a, x.masked_fill(~ref.valid_frames(lengths, x.shape[1])[:, :, None], 0)
                       if lengths is not None else x)
         u = alpha[:, None] * v + beta[:, None] if shift else v
-        norm = torch.linalg.vector_norm(u, dim=-1)
+        eps_sqrt = eps if shift and eps_placement == "sqrt" else 0.0
+        norm = torch.sqrt((u * u).sum(-1) + eps_sqrt)
     gx, gs, ga, gb = torch.autograd.grad(out, (x, scores, alpha, beta), grad_out.double(),
                                          allow_unused=True)
     zeros = torch.zeros_like(alpha)
@@ -171,6 +177,20 @@ def test_attention_cluster(emu, B, L, F, N, lengths, dtype, shift):
     want = _cluster_ref(*inputs, shift, 1e-12)
     for k in want:
         _close(got[k], want[k], k, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("B,L,F,N,lengths", _CLUSTER_CASES)
+def test_attention_cluster_eps_sqrt(emu, B, L, F, N, lengths, dtype):
+    """PaddlePaddle's eps placement, sqrt(‖u‖² + eps): with a unit whose shifted vector is 0
+    (alpha = beta = 0), where the clamp form would give gradients eps/sqrt(eps) times larger."""
+    inputs = _cluster_inputs(B, L, F, N, dtype, seed=B * 1000 + L * 10 + F + 1, lengths=lengths)
+    inputs[3][0] = inputs[4][0] = 0  # alpha, beta of unit 0
+    for eps in (1e-12, 1e-3):
+        got = _cluster_emu(emu, *inputs, True, eps, "sqrt")
+        want = _cluster_ref(*inputs, True, eps, "sqrt")
+        for k in want:
+            _close(got[k], want[k], f"{k} (eps={eps})", dtype)
 
 
 def test_attention_cluster_f16(emu):
@@ -612,7 +632,7 @@ def test_emulation_reports_failures(emu):
     """A launcher's error comes back as its cudaError_t: invalid sizes give
     cudaErrorInvalidValue (1), a missing workspace too."""
     assert emu.emu_cluster_forward(0, None, None, None, None, None, None, None, None,
-                                   0, 1, 1, 1, 1, 1e-12) == 1
+                                   0, 1, 1, 1, 1, 1e-12, 0.0) == 1
     x, wb, bb, *_ = _attpool_inputs(1, 4, 45, 2, torch.float32, seed=0)
     z = _empty((1, 2, 4), torch.float32)
     h = _empty((1, 2, 45), torch.float32)

@@ -1,6 +1,7 @@
 // Fused CPU kernels of attention clusters (Long et al. 2018): for every sample b and unit n,
 //   a = softmax of scores[b, :, n] over the valid frames,   v = sum_l a_l x[b, l, :],
-//   out[b, n] = u / (sqrt(N) max(||u||, eps)) with u = alpha[n] v + beta[n]   (v without shift)
+//   out[b, n] = u / (sqrt(N) max(sqrt(||u||^2 + eps_sqrt), eps)) with u = alpha[n] v + beta[n]
+//   (v without shift; eps_sqrt = 0 is torch's clamp_min, eps = 0 Paddle's eps inside the root)
 // and its backward (contract: attnpool.h).
 //
 // The [B, N, F] intermediate never reaches memory. Three products per sample carry the work:
@@ -417,6 +418,7 @@ struct ForwardJob {
   const T* beta;
   bool shift;
   T eps;
+  T eps_sqrt;
   scalar_t* out;
   T* attn;
   T* norm;
@@ -486,7 +488,8 @@ struct ForwardJob {
         tail[r] += ur * ur;
       }
     for (int r = 0; r < R; ++r) {
-      const T nrm = std::sqrt(fold_vec<kVec, T>(sq[r]) + tail[r]);
+      const T nrm =
+          std::sqrt(fold_vec<kVec, T>(sq[r]) + tail[r] + (shift ? eps_sqrt : T(0)));
       norm[b * s.N + n + r] = nrm;
       // max(nrm, eps) written so that a NaN norm stays NaN, as with torch's clamp_min.
       const T scale =
@@ -561,6 +564,7 @@ struct BackwardJob {
   const T* beta;
   bool shift;
   T eps;
+  T eps_sqrt;
   T* workspace;  // kUnits -> kFrames: DV of every sample [B, N, F] (fc1: [B, 2N, F], DV; W)
   scalar_t* grad_x;
   scalar_t* grad_scores;
@@ -577,7 +581,8 @@ struct BackwardJob {
   int64_t dv_rows() const { return weight != nullptr ? 2 * s.N : s.N; }
 
   // v of unit (b, n) -> dv = d loss / d v in place; writes the unit's alpha/beta partials.
-  // With r = ||u||, k = (u.g) / r^2:  du = c/r (g - k u),  dv = alpha du  (c = 1/sqrt(N));
+  // With r = sqrt(||u||^2 + eps_sqrt), k = (u.g) / r^2:  du = c/r (g - k u),  dv = alpha du
+  // (c = 1/sqrt(N); dr/du = u/r with or without eps_sqrt);
   // clamped norm: du = c/eps g (clamp_min passes no gradient to the norm).
   // The scalars come from double sums: with beta dominating u, u/r is nearly constant and
   // grad_beta = c/r (sum g - k sum u) cancels by orders of magnitude. dv itself is in opmath.
@@ -622,7 +627,8 @@ struct BackwardJob {
     }
     for (int i = 0; i < 6; ++i) sums[i] += fold<kSumLanes>(acc[i]);
     const bool unclamped = !(norm[b * s.N + n] < eps);  // a NaN norm stays NaN this way
-    const double r = unclamped ? std::sqrt(sums[0]) : static_cast<double>(eps);
+    const double r = unclamped ? std::sqrt(sums[0] + static_cast<double>(eps_sqrt))
+                               : static_cast<double>(eps);
     const double d1 = 1.0 / (std::sqrt(static_cast<double>(s.N)) * r);
     const double k = unclamped ? sums[1] / r / r : 0.0;
     part[0] = d1 * (sums[5] - k * sums[4]);  // sum_f du v
@@ -782,7 +788,7 @@ void check_common(const at::Tensor& x, const at::Tensor& alpha, const at::Tensor
 ClusterForward forward_impl(const at::Tensor& x, const at::Tensor* scores,
                             const at::Tensor* weight, const c10::optional<at::Tensor>& lengths,
                             const at::Tensor& alpha, const at::Tensor& beta, bool shift,
-                            double eps) {
+                            double eps, double eps_sqrt) {
   TORCH_CHECK(x.dim() == 3, "cluster_pool cpu: x must be [B, L, F], got ", x.sizes());
   int64_t N;
   if (scores != nullptr) {
@@ -823,7 +829,8 @@ ClusterForward forward_impl(const at::Tensor& x, const at::Tensor* scores,
                                    scores ? scores->const_data_ptr<scalar_t>() : nullptr,
                                    weight ? w.const_data_ptr<T>() : nullptr, len,
                                    al.const_data_ptr<T>(), be.const_data_ptr<T>(), shift,
-                                   static_cast<T>(eps), out.mutable_data_ptr<scalar_t>(),
+                                   static_cast<T>(eps), static_cast<T>(eps_sqrt),
+                                   out.mutable_data_ptr<scalar_t>(),
                                    attn.mutable_data_ptr<T>(), norm.mutable_data_ptr<T>()};
     parallel_run(s.B * job.units.blocks, job);
   });
@@ -834,7 +841,7 @@ ClusterForward forward_impl(const at::Tensor& x, const at::Tensor* scores,
 ClusterBackward backward_impl(const at::Tensor& grad_out, const at::Tensor& x,
                               const at::Tensor& attn, const at::Tensor& norm,
                               const at::Tensor& alpha, const at::Tensor& beta, bool shift,
-                              double eps, const at::Tensor* weight,
+                              double eps, double eps_sqrt, const at::Tensor* weight,
                               const c10::optional<at::Tensor>& grad_attn,
                               const c10::optional<at::Tensor>& lengths) {
   TORCH_CHECK(x.dim() == 3, "cluster_pool cpu: x must be [B, L, F], got ", x.sizes());
@@ -893,7 +900,7 @@ ClusterBackward backward_impl(const at::Tensor& grad_out, const at::Tensor& x,
     Job job{s, Job::kSample, Split(s.B, s.N, kRowAlign), Split(s.B, s.L, kRowAlign),
             grad_out.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
             attn.const_data_ptr<T>(), norm.const_data_ptr<T>(), al.const_data_ptr<T>(),
-            be.const_data_ptr<T>(), shift, static_cast<T>(eps),
+            be.const_data_ptr<T>(), shift, static_cast<T>(eps), static_cast<T>(eps_sqrt),
             split ? workspace.mutable_data_ptr<T>() : nullptr,
             grad_x.mutable_data_ptr<scalar_t>(),
             fc1 ? nullptr : grad_scores.mutable_data_ptr<scalar_t>(),
@@ -941,33 +948,33 @@ ClusterBackward backward_impl(const at::Tensor& grad_out, const at::Tensor& x,
 ClusterForward cluster_pool_forward_cpu(const at::Tensor& x, const at::Tensor& scores,
                                         const c10::optional<at::Tensor>& lengths,
                                         const at::Tensor& alpha, const at::Tensor& beta,
-                                        bool shift, double eps) {
-  return forward_impl(x, &scores, nullptr, lengths, alpha, beta, shift, eps);
+                                        bool shift, double eps, double eps_sqrt) {
+  return forward_impl(x, &scores, nullptr, lengths, alpha, beta, shift, eps, eps_sqrt);
 }
 
 ClusterBackward cluster_pool_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x,
                                           const at::Tensor& attn, const at::Tensor& norm,
                                           const at::Tensor& alpha, const at::Tensor& beta,
                                           const c10::optional<at::Tensor>& lengths, bool shift,
-                                          double eps) {
-  return backward_impl(grad_out, x, attn, norm, alpha, beta, shift, eps, nullptr, c10::nullopt,
-                       lengths);
+                                          double eps, double eps_sqrt) {
+  return backward_impl(grad_out, x, attn, norm, alpha, beta, shift, eps, eps_sqrt, nullptr,
+                       c10::nullopt, lengths);
 }
 
 ClusterForward cluster_pool_fc1_forward_cpu(const at::Tensor& x, const at::Tensor& weight,
                                             const c10::optional<at::Tensor>& lengths,
                                             const at::Tensor& alpha, const at::Tensor& beta,
-                                            bool shift, double eps) {
-  return forward_impl(x, nullptr, &weight, lengths, alpha, beta, shift, eps);
+                                            bool shift, double eps, double eps_sqrt) {
+  return forward_impl(x, nullptr, &weight, lengths, alpha, beta, shift, eps, eps_sqrt);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cluster_pool_fc1_backward_cpu(
     const at::Tensor& grad_out, const c10::optional<at::Tensor>& grad_attn, const at::Tensor& x,
     const at::Tensor& weight, const at::Tensor& attn, const at::Tensor& norm,
     const at::Tensor& alpha, const at::Tensor& beta, const c10::optional<at::Tensor>& lengths,
-    bool shift, double eps) {
-  return backward_impl(grad_out, x, attn, norm, alpha, beta, shift, eps, &weight, grad_attn,
-                       lengths);
+    bool shift, double eps, double eps_sqrt) {
+  return backward_impl(grad_out, x, attn, norm, alpha, beta, shift, eps, eps_sqrt, &weight,
+                       grad_attn, lengths);
 }
 
 }  // namespace attnpool

@@ -96,17 +96,19 @@ __device__ __forceinline__ acc_t unit_u(acc_t alpha, acc_t beta, acc_t v) {
 }
 
 // Backward of a unit, in double whatever the dtype (it costs a few double operations
-// per feature against L opmath ones for v). With r = ||u|| (norm >= eps), û = u / r:
+// per feature against L opmath ones for v). With r = sqrt(||u||^2 + eps_sqrt) (norm >= eps;
+// dr/du = u / r with or without eps_sqrt), û = u / r:
 //   du = d1 (g - s û), d1 = c / r, s = û·g,   dv = alpha du = p (g - s û), p = alpha d1.
 // Clamped norm: d1 = c / eps, s = 0 (torch's clamp_min passes no gradient to the norm).
 // No shift: p = 1, s = 0. Double because the scalars are ill-conditioned in float:
 // when beta dominates u, û is nearly constant and grad_beta = Σ_f du_f cancels ~100x,
-// so a float r (1 ulp) alone costs ~1e-5 relative error at F ~ 500. Also, for F = 1,
-// û = ±1 exactly and g - s û = 0 exactly: the true gradient of u / ||u||, bit for bit.
+// so a float r (1 ulp) alone costs ~1e-5 relative error at F ~ 500. Also, for F = 1
+// (and eps_sqrt = 0), û = ±1 exactly and g - s û = 0 exactly: the true gradient of u / ||u||,
+// bit for bit.
 struct UnitCoef {
   double p;  // alpha * d1 (1 without shift)
   double s;  // û·g (0 when clamped or without shift)
-  double r;  // ||u|| (eps when clamped, 1 without shift)
+  double r;  // sqrt(||u||^2 + eps_sqrt) (eps when clamped, 1 without shift)
 };
 
 // g_f - s û_f. s == 0: independent of v, as in the reference (no 0 * Inf from v).
@@ -125,7 +127,7 @@ cluster_forward_kernel(const scalar_t* __restrict__ x, const scalar_t* __restric
                        typename OpMath<scalar_t>::type* __restrict__ attn,
                        typename OpMath<scalar_t>::type* __restrict__ norm, int64_t B, int64_t L,
                        int64_t F, int64_t N, bool shift, typename OpMath<scalar_t>::type eps,
-                       bool attn_in_smem) {
+                       typename OpMath<scalar_t>::type eps_sqrt, bool attn_in_smem) {
   using acc_t = typename OpMath<scalar_t>::type;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   __shared__ acc_t red[kWarps];
@@ -171,7 +173,8 @@ cluster_forward_kernel(const scalar_t* __restrict__ x, const scalar_t* __restric
       const acc_t u = shift ? unit_u(al_n, be_n, v) : v;
       ss += u * u;
     }
-    const acc_t nrm = op_sqrt(block_reduce1(ss, red, SumOp(), acc_t(0)));
+    const acc_t nrm =
+        op_sqrt(block_reduce1(ss, red, SumOp(), acc_t(0)) + (shift ? eps_sqrt : acc_t(0)));
     // clamp_min(eps) written so that a NaN norm stays NaN, as in torch.
     const acc_t denom = sqrt_n * (nrm < eps ? eps : nrm);
     // Pass 2: recompute v (cheaper than an [F] buffer for any F) and write out once.
@@ -203,7 +206,8 @@ cluster_backward_unit_kernel(const scalar_t* __restrict__ grad_out,
                              double* __restrict__ coef,
                              typename OpMath<scalar_t>::type* __restrict__ workspace, int64_t B,
                              int64_t L, int64_t F, int64_t N, bool shift,
-                             typename OpMath<scalar_t>::type eps, bool staged) {
+                             typename OpMath<scalar_t>::type eps,
+                             typename OpMath<scalar_t>::type eps_sqrt, bool staged) {
   using acc_t = typename OpMath<scalar_t>::type;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   __shared__ double red[3 * kWarps];
@@ -248,7 +252,8 @@ cluster_backward_unit_kernel(const scalar_t* __restrict__ grad_out,
     UnitCoef k{1.0, 0.0, 1.0};
     double d1 = 0;
     if (shift) {
-      k.r = unclamped ? sqrt(uu_ug[0]) : static_cast<double>(eps);
+      k.r = unclamped ? sqrt(uu_ug[0] + static_cast<double>(eps_sqrt))
+                      : static_cast<double>(eps);
       k.s = unclamped ? uu_ug[1] / k.r : 0.0;
       d1 = c / k.r;
       k.p = static_cast<double>(al_n) * d1;
@@ -363,7 +368,7 @@ template <typename scalar_t>
 cudaError_t forward_impl(const void* x, const void* scores, const int64_t* lengths,
                          const void* alpha, const void* beta, void* out, void* attn, void* norm,
                          int64_t B, int64_t L, int64_t F, int64_t N, bool shift, double eps,
-                         cudaStream_t stream) {
+                         double eps_sqrt, cudaStream_t stream) {
   using acc_t = typename OpMath<scalar_t>::type;
   const bool in_smem = forward_in_smem(sizeof(acc_t), L);
   const size_t smem = in_smem ? static_cast<size_t>(L) * sizeof(acc_t) : 0;
@@ -371,7 +376,7 @@ cudaError_t forward_impl(const void* x, const void* scores, const int64_t* lengt
       static_cast<const scalar_t*>(x), static_cast<const scalar_t*>(scores), lengths,
       static_cast<const scalar_t*>(alpha), static_cast<const scalar_t*>(beta),
       static_cast<scalar_t*>(out), static_cast<acc_t*>(attn), static_cast<acc_t*>(norm), B, L, F,
-      N, shift, static_cast<acc_t>(eps), in_smem);
+      N, shift, static_cast<acc_t>(eps), static_cast<acc_t>(eps_sqrt), in_smem);
   return cudaGetLastError();
 }
 
@@ -381,7 +386,7 @@ cudaError_t backward_impl(const void* grad_out, const void* x, const int64_t* le
                           const void* alpha, const void* beta, void* grad_x, void* grad_scores,
                           void* grad_alpha_partial, void* grad_beta_partial, void* coef,
                           void* workspace, int64_t B, int64_t L, int64_t F, int64_t N, bool shift,
-                          double eps, cudaStream_t stream) {
+                          double eps, double eps_sqrt, cudaStream_t stream) {
   using acc_t = typename OpMath<scalar_t>::type;
   const bool staged = backward_staged(sizeof(acc_t), L);
   if (!staged && workspace == nullptr) return cudaErrorInvalidValue;
@@ -392,7 +397,8 @@ cudaError_t backward_impl(const void* grad_out, const void* x, const int64_t* le
       static_cast<const scalar_t*>(alpha), static_cast<const scalar_t*>(beta),
       static_cast<scalar_t*>(grad_scores), static_cast<acc_t*>(grad_alpha_partial),
       static_cast<acc_t*>(grad_beta_partial), static_cast<double*>(coef),
-      static_cast<acc_t*>(workspace), B, L, F, N, shift, static_cast<acc_t>(eps), staged);
+      static_cast<acc_t*>(workspace), B, L, F, N, shift, static_cast<acc_t>(eps),
+      static_cast<acc_t>(eps_sqrt), staged);
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
 
@@ -417,11 +423,12 @@ cudaError_t cluster_pool_forward_launch(DType dtype, const void* x, const void* 
                                         const int64_t* lengths, const void* alpha,
                                         const void* beta, void* out, void* attn, void* norm,
                                         int64_t B, int64_t L, int64_t F, int64_t N, bool shift,
-                                        double eps, cudaStream_t stream) {
+                                        double eps, double eps_sqrt, cudaStream_t stream) {
   if (!valid_sizes(B, L, F, N)) return cudaErrorInvalidValue;
   return dispatch_dtype(dtype, [&](auto tag) {
     return forward_impl<typename decltype(tag)::type>(x, scores, lengths, alpha, beta, out, attn,
-                                                      norm, B, L, F, N, shift, eps, stream);
+                                                      norm, B, L, F, N, shift, eps, eps_sqrt,
+                                                      stream);
   });
 }
 
@@ -435,12 +442,12 @@ cudaError_t cluster_pool_backward_launch(DType dtype, const void* grad_out, cons
                                          void* grad_alpha_partial, void* grad_beta_partial,
                                          void* coef, void* workspace, int64_t B, int64_t L,
                                          int64_t F, int64_t N, bool shift, double eps,
-                                         cudaStream_t stream) {
+                                         double eps_sqrt, cudaStream_t stream) {
   if (!valid_sizes(B, L, F, N)) return cudaErrorInvalidValue;
   return dispatch_dtype(dtype, [&](auto tag) {
     return backward_impl<typename decltype(tag)::type>(
         grad_out, x, lengths, attn, norm, alpha, beta, grad_x, grad_scores, grad_alpha_partial,
-        grad_beta_partial, coef, workspace, B, L, F, N, shift, eps, stream);
+        grad_beta_partial, coef, workspace, B, L, F, N, shift, eps, eps_sqrt, stream);
   });
 }
 

@@ -25,12 +25,13 @@ using cuda_common::DType;  // kFloat32, kFloat64, kFloat16, kBFloat16
 //   x [B, L, F], scores [B, L, N], alpha/beta [N]: scalar;
 //   lengths int64 [B] or nullptr (all frames valid); clamped to [0, L] in the kernel.
 //   -> out [B, N*F] scalar, attn [B, N, L] and norm [B, N] opmath.
-// alpha/beta are not read when shift is false.
+// alpha/beta are not read when shift is false. With shift, out = u / (sqrt(N) max(norm, eps)),
+// norm = sqrt(||u||^2 + eps_sqrt) unclamped (u = alpha v + beta); ||v|| without shift.
 cudaError_t cluster_pool_forward_launch(DType dtype, const void* x, const void* scores,
                                         const int64_t* lengths, const void* alpha,
                                         const void* beta, void* out, void* attn, void* norm,
                                         int64_t B, int64_t L, int64_t F, int64_t N, bool shift,
-                                        double eps, cudaStream_t stream);
+                                        double eps, double eps_sqrt, cudaStream_t stream);
 
 // Opmath elements of the workspace cluster_pool_backward_launch needs: 0 when its
 // per-unit buffers fit in shared memory (L up to about 4.9k frames in float32,
@@ -55,7 +56,7 @@ cudaError_t cluster_pool_backward_launch(DType dtype, const void* grad_out, cons
                                          void* grad_alpha_partial, void* grad_beta_partial,
                                          void* coef, void* workspace, int64_t B, int64_t L,
                                          int64_t F, int64_t N, bool shift, double eps,
-                                         cudaStream_t stream);
+                                         double eps_sqrt, cudaStream_t stream);
 
 }  // namespace cluster_cuda
 }  // namespace attnpool

@@ -15,7 +15,7 @@ using namespace cuda_glue;  // kernel_dtype, opmath_type, check_input, workspace
 ClusterForward cluster_pool_forward_cuda(const at::Tensor& x, const at::Tensor& scores,
                                          const c10::optional<at::Tensor>& lengths,
                                          const at::Tensor& alpha, const at::Tensor& beta,
-                                         bool shift, double eps) {
+                                         bool shift, double eps, double eps_sqrt) {
   TORCH_CHECK(x.dim() == 3, "attnpool cuda: x must be [B, L, F], got ", x.sizes());
   TORCH_CHECK(scores.dim() == 3, "attnpool cuda: scores must be [B, L, N], got ", scores.sizes());
   const int64_t B = x.size(0), L = x.size(1), F = x.size(2), N = scores.size(2);
@@ -43,7 +43,7 @@ ClusterForward cluster_pool_forward_cuda(const at::Tensor& x, const at::Tensor& 
                    kdtype, x.data_ptr(), scores.data_ptr(),
                    lengths.has_value() ? lengths->data_ptr<int64_t>() : nullptr,
                    alpha.data_ptr(), beta.data_ptr(), out.data_ptr(), attn.data_ptr(),
-                   norm.data_ptr(), B, L, F, N, shift, eps,
+                   norm.data_ptr(), B, L, F, N, shift, eps, eps_sqrt,
                    current_stream(device)),
                "cluster_pool_forward");
   return {out, attn, norm};
@@ -53,7 +53,7 @@ ClusterBackward cluster_pool_backward_cuda(const at::Tensor& grad_out, const at:
                                            const at::Tensor& attn, const at::Tensor& norm,
                                            const at::Tensor& alpha, const at::Tensor& beta,
                                            const c10::optional<at::Tensor>& lengths,
-                                           bool shift, double eps) {
+                                           bool shift, double eps, double eps_sqrt) {
   TORCH_CHECK(x.dim() == 3, "attnpool cuda: x must be [B, L, F], got ", x.sizes());
   TORCH_CHECK(attn.dim() == 3, "attnpool cuda: attn must be [B, N, L], got ", attn.sizes());
   const int64_t B = x.size(0), L = x.size(1), F = x.size(2), N = attn.size(1);
@@ -88,7 +88,7 @@ ClusterBackward cluster_pool_backward_cuda(const at::Tensor& grad_out, const at:
                    lengths.has_value() ? lengths->data_ptr<int64_t>() : nullptr,
                    attn.data_ptr(), norm.data_ptr(), alpha.data_ptr(), beta.data_ptr(), grad_x.data_ptr(), grad_scores.data_ptr(),
                    alpha_part.data_ptr(), beta_part.data_ptr(), coef.data_ptr(),
-                   data_or_null(workspace), B, L, F, N, shift, eps,
+                   data_or_null(workspace), B, L, F, N, shift, eps, eps_sqrt,
                    current_stream(device)),
                "cluster_pool_backward");
   if (!shift) {

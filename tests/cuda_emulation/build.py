@@ -79,9 +79,10 @@ def load(lib_path: Path) -> ctypes.CDLL:
     vpp = ctypes.POINTER(ctypes.c_void_p)
     i64p = ctypes.POINTER(ctypes.c_int64)
     sig = {
-        "emu_cluster_forward": (i32, [i32, vp, vp, vp, vp, vp, vp, vp, vp, i64, i64, i64, i64, i32, dbl]),
+        "emu_cluster_forward": (i32, [i32, vp, vp, vp, vp, vp, vp, vp, vp, i64, i64, i64, i64, i32, dbl,
+                                     dbl]),
         "emu_cluster_backward_workspace_elems": (i64, [i32, i64, i64, i64]),
-        "emu_cluster_backward": (i32, [i32] + [vp] * 13 + [i64, i64, i64, i64, i32, dbl]),
+        "emu_cluster_backward": (i32, [i32] + [vp] * 13 + [i64, i64, i64, i64, i32, dbl, dbl]),
         "emu_attpool_num_tiles": (i64, [i64]),
         "emu_attpool_forward_workspace_elems": (i64, [i32, i64, i64, i64, i64]),
         "emu_attpool_backward_workspace_elems": (i64, [i32, i64, i64, i64, i64]),

@@ -19,10 +19,11 @@ extern "C" {
 // ------------------------------------------------------------------ attention cluster
 int emu_cluster_forward(int dtype, const void* x, const void* scores, const int64_t* lengths,
                         const void* alpha, const void* beta, void* out, void* attn, void* norm,
-                        int64_t B, int64_t L, int64_t F, int64_t N, int shift, double eps) {
+                        int64_t B, int64_t L, int64_t F, int64_t N, int shift, double eps,
+                        double eps_sqrt) {
   return attnpool::cluster_cuda::cluster_pool_forward_launch(dt(dtype), x, scores, lengths, alpha,
                                                             beta, out, attn, norm, B, L, F, N,
-                                                            shift != 0, eps, nullptr);
+                                                            shift != 0, eps, eps_sqrt, nullptr);
 }
 
 int64_t emu_cluster_backward_workspace_elems(int dtype, int64_t B, int64_t L, int64_t N) {
@@ -33,11 +34,12 @@ int emu_cluster_backward(int dtype, const void* grad_out, const void* x, const i
                          const void* attn, const void* norm, const void* alpha, const void* beta,
                          void* grad_x, void* grad_scores, void* grad_alpha_partial,
                          void* grad_beta_partial, void* coef, void* workspace, int64_t B,
-                         int64_t L, int64_t F, int64_t N, int shift, double eps) {
+                         int64_t L, int64_t F, int64_t N, int shift, double eps,
+                         double eps_sqrt) {
   return attnpool::cluster_cuda::cluster_pool_backward_launch(
       dt(dtype), grad_out, x, lengths, attn, norm, alpha, beta, grad_x, grad_scores,
       grad_alpha_partial, grad_beta_partial, coef, workspace, B, L, F, N, shift != 0, eps,
-      nullptr);
+      eps_sqrt, nullptr);
 }
 
 // ------------------------------------------------------------------ attentional pool
