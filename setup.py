@@ -4,11 +4,14 @@ Environment flags (flash-attention style):
   ATTNPOOL_FORCE_CUDA=1  build the CUDA kernels even if no GPU is visible
   ATTNPOOL_SKIP_CUDA=1   never build the CUDA kernels
   ATTNPOOL_SKIP_EXT=1    build no extension at all (pure-Python install)
+  ATTNPOOL_NO_OPENMP=1   compile without OpenMP (also automatic where the compiler lacks it,
+                         e.g. Apple clang; the CPU kernels then run on one thread)
   MAX_JOBS=N             parallel compile jobs (ninja)
   ATTNPOOL_CUDA_ARCHS    e.g. "80;90" (default "80;90")
 """
 
 import glob
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -49,6 +52,15 @@ def _find_cuda_home() -> None:
             return
 
 
+def _openmp_flags() -> list[str]:
+    """attnpool/_jit.py's openmp_flags (one home for the test; that file imports no torch)."""
+    spec = importlib.util.spec_from_file_location("_attnpool_jit",
+                                                  os.path.join(ROOT, "attnpool", "_jit.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.openmp_flags()
+
+
 def extension_setup() -> dict:
     if _flag("ATTNPOOL_SKIP_EXT"):
         return {}
@@ -65,9 +77,11 @@ def extension_setup() -> dict:
 
     sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
     # The C++ standard is torch's own: cpp_extension adds the one its headers need.
-    cxx = ["-O3"]
-    if not _flag("ATTNPOOL_NO_OPENMP"):
-        cxx += ["-fopenmp"]
+    openmp = _openmp_flags()
+    if not openmp:
+        warnings.warn("attnpool: no OpenMP (ATTNPOOL_NO_OPENMP, or the compiler lacks it): the "
+                      "CPU kernels will run on one thread", stacklevel=1)
+    cxx = ["-O3"] + openmp
     nvcc_found = CUDA_HOME is not None and shutil.which(os.path.join(CUDA_HOME, "bin", "nvcc"))
     want_cuda = not _flag("ATTNPOOL_SKIP_CUDA") and (
         _flag("ATTNPOOL_FORCE_CUDA") or (torch.version.cuda is not None and torch.cuda.is_available())
@@ -90,8 +104,7 @@ def extension_setup() -> dict:
         )
     else:
         ext = CppExtension("attnpool._C", sources, include_dirs=include_dirs,
-                           extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"]
-                           if "-fopenmp" in cxx else [])
+                           extra_compile_args={"cxx": cxx}, extra_link_args=openmp)
     return {"ext_modules": [ext], "cmdclass": {"build_ext": BuildExtension.with_options(use_ninja=True)}}
 
 

@@ -19,10 +19,32 @@ import importlib.util
 import os
 import platform
 import shutil
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 NAME = "attnpool_C"  # the module's name inside the cache (PYBIND11_MODULE(TORCH_EXTENSION_NAME))
+
+
+def openmp_flags() -> list[str]:
+    """``["-fopenmp"]`` when the C++ compiler (``$CXX`` or ``c++``) builds an OpenMP program,
+    else none (Apple clang has no OpenMP; ``ATTNPOOL_NO_OPENMP=1`` also turns it off). torch's
+    ``at::parallel_for`` is inlined into the kernels and runs them on the intra-op threads only
+    when they are compiled with OpenMP; without it they run on the calling thread. Shared by
+    setup.py and the build on first use."""
+    if os.environ.get("ATTNPOOL_NO_OPENMP", "0").lower() in ("1", "true", "yes"):
+        return []
+    compiler = os.environ.get("CXX", "c++")
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "omp.cpp"
+        src.write_text("#include <omp.h>\nint main() { return omp_get_max_threads() > 0 ? 0 : 1; }\n")
+        try:
+            run = subprocess.run([compiler, "-fopenmp", str(src), "-o", str(Path(tmp) / "omp")],
+                                 capture_output=True, timeout=120)
+        except (OSError, subprocess.SubprocessError):
+            return []
+    return ["-fopenmp"] if run.returncode == 0 else []
 
 
 def _sources_root() -> Path | None:
@@ -67,7 +89,7 @@ def load():
         build.mkdir(parents=True, exist_ok=True)
         print(f"attnpool: building the C++ kernels for this torch into {build} "
               "(first use only; a few minutes)...", file=sys.stderr, flush=True)
-        openmp = [] if platform.system() == "Darwin" else ["-fopenmp"]
+        openmp = openmp_flags()
         try:
             return cpp_extension.load(
                 NAME, [str(s) for s in sources], extra_include_paths=[str(root)],
