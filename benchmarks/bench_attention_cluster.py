@@ -1,4 +1,4 @@
-"""Attention clusters: eager reference vs torch.compile vs attnpool backends (DESIGN §5).
+"""Attention clusters: eager reference vs torch.compile vs attnpool backends.
 
     python benchmarks/bench_attention_cluster.py [--device cpu|cuda] [--sweep] [--dtype float32]
 """
@@ -17,10 +17,13 @@ import attnpool  # noqa: E402
 from attnpool import reference  # noqa: E402
 
 OP = "attention_cluster"
-# (B, L, F, N): the issue's CPU shape, the §5 shape scaled to 2 CPU cores, the §5 shape.
+# (B, L, F, N): on the CPU a 2-core-sized shape and the GPU shape's F and N at B=32; the
+# sweeps vary L (frames) and N (units) alone, on the CPU around B=8, F=1024, L=25, N=32.
 SHAPES = {"cpu": [(32, 25, 1024, 32), (32, 25, 2048, 64)], "cuda": [(128, 25, 2048, 64)]}
-SWEEP = [(128, 25, 2048, n) for n in (8, 32, 128, 256)] + \
-        [(128, ell, 2048, 64) for ell in (8, 100, 300)]
+SWEEP = {"cpu": [(8, ell, 1024, 32) for ell in (8, 25, 100, 300)] +
+                [(8, 25, 1024, n) for n in (8, 128, 256)],
+         "cuda": [(128, 25, 2048, n) for n in (8, 32, 128, 256)] +
+                 [(128, ell, 2048, 64) for ell in (8, 100, 300)]}
 
 
 def cases(B, L, F, N, device, dtype):

@@ -1,5 +1,5 @@
 """Attentional pooling: eager (paper form) vs torch.compile (factored form) vs attnpool
-backends (DESIGN §3.2, §5).
+backends.
 
     python benchmarks/bench_attentional_pooling.py [--device cpu|cuda] [--shape B,C,H,W,K,P]
 """
@@ -18,14 +18,17 @@ import attnpool  # noqa: E402
 from attnpool import reference  # noqa: E402
 
 OP = "attentional_pooling"
-# (B·T, C, H, W, K, P): the issue's CPU shape; the §5 shape.
+# (B·T, C, H, W, K, P): a 2-core-sized CPU shape; the GPU shape. The sweeps vary the rank P
+# and the map size alone (on the CPU around B=8, C=1024, 14x14).
 SHAPES = {"cpu": [(32, 1024, 14, 14, 400, 1)], "cuda": [(256, 2048, 14, 14, 400, 1)]}
-SWEEP = [(256, 2048, 14, 14, 400, p) for p in (2, 4, 8)] + [(256, 2048, 7, 7, 400, 1)]
+SWEEP = {"cpu": [(8, 1024, 14, 14, 400, p) for p in (1, 2, 4, 8)] +
+                [(8, 1024, s, s, 400, 1) for s in (7, 28)],
+         "cuda": [(256, 2048, 14, 14, 400, p) for p in (2, 4, 8)] + [(256, 2048, 7, 7, 400, 1)]}
 
 
 class Factored(reference.AttentionalPooling):
-    """The best plain-PyTorch form (what torch.compile gets): the factored sums of DESIGN
-    §3.2, O(n·C·P + C·K·P), no [n, K] top-down maps."""
+    """The best plain-PyTorch form (what torch.compile gets): the factored sums (README,
+    "Attentional pooling"), O(n·C·P + C·K·P), no [n, K] top-down maps."""
 
     def forward(self, x):
         B, C, H, W = x.shape

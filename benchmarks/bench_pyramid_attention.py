@@ -1,5 +1,5 @@
 """Interaction-aware pyramid attention (our formulation of Du et al.): the fused op vs eager
-and torch.compile of the reference (DESIGN §3.4, §5), output and loss both backpropagated.
+and torch.compile of the reference, output and loss both backpropagated.
 
     python benchmarks/bench_pyramid_attention.py [--device cpu|cuda] [--shape B,T,C0,H0,C1,H1,...]
 
@@ -20,9 +20,11 @@ import harness  # noqa: E402
 from attnpool import functional, reference  # noqa: E402
 
 PYRAMID = (256, 56, 512, 28, 1024, 14, 2048, 7)
-# (B, T, C0, H0, ...): §5 on a GPU; B scaled by 1/16 on the CPU (inputs 24.6 MB instead of 394 MB).
+# (B, T, C0, H0, ...): the GPU shape at B=64; B scaled by 1/16 on the CPU (inputs 24.6 MB
+# instead of 394 MB). The sweeps vary the batch and the clip length.
 SHAPES = {"cpu": [(4, 1) + PYRAMID], "cuda": [(64, 1) + PYRAMID]}
-SWEEP = [(1, 8) + PYRAMID, (16, 1) + PYRAMID]
+SWEEP = {"cpu": [(b, 1) + PYRAMID for b in (1, 2, 8, 16)] + [(1, t) + PYRAMID for t in (4, 8)],
+         "cuda": [(1, 8) + PYRAMID, (16, 1) + PYRAMID]}
 
 
 def cases(B, T, *levels, device, dtype):

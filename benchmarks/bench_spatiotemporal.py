@@ -1,5 +1,5 @@
 """Spatio-temporal attention (Meng et al.): the fused regulariser and the temporal attention
-pool vs eager and torch.compile of the reference (DESIGN §3.3, §5).
+pool vs eager and torch.compile of the reference.
 
     python benchmarks/bench_spatiotemporal.py [--device cpu|cuda] [--shape B,T,C,H,W]
 
@@ -20,10 +20,11 @@ import harness  # noqa: E402
 
 from attnpool import functional, reference  # noqa: E402
 
-# (B, T, C, H, W): §5 on both devices (x is 230 MiB, far beyond the CPU's caches, as in
+# (B, T, C, H, W): the GPU shape on both devices (x is 230 MiB, far beyond the CPU's caches, as in
 # training), and on the CPU also a 30 MiB x, which fits this machine's 32 MiB L3 on its own.
 SHAPES = {"cpu": [(30, 20, 2048, 7, 7), (8, 20, 1024, 7, 7)], "cuda": [(30, 20, 2048, 7, 7)]}
-SWEEP = [(30, 20, 2048, 14, 14), (30, 64, 2048, 7, 7)]
+SWEEP = {"cpu": [(8, t, 1024, 7, 7) for t in (8, 40, 80)] + [(8, 20, 1024, 14, 14)],
+         "cuda": [(30, 20, 2048, 14, 14), (30, 64, 2048, 7, 7)]}
 
 
 def cases(B, T, C, H, W, device, dtype):

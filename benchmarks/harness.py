@@ -1,4 +1,4 @@
-"""The one benchmark harness: timing, peak memory, and the results CSV (DESIGN §5).
+"""The one benchmark harness: timing, peak memory, and the results CSV.
 
 A benchmark script describes, per provider, a callable that builds its inputs and
 returns ``(forward, backward)`` closures; ``measure`` times one op's providers in
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import os
+import platform
 import statistics
 import subprocess
 import time
@@ -19,22 +20,51 @@ from dataclasses import dataclass
 import torch
 import torch._functorch.config
 
+# Inductor's cache key misses ATEN_CPU_CAPABILITY: a kernel cached for another capability is
+# reused (and gave garbage or crashed here). Each capability then gets its own cache.
+if os.environ.get("ATEN_CPU_CAPABILITY") and not os.environ.get("TORCHINDUCTOR_CACHE_DIR"):
+    import tempfile
+
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(
+        tempfile.gettempdir(), f"torchinductor-attnpool-{os.environ['ATEN_CPU_CAPABILITY']}")
+
 # backward() reruns on one graph (retain_graph) so that forward and backward are timed
 # apart; compiled graphs must then keep their saved buffers.
 torch._functorch.config.donated_buffer = False
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-COLUMNS = ["op", "provider", "mode", "metric", "shape", "p50", "p20", "p80", "device", "torch",
-           "triton", "commit"]
-KEY = ("op", "provider", "mode", "metric", "shape")
+COLUMNS = ["op", "provider", "mode", "metric", "shape", "p50", "p20", "p80", "device", "machine",
+           "torch", "triton", "commit"]
+KEY = ("op", "provider", "mode", "metric", "shape", "device")
 
 
 def device_name(device: torch.device) -> str:
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    """The GPU's name, or ``cpu-<isa>`` with the instruction set torch's kernels and ours run
+    (``torch.backends.cpu.get_cpu_capability()``; ``ATEN_CPU_CAPABILITY=avx2|default`` selects
+    a lower one on a bigger CPU)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu-{torch.backends.cpu.get_cpu_capability().lower()}"
+
+
+def machine_name(device: torch.device) -> str:
+    """What ran it: the GPU, or the CPU's model name and the number of threads."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next(line.split(":", 1)[1].strip() for line in f
+                         if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{model}, {torch.get_num_threads()} threads"
 
 
 def results_path(device: torch.device) -> str:
-    return os.path.join(RESULTS, device_name(device).replace(" ", "_") + ".csv")
+    """One CSV per device type for the CPU (the ISAs are rows), one per GPU model."""
+    name = "cpu" if device.type == "cpu" else device_name(device).replace(" ", "_")
+    return os.path.join(RESULTS, name + ".csv")
 
 
 def _versions() -> tuple[str, str, str]:
@@ -147,8 +177,8 @@ def _row(case: Case, mode: str, metric: str, p50: float, p20: float, p80: float,
     torch_v, triton_v, commit = _versions()
     return {"op": case.op, "provider": case.provider, "mode": mode, "metric": metric,
             "shape": case.shape, "p50": f"{p50:.4f}", "p20": f"{p20:.4f}", "p80": f"{p80:.4f}",
-            "device": device_name(device), "torch": torch_v, "triton": triton_v,
-            "commit": commit}
+            "device": device_name(device), "machine": machine_name(device), "torch": torch_v,
+            "triton": triton_v, "commit": commit}
 
 
 def write_rows(rows: list[dict], device: torch.device) -> str:
@@ -163,7 +193,7 @@ def write_rows(rows: list[dict], device: torch.device) -> str:
     for r in rows:
         merged[tuple(r[k] for k in KEY)] = r
     with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=COLUMNS)
+        w = csv.DictWriter(f, fieldnames=COLUMNS, restval="")
         w.writeheader()
         w.writerows(sorted(merged.values(), key=lambda r: tuple(r[k] for k in KEY)))
     return path
@@ -248,7 +278,7 @@ def _check_install() -> None:
               "`pip install --no-build-isolation --no-deps -e .`", flush=True)
 
 
-def cli(doc: str, shapes: dict[str, list[tuple[int, ...]]], sweep: list[tuple[int, ...]],
+def cli(doc: str, shapes: dict[str, list[tuple[int, ...]]], sweep: dict[str, list[tuple[int, ...]]],
         cases: Callable[..., Iterable[Case]],
         floors: Callable[..., dict[str, float]] | None = None) -> None:
     """The command line every benchmark script shares: pick device, dtype and shapes,
@@ -266,7 +296,7 @@ def cli(doc: str, shapes: dict[str, list[tuple[int, ...]]], sweep: list[tuple[in
     _check_install()
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     chosen = [tuple(map(int, args.shape.split(",")))] if args.shape else \
-        shapes[device.type] + (sweep if args.sweep else [])
+        shapes[device.type] + (sweep[device.type] if args.sweep else [])
     rows = []
     for s in chosen:
         if floors is not None:

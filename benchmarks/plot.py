@@ -1,5 +1,10 @@
-"""Draw one PNG per (device, op) from benchmarks/results/*.csv: time per provider
-for forward, backward and forward + backward at each shape.
+"""Draw the plots of benchmarks/results/*.csv, per device (a GPU, or a CPU instruction set such
+as cpu-avx2) and op:
+
+* ``<device>_<op>.png``: time per provider for forward, backward and forward + backward at
+  each shape that is not on a sweep;
+* ``<device>_<op>_sweep.png``: forward + backward time against each swept size (shapes that
+  differ in that size alone, at least three of them), one line per provider, log-log.
 
     python benchmarks/plot.py
 """
@@ -20,38 +25,86 @@ RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 MODES = ("forward", "backward", "full")
 
 
+def parse(shape: str) -> dict[str, str]:
+    """"B=8,L=25,F=1024" -> {"B": "8", ...} (sizes such as C=256/512 stay strings)."""
+    return dict(item.split("=", 1) for item in shape.split(",") if "=" in item)
+
+
+def sweeps(shapes: list[str]) -> list[tuple[str, list[tuple[float, str]]]]:
+    """(size name, [(value, shape)]) for every size that takes >= 3 values while the others
+    stay fixed."""
+    found = []
+    parsed = {s: parse(s) for s in shapes}
+    for key in sorted({k for p in parsed.values() for k in p}):
+        groups = defaultdict(list)
+        for s, p in parsed.items():
+            if key in p and p[key].isdigit():
+                rest = tuple(sorted((k, v) for k, v in p.items() if k != key))
+                groups[rest].append((float(p[key]), s))
+        found += [(key, sorted(g)) for g in groups.values() if len(g) >= 3]
+    return found
+
+
+def bars(device: str, op: str, shapes: list[str], cell: dict, out: str) -> None:
+    fig, axes = plt.subplots(1, len(shapes), figsize=(5.5 * len(shapes), 4), squeeze=False)
+    for ax, shape in zip(axes[0], shapes):
+        times = cell[shape]
+        providers = sorted({p for p, _ in times}, key=lambda p: (p.startswith("attnpool"), p))
+        width = 0.8 / len(providers)
+        for i, prov in enumerate(providers):
+            ys = [times.get((prov, m), 0.0) for m in MODES]
+            rects = ax.bar([j + i * width for j in range(len(MODES))], ys, width, label=prov)
+            ax.bar_label(rects, fmt="%.2f", fontsize=7)
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(MODES))], MODES)
+        ax.set_ylabel("ms (median)")
+        ax.set_title(f"{op}\n{shape}", fontsize=9)
+        ax.legend(fontsize=7)
+    fig.suptitle(device, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+def lines(device: str, op: str, groups, cell: dict, out: str) -> None:
+    fig, axes = plt.subplots(1, len(groups), figsize=(5 * len(groups), 4), squeeze=False)
+    for ax, (key, points) in zip(axes[0], groups):
+        providers = sorted({p for _, s in points for p, _ in cell[s]},
+                           key=lambda p: (p.startswith("attnpool"), p))
+        for prov in providers:
+            xy = [(v, cell[s][(prov, "full")]) for v, s in points if (prov, "full") in cell[s]]
+            ax.plot(*zip(*xy), marker="o", label=prov)
+        fixed = ",".join(f"{k}={v}" for k, v in parse(points[0][1]).items() if k != key)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel(key)
+        ax.set_ylabel("forward + backward, ms (median)")
+        ax.set_title(f"{op}: {key} swept\n{fixed}", fontsize=9)
+        ax.legend(fontsize=7)
+    fig.suptitle(device, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
 def main() -> None:
     for path in sorted(glob.glob(os.path.join(RESULTS, "*.csv"))):
-        table = defaultdict(dict)  # (op, shape) -> {(provider, mode): p50}
+        cells = defaultdict(lambda: defaultdict(dict))  # (device, op) -> shape -> {(prov, mode): ms}
         with open(path, newline="") as f:
             for r in csv.DictReader(f):
                 if r["metric"] == "time_ms":
-                    table[(r["op"], r["shape"])][(r["provider"], r["mode"])] = float(r["p50"])
-                    device = r["device"]
-        by_op = defaultdict(list)
-        for op, shape in table:
-            by_op[op].append(shape)
-        for op, shapes in by_op.items():
-            fig, axes = plt.subplots(1, len(shapes), figsize=(5.5 * len(shapes), 4), squeeze=False)
-            for ax, shape in zip(axes[0], sorted(shapes)):
-                cell = table[(op, shape)]
-                providers = sorted({p for p, _ in cell}, key=lambda p: (p.startswith("attnpool"), p))
-                width = 0.8 / len(providers)
-                for i, prov in enumerate(providers):
-                    ys = [cell.get((prov, m), 0.0) for m in MODES]
-                    xs = [j + i * width for j in range(len(MODES))]
-                    bars = ax.bar(xs, ys, width, label=prov)
-                    ax.bar_label(bars, fmt="%.2f", fontsize=7)
-                ax.set_xticks([j + 0.4 - width / 2 for j in range(len(MODES))], MODES)
-                ax.set_ylabel("ms (median)")
-                ax.set_title(f"{op}\n{shape}", fontsize=9)
-                ax.legend(fontsize=7)
-            fig.suptitle(f"{device}", fontsize=10)
-            fig.tight_layout()
-            out = os.path.join(RESULTS, f"{os.path.basename(path)[:-4]}_{op}.png")
-            fig.savefig(out, dpi=110)
-            plt.close(fig)
-            print("wrote", out)
+                    cells[(r["device"], r["op"])][r["shape"]][(r["provider"], r["mode"])] = \
+                        float(r["p50"])
+        for (device, op), cell in sorted(cells.items()):
+            stem = os.path.join(RESULTS, f"{device.replace(' ', '_')}_{op}")
+            groups = sweeps(list(cell))
+            on_sweep = {s for _, points in groups for _, s in points}
+            alone = sorted(s for s in cell if s not in on_sweep)
+            if alone:
+                bars(device, op, alone, cell, stem + ".png")
+                print("wrote", stem + ".png")
+            if groups:
+                lines(device, op, groups, cell, stem + "_sweep.png")
+                print("wrote", stem + "_sweep.png")
 
 
 if __name__ == "__main__":
