@@ -39,7 +39,7 @@ def _cluster_case(device, dtype, B=4, L=9, F=33, N=5):
     return run
 
 
-def _attpool_case(device, dtype, B=3, C=24, H=5, W=6, K=7, P=2):
+def _attentional_pooling_case(device, dtype, B=3, C=24, H=5, W=6, K=7, P=2):
     g = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
     m = reference.AttentionalPooling(C, K, rank=P, dtype=torch.float64)
@@ -114,8 +114,8 @@ def _pyramid_case(device, dtype, B=2, levels=((6, 12), (8, 6), (5, 3))):
 CHECKS = {
     "attention_cluster": (_cluster_case, "B=16,L=25,F=512,N=32",
                           lambda d, t: _cluster_case(d, t, 16, 25, 512, 32)),
-    "attentional_pooling": (_attpool_case, "B=16,C=512,H=W=14,K=400,P=1",
-                            lambda d, t: _attpool_case(d, t, 16, 512, 14, 14, 400, 1)),
+    "attentional_pooling": (_attentional_pooling_case, "B=16,C=512,H=W=14,K=400,P=1",
+                            lambda d, t: _attentional_pooling_case(d, t, 16, 512, 14, 14, 400, 1)),
     "weighted_pool": (_temporal_pool_case, "temporal_attention_pool B=4,T=20,C=256,H=W=7",
                       lambda d, t: _temporal_pool_case(d, t, 4, 20, 256, 7, 7)),
     "st_regularizer": (_regularizer_case, "B=30,T=20,H=W=7",

@@ -4,6 +4,10 @@ A backend is asked for by (first match wins) the ``backend=`` argument of a
 module or functional op, the innermost :func:`use_backend` context, the
 ``ATTNPOOL_BACKEND`` environment variable, or else ``"auto"``. It is resolved
 to a concrete backend per call, before any kernel runs, by :func:`resolve`.
+
+This file knows what each backend needs in general (the compiled extension, a CUDA device,
+Triton and its interpreter); what a backend of one op cannot serve (shapes, dtypes, level
+counts) each op declares in its own file, through :func:`register_limits`.
 """
 
 from __future__ import annotations
@@ -27,8 +31,8 @@ CHOICES = ("auto",) + BACKENDS
 # cpu: cpp beats the eager reference at every benchmarked shape, and torch.compile for
 #   the cluster and attentional pooling (benchmarks/NOTES.md, benchmarks/results/cpu.csv);
 #   the Triton interpreter is a test vehicle, never a speed choice.
-# cuda: not yet measured on a GPU (the GPU issue measures cuda vs triton and
-#   reorders this per op); cuda first because it needs no JIT warm-up.
+# cuda: not yet measured on a GPU (to be measured, cuda against triton, and reordered per op
+#   where triton wins); cuda first because it needs no JIT warm-up.
 AUTO_ORDER = {"cpu": ("cpp", "reference"), "cuda": ("cuda", "triton", "reference")}
 
 
@@ -144,6 +148,19 @@ def register(op: str, backend: str, loader: Callable[[], Implementation]) -> Non
     _REGISTRY.setdefault(op, {})[backend] = loader
 
 
+# op name -> limits(backend, device, dtype, **sizes): None if that backend can serve the
+# input, else why not (the op's own limits: shapes, dtypes, level counts)
+_LIMITS: dict[str, Callable[..., str | None]] = {}
+
+
+def register_limits(op: str, limits: Callable[..., str | None]) -> None:
+    """Declares ``op``'s backend limits: ``limits(backend, device, dtype, **sizes)`` returns None
+    where ``backend`` can serve an input of these sizes, else the reason. The sizes are the
+    keywords the op passes to :func:`resolve` (and a caller to :func:`available`); a size not
+    given is not checked."""
+    _LIMITS[op] = limits
+
+
 _loaded: dict[tuple[str, str], Implementation | str] = {}
 
 
@@ -172,12 +189,18 @@ def implementation(op: str, backend: str) -> Implementation:
     return impl
 
 
-def why_not(op: str, backend: str, device: torch.device, dtype: torch.dtype) -> str | None:
-    """None if ``backend`` can run ``op`` on tensors of this device and dtype, else the reason."""
+def why_not(op: str, backend: str, device: torch.device, dtype: torch.dtype, **sizes) -> str | None:
+    """None if ``backend`` can run ``op`` on tensors of this device and dtype (and, where given,
+    these sizes: the op's limits), else the reason."""
     if backend == "reference":
         return None
     if backend not in _REGISTRY.get(op, {}):
         return f"{op} has no {backend} implementation"
+    limits = _LIMITS.get(op)
+    if limits is not None:
+        reason = limits(backend, device, dtype, **sizes)
+        if reason is not None:
+            return reason
     if backend == "cpp":
         if _C is None:
             return _C_ERROR
@@ -213,8 +236,10 @@ def _legacy_onnx_export() -> bool:
     return torch.jit.is_tracing() and torch.onnx.is_in_onnx_export()
 
 
-def resolve(op: str, backend: str | None, device: torch.device, dtype: torch.dtype) -> str:
-    """The concrete backend that runs ``op``; raises if an explicit choice cannot."""
+def resolve(op: str, backend: str | None, device: torch.device, dtype: torch.dtype,
+            **sizes) -> str:
+    """The concrete backend that runs ``op`` on this device, dtype and sizes (the op's limits,
+    see :func:`register_limits`); raises if an explicit choice cannot."""
     choice = requested(backend)
     if _legacy_onnx_export():
         # The TorchScript-based exporter has no translation of attnpool's ops; "auto" exports
@@ -228,14 +253,14 @@ def resolve(op: str, backend: str | None, device: torch.device, dtype: torch.dty
             "standard ONNX operators), e.g. inside attnpool.use_backend('reference').")
     if choice == "auto":
         for candidate in AUTO_ORDER.get(device.type, ("reference",)):
-            if why_not(op, candidate, device, dtype) is None:
+            if why_not(op, candidate, device, dtype, **sizes) is None:
                 return candidate
         return "reference"
-    reason = why_not(op, choice, device, dtype)
+    reason = why_not(op, choice, device, dtype, **sizes)
     if reason is None:
         return choice
     reasons = "\n".join(
-        f"  {b}: {why_not(op, b, device, dtype) or 'available'}" for b in BACKENDS
+        f"  {b}: {why_not(op, b, device, dtype, **sizes) or 'available'}" for b in BACKENDS
     )
     raise BackendUnavailableError(
         f"attnpool backend {choice!r} cannot run {op} on {device.type} {dtype}: {reason}\n"
@@ -243,6 +268,7 @@ def resolve(op: str, backend: str | None, device: torch.device, dtype: torch.dty
     )
 
 
-def available(op: str, device: torch.device, dtype: torch.dtype = torch.float32) -> dict:
-    """{backend: None if it can serve, else why not} for ``op`` on this device and dtype."""
-    return {b: why_not(op, b, device, dtype) for b in BACKENDS}
+def available(op: str, device: torch.device, dtype: torch.dtype = torch.float32, **sizes) -> dict:
+    """{backend: None if it can serve, else why not} for ``op`` on this device and dtype, and
+    the sizes given (e.g. ``levels=9`` for pyramid_attention; see each op's ``limits``)."""
+    return {b: why_not(op, b, device, dtype, **sizes) for b in BACKENDS}

@@ -18,12 +18,12 @@ from attnpool import official
 __all__ = [
     "AttentionCluster",
     "AttentionalPooling",
-    "attentional_pool",
     "attentional_pooling",
+    "attentional_pooling_op",
     "MultimodalAttentionClusters",
     "attention_cluster",
     "attention_scores",
-    "cluster_pool",
+    "attention_cluster_op",
     "ConvLSTM",
     "init_attention_cluster_",
     "PyramidAttention",
@@ -32,7 +32,7 @@ __all__ = [
 
 
 # --------------------------------------------------------------------------
-# Attention clusters (Long et al., CVPR 2018), DESIGN 3.1
+# Attention clusters (Long et al., CVPR 2018), docs/design.md "Attention clusters"
 # --------------------------------------------------------------------------
 EPS_PLACEMENTS = ("clamp", "sqrt")
 
@@ -71,7 +71,7 @@ def attention_scores(
     return F.linear(keys, weight, bias)
 
 
-def cluster_pool(
+def attention_cluster_op(
     x: Tensor,
     scores: Tensor,
     lengths: Tensor | None,
@@ -129,10 +129,10 @@ def attention_cluster(
 
     Returns (out ``[B, N*F]``, attention ``[B, N, L]``).
     """
-    # padded frames reach neither the scores nor (cluster_pool) the pooling
+    # padded frames reach neither the scores nor (attention_cluster_op) the pooling
     scores = attention_scores(zero_padded_frames(x, lengths), weight, bias, attention, weight1,
                               bias1, alpha.shape[0])
-    return cluster_pool(x, scores, lengths, alpha, beta, shift, eps, eps_placement)
+    return attention_cluster_op(x, scores, lengths, alpha, beta, shift, eps, eps_placement)
 
 
 def init_attention_cluster_(module: nn.Module) -> None:
@@ -276,7 +276,7 @@ class MultimodalAttentionClusters(nn.Module):
 
 
 # --------------------------------------------------------------------------
-# Attentional pooling (Girdhar & Ramanan, NeurIPS 2017), DESIGN 3.2
+# Attentional pooling (Girdhar & Ramanan, NeurIPS 2017), docs/design.md "Attentional pooling"
 # --------------------------------------------------------------------------
 def attentional_pooling(
     x: Tensor,
@@ -311,8 +311,8 @@ def _bilinear_pooling(x, q, weight_bottom_up, bias_bottom_up, weight_top_down, b
     return logits, h.reshape(*lead, h.shape[1], H, W)
 
 
-def attentional_pool(x: Tensor, weight_bottom_up: Tensor, bias_bottom_up: Tensor | None
-                     ) -> tuple[Tensor, Tensor]:
+def attentional_pooling_op(x: Tensor, weight_bottom_up: Tensor, bias_bottom_up: Tensor | None
+                           ) -> tuple[Tensor, Tensor]:
     """The factored core the fused kernels compute: x ``[B, C, n]`` ->
     (z ``[B, P, C]`` = (1/n) Σ_i h[p,i]·x_i, bottom-up maps h ``[B, P, n]``)."""
     h = torch.einsum("pc,bcn->bpn", weight_bottom_up, x)
@@ -468,7 +468,7 @@ class AttentionalPooling(nn.Module):
             raise ValueError(f"target must have the heatmaps' shape {list(heatmaps.shape)}, "
                              f"got {list(target.shape)}")
         if valid is None and not official:
-            return torch.nn.functional.mse_loss(heatmaps, target)
+            return torch.nn.mse_loss(heatmaps, target)
         sq = (heatmaps - target).square()
         if valid is not None:
             if not isinstance(valid, Tensor) or valid.dtype != torch.bool:
@@ -487,12 +487,12 @@ class AttentionalPooling(nn.Module):
 def weighted_pool(x: Tensor, h: Tensor) -> Tensor:
     """Spatial pooling of x ``[B, C, n]`` under P given maps h ``[B, P, n]``:
     z ``[B, P, C]`` = (1/n) Σ_i h[:, p, i]·x[:, :, i]. The core of attentional pooling with
-    the bottom-up maps supplied (pose variant), and of the masked frame means of §3.3."""
+    the bottom-up maps supplied (pose variant), and of the masked frame means of spatio-temporal attention."""
     return torch.einsum("bpn,bcn->bpc", h, x) / x.shape[-1]
 
 
 # --------------------------------------------------------------------------
-# Spatio-temporal attention (Meng et al., ICLR 2019), DESIGN 3.3
+# Spatio-temporal attention (Meng et al., ICLR 2019), docs/design.md "Spatio-temporal attention"
 # --------------------------------------------------------------------------
 def _reduce(terms: Tensor, reduction: str) -> Tensor:
     if reduction == "sum":
@@ -690,8 +690,8 @@ class SpatioTemporalAttention(nn.Module):
 
 
 # --------------------------------------------------------------------------
-# Interaction-aware pyramid attention (Du et al., ECCV 2018), DESIGN 3.4 — our
-# formulation: the paper's equations were not available, see the README.
+# Interaction-aware pyramid attention (Du et al., ECCV 2018), docs/design.md "Pyramid
+# attention" — our formulation: the paper's equations were not available, see the README.
 # --------------------------------------------------------------------------
 def pyramid_pool(maps: list[Tensor]) -> list[Tensor]:
     """R: each map [B, C_s, H_s, W_s] (or clips [B, T, C_s, H_s, W_s]) adaptively
@@ -711,7 +711,7 @@ def pyramid_attention(maps: list[Tensor], score_weights: list[Tensor], score_bia
                       eps: float = 1e-12, diversity_weight: float = 1.0
                       ) -> tuple[Tensor, Tensor]:
     """-> (out [B, Σ C_s], loss): fused attention over the pooled pyramid and the
-    PCA-guided + diversity loss, averaged over the batch (DESIGN 3.4)."""
+    PCA-guided + diversity loss, averaged over the batch (docs/design.md "Pyramid attention")."""
     pooled = pyramid_pool(maps)                                           # R(X_s) [B, C_s, n]
     scores = [torch.einsum("bcn,c->bn", p, w) + b                          # y_s [B, n]
               for p, w, b in zip(pooled, score_weights, score_bias)]
@@ -731,15 +731,19 @@ def pyramid_attention(maps: list[Tensor], score_weights: list[Tensor], score_bia
 
 
 def check_pyramid_maps(maps, in_channels: list[int]) -> None:
-    """ValueError / TypeError naming the map and the expected shape (DESIGN 6): one map per
-    level, all ``[B, C_s, H_s, W_s]`` or all ``[B, T, C_s, H_s, W_s]``, one dtype and device."""
+    """ValueError / TypeError naming the map and the expected shape (docs/design.md, "Bad
+    input"): one map per level, all ``[B, C_s, H_s, W_s]`` or all ``[B, T, C_s, H_s, W_s]``,
+    one dtype and device."""
     S = len(in_channels)
     if isinstance(maps, Tensor) or not isinstance(maps, (list, tuple)):
         raise TypeError(f"maps must be a list of {S} tensors, got {type(maps).__name__}")
     if len(maps) != S:
         raise ValueError(f"maps must hold {S} levels, got {len(maps)}")
     first = maps[0]
-    if not isinstance(first, Tensor) or first.dim() not in (4, 5):
+    if not isinstance(first, Tensor):
+        raise TypeError("maps[0] must be a Tensor [B, C, H, W] or [B, T, C, H, W], got "
+                        f"{type(first).__name__}")
+    if first.dim() not in (4, 5):
         raise ValueError("maps[0] must be [B, C, H, W] or [B, T, C, H, W], got "
                          f"{list(getattr(first, 'shape', [])) or type(first).__name__}")
     lead = list(first.shape[:first.dim() - 3])

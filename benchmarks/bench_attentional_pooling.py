@@ -32,7 +32,7 @@ class Factored(reference.AttentionalPooling):
 
     def forward(self, x):
         B, C, H, W = x.shape
-        z, h = reference.attentional_pool(x.reshape(B, C, H * W), self.weight_bottom_up,
+        z, h = reference.attentional_pooling_op(x.reshape(B, C, H * W), self.weight_bottom_up,
                                           self.bias_bottom_up)
         return torch.einsum("bpc,pkc->bk", z, self.weight_top_down) + \
             h.mean(-1) @ self.bias_top_down

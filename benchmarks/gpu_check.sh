@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Everything a lent GPU should run, in one call (the device tool's budget is minutes):
 # build with the CUDA kernels, the self-check, the gpu-marked tests, compute-sanitizer
-# memcheck on the self-check, and the benchmarks at the DESIGN §5 shapes. Results (logs,
+# memcheck on the self-check, and the benchmarks at the docs/design.md "Performance" shapes. Results (logs,
 # results CSV, plots) go under $OUT, to be brought back and committed.
 #
 #   bash benchmarks/gpu_check.sh            # on the GPU machine, from the repo root

@@ -1,5 +1,5 @@
 // Entry points of attnpool._C. Every kernel entry point receives inputs that
-// attnpool/ops.py has already validated: one floating dtype for all of an op's
+// the op's file (attnpool/<name>.py) has already validated: one floating dtype for all of an op's
 // float inputs, every size >= 1; layouts as each op says below.
 #pragma once
 #include <torch/extension.h>
@@ -9,7 +9,7 @@
 
 namespace attnpool {
 
-// Attention clusters: softmax pooling + shift + L2 norm (DESIGN 3.1).
+// Attention clusters: softmax pooling + shift + L2 norm (docs/design.md "Attention clusters").
 //   x [B, L, F], scores [B, L, N], lengths int64 [B] (optional), alpha/beta [N]
 //   -> out [B, N*F] (dtype of x), attn [B, N, L] and norm [B, N] (float32, or
 //      float64 for float64 input). With shift, out = u / (sqrt(N) max(norm, eps)) and norm
@@ -21,32 +21,32 @@ using ClusterForward = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
 //    (all in the dtype of x; grad_alpha/beta are zero when shift is false).
 using ClusterBackward = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
-ClusterForward cluster_pool_forward_cpu(const at::Tensor& x, const at::Tensor& scores,
+ClusterForward attention_cluster_forward_cpu(const at::Tensor& x, const at::Tensor& scores,
                                         const c10::optional<at::Tensor>& lengths,
                                         const at::Tensor& alpha, const at::Tensor& beta,
                                         bool shift, double eps, double eps_sqrt);
 // lengths as the forward's: padded frames are never read (NaN there reaches no gradient;
 // grad_x is 0 on them).
-ClusterBackward cluster_pool_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x,
+ClusterBackward attention_cluster_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x,
                                           const at::Tensor& attn, const at::Tensor& norm,
                                           const at::Tensor& alpha, const at::Tensor& beta,
                                           const c10::optional<at::Tensor>& lengths,
                                           bool shift, double eps, double eps_sqrt);
 // Attention clusters with the fc1 scoring layer fused: scores = x weight^T (weight [N, F],
 // x's dtype; a bias would cancel in the softmax), never written to memory.
-ClusterForward cluster_pool_fc1_forward_cpu(const at::Tensor& x, const at::Tensor& weight,
+ClusterForward attention_cluster_fc1_forward_cpu(const at::Tensor& x, const at::Tensor& weight,
                                             const c10::optional<at::Tensor>& lengths,
                                             const at::Tensor& alpha, const at::Tensor& beta,
                                             bool shift, double eps, double eps_sqrt);
 // grad_attn [B, N, L] (optional; any float dtype): gradient w.r.t. the returned attention.
 //   -> grad_x [B, L, F], grad_weight [N, F] (deterministic), grad_alpha [N], grad_beta [N].
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cluster_pool_fc1_backward_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_cluster_fc1_backward_cpu(
     const at::Tensor& grad_out, const c10::optional<at::Tensor>& grad_attn, const at::Tensor& x,
     const at::Tensor& weight, const at::Tensor& attn, const at::Tensor& norm,
     const at::Tensor& alpha, const at::Tensor& beta, const c10::optional<at::Tensor>& lengths,
     bool shift, double eps, double eps_sqrt);
 
-// Attentional pooling, factored core (DESIGN 3.2):
+// Attentional pooling, factored core (docs/design.md "Attentional pooling"):
 //   x [B, C, n] (n-contiguous, or C-contiguous = channels-last), wb [P, C], bb [P]
 //   -> z [B, P, C] = (1/n) sum_i h[:, :, i] x[:, :, i],  h [B, P, n] = wb x + bb
 //   (both in the dtype of x; sums in float32, or float64 for float64 input).
@@ -56,14 +56,14 @@ using AttpoolForward = std::tuple<at::Tensor, at::Tensor>;
 //   -> grad_x (x's shape and layout), grad_wb [P, C], grad_bb [P] (dtype of x).
 using AttpoolBackward = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
 
-AttpoolForward attentional_pool_forward_cpu(const at::Tensor& x, const at::Tensor& wb,
+AttpoolForward attentional_pooling_forward_cpu(const at::Tensor& x, const at::Tensor& wb,
                                             const at::Tensor& bb);
-AttpoolBackward attentional_pool_backward_cpu(const at::Tensor& grad_z, const at::Tensor& grad_h,
+AttpoolBackward attentional_pooling_backward_cpu(const at::Tensor& grad_z, const at::Tensor& grad_h,
                                               const at::Tensor& x, const at::Tensor& h,
                                               const at::Tensor& wb);
 
 // Weighted spatial pooling under given maps (attentional pooling with the bottom-up maps
-// supplied; the masked frame means of DESIGN 3.3):
+// supplied; the masked frame means of docs/design.md "Spatio-temporal attention"):
 //   x [B, C, n] (n- or C-contiguous), h [B, P, n] (x's dtype, contiguous)
 //   -> z [B, P, C] = (1/n) sum_i h[:, :, i] x[:, :, i] (x's dtype)
 // backward: grad_z [B, P, C] -> grad_x (x's shape and layout) = (1/n) grad_z^T h,
@@ -73,7 +73,8 @@ std::tuple<at::Tensor, at::Tensor> weighted_pool_backward_cpu(const at::Tensor& 
                                                               const at::Tensor& x,
                                                               const at::Tensor& h);
 
-// Spatio-temporal regulariser (DESIGN 3.3), all three terms in one kernel:
+// Spatio-temporal regulariser (docs/design.md "Spatio-temporal attention"), all three terms in one
+// kernel:
 //   mask [B, T, H, W], w [B, T] (one dtype, contiguous) -> total, a 0-dim tensor of that dtype
 //   = tv_weight * TV(mask) + contrast_weight * contrast(mask) + unimodal_weight * U(w),
 //   TV summed over the B*T maps (averaged when tv_mean), U over the B*(T-2) terms
@@ -87,7 +88,8 @@ std::tuple<at::Tensor, at::Tensor> st_regularizer_backward_cpu(
     const at::Tensor& grad_total, const at::Tensor& mask, const at::Tensor& w, double tv_weight,
     double contrast_weight, double unimodal_weight, bool sqrt, bool tv_mean, bool unimodal_mean);
 
-// Interaction-aware pyramid attention (DESIGN 3.4; spec: the reference's pyramid_attention):
+// Interaction-aware pyramid attention (docs/design.md "Pyramid attention"; spec: the reference's
+// pyramid_attention):
 //   xs[s] [B, T, C_s, H_s, W_s] (contiguous; maps come as T = 1), weights[s] [C_s], bias [S],
 //   one dtype -> out [B, Ctot] (xs' dtype; Ctot = sum C_s, level-major), loss (0-dim, xs'
 //   dtype, batch mean), pooled [B, Ctot, n] = R(X_s) stacked (opmath), y [B, S, n] the raw
@@ -118,18 +120,18 @@ PyramidBackward pyramid_attention_backward_cpu(const at::Tensor& grad_out,
                                                const std::vector<int64_t>& sizes);
 
 #ifdef ATTNPOOL_WITH_CUDA
-ClusterForward cluster_pool_forward_cuda(const at::Tensor& x, const at::Tensor& scores,
+ClusterForward attention_cluster_forward_cuda(const at::Tensor& x, const at::Tensor& scores,
                                          const c10::optional<at::Tensor>& lengths,
                                          const at::Tensor& alpha, const at::Tensor& beta,
                                          bool shift, double eps, double eps_sqrt);
-ClusterBackward cluster_pool_backward_cuda(const at::Tensor& grad_out, const at::Tensor& x,
+ClusterBackward attention_cluster_backward_cuda(const at::Tensor& grad_out, const at::Tensor& x,
                                            const at::Tensor& attn, const at::Tensor& norm,
                                            const at::Tensor& alpha, const at::Tensor& beta,
                                            const c10::optional<at::Tensor>& lengths,
                                            bool shift, double eps, double eps_sqrt);
-AttpoolForward attentional_pool_forward_cuda(const at::Tensor& x, const at::Tensor& wb,
+AttpoolForward attentional_pooling_forward_cuda(const at::Tensor& x, const at::Tensor& wb,
                                              const at::Tensor& bb);
-AttpoolBackward attentional_pool_backward_cuda(const at::Tensor& grad_z, const at::Tensor& grad_h,
+AttpoolBackward attentional_pooling_backward_cuda(const at::Tensor& grad_z, const at::Tensor& grad_h,
                                                const at::Tensor& x, const at::Tensor& h,
                                                const at::Tensor& wb);
 at::Tensor weighted_pool_forward_cuda(const at::Tensor& x, const at::Tensor& h);

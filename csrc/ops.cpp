@@ -1,6 +1,7 @@
 // Module init of attnpool._C: binds the fused kernels' entry points.
 // Registration as torch.library custom ops (fake kernels, autograd, backend
-// choice) lives in attnpool/ops.py; these are the raw kernels it calls.
+// choice) lives in each op's file, attnpool/<name>.py (machinery: attnpool/_ops.py);
+// these are the raw kernels they call.
 #include "attnpool.h"
 #include "cpu/isa.h"
 
@@ -22,12 +23,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                             std::to_string(TORCH_VERSION_MINOR) + "." +
                             std::to_string(TORCH_VERSION_PATCH);
   m.attr("cpu_isas") = ATTNPOOL_MULTI_ISA ? "default, avx2, avx512" : "default";
-  m.def("cluster_pool_forward_cpu", &attnpool::cluster_pool_forward_cpu);
-  m.def("cluster_pool_backward_cpu", &attnpool::cluster_pool_backward_cpu);
-  m.def("cluster_pool_fc1_forward_cpu", &attnpool::cluster_pool_fc1_forward_cpu);
-  m.def("cluster_pool_fc1_backward_cpu", &attnpool::cluster_pool_fc1_backward_cpu);
-  m.def("attentional_pool_forward_cpu", &attnpool::attentional_pool_forward_cpu);
-  m.def("attentional_pool_backward_cpu", &attnpool::attentional_pool_backward_cpu);
+  m.def("attention_cluster_forward_cpu", &attnpool::attention_cluster_forward_cpu);
+  m.def("attention_cluster_backward_cpu", &attnpool::attention_cluster_backward_cpu);
+  m.def("attention_cluster_fc1_forward_cpu", &attnpool::attention_cluster_fc1_forward_cpu);
+  m.def("attention_cluster_fc1_backward_cpu", &attnpool::attention_cluster_fc1_backward_cpu);
+  m.def("attentional_pooling_forward_cpu", &attnpool::attentional_pooling_forward_cpu);
+  m.def("attentional_pooling_backward_cpu", &attnpool::attentional_pooling_backward_cpu);
   m.def("weighted_pool_forward_cpu", &attnpool::weighted_pool_forward_cpu);
   m.def("weighted_pool_backward_cpu", &attnpool::weighted_pool_backward_cpu);
   m.def("st_regularizer_forward_cpu", &attnpool::st_regularizer_forward_cpu);
@@ -35,10 +36,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("pyramid_attention_forward_cpu", &attnpool::pyramid_attention_forward_cpu);
   m.def("pyramid_attention_backward_cpu", &attnpool::pyramid_attention_backward_cpu);
 #ifdef ATTNPOOL_WITH_CUDA
-  m.def("cluster_pool_forward_cuda", &attnpool::cluster_pool_forward_cuda);
-  m.def("cluster_pool_backward_cuda", &attnpool::cluster_pool_backward_cuda);
-  m.def("attentional_pool_forward_cuda", &attnpool::attentional_pool_forward_cuda);
-  m.def("attentional_pool_backward_cuda", &attnpool::attentional_pool_backward_cuda);
+  m.def("attention_cluster_forward_cuda", &attnpool::attention_cluster_forward_cuda);
+  m.def("attention_cluster_backward_cuda", &attnpool::attention_cluster_backward_cuda);
+  m.def("attentional_pooling_forward_cuda", &attnpool::attentional_pooling_forward_cuda);
+  m.def("attentional_pooling_backward_cuda", &attnpool::attentional_pooling_backward_cuda);
   m.def("weighted_pool_forward_cuda", &attnpool::weighted_pool_forward_cuda);
   m.def("weighted_pool_backward_cuda", &attnpool::weighted_pool_backward_cuda);
   m.def("st_regularizer_forward_cuda", &attnpool::st_regularizer_forward_cuda);

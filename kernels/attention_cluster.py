@@ -1,10 +1,10 @@
 """Fused Triton kernels of the attention-cluster op (softmax pooling + shift + L2 norm).
 
-Contract: csrc/attnpool.h; executable spec: attnpool.reference.cluster_pool.
+Contract: csrc/attnpool.h; executable spec: attnpool.reference.attention_cluster_op.
 
-    cluster_pool_forward(x, scores, lengths, alpha, beta, shift, eps, eps_sqrt)
+    attention_cluster_forward(x, scores, lengths, alpha, beta, shift, eps, eps_sqrt)
         -> (out, attn, norm)
-    cluster_pool_backward(grad_out, x, attn, norm, alpha, beta, lengths, shift, eps, eps_sqrt)
+    attention_cluster_backward(grad_out, x, attn, norm, alpha, beta, lengths, shift, eps, eps_sqrt)
         -> (grad_x, grad_scores, grad_alpha, grad_beta)
 
 With shift, out = u / (sqrt(N) r), r = max(norm, eps), norm = sqrt(||u||^2 + eps_sqrt) (stored
@@ -48,7 +48,7 @@ from torch import Tensor
 
 from .common import block, div_rn, dot_precision, opmath, sqrt_rn
 
-__all__ = ["cluster_pool_forward", "cluster_pool_backward"]
+__all__ = ["attention_cluster_forward", "attention_cluster_backward"]
 
 # Caps (BLOCK_N, BLOCK_L, BLOCK_F, num_warps) per kernel and dtype class; blocks are powers of
 # two >= 16, shrunk to the problem. Chosen from an offline ptxas sweep (Triton 3.9, sm_90 and
@@ -423,7 +423,7 @@ def _config(kernel: str, dtype: torch.dtype, L: int, F: int, N: int) -> dict:
                 SINGLE_L=L <= block_l, num_warps=num_warps)
 
 
-def cluster_pool_forward(x: Tensor, scores: Tensor, lengths: Tensor | None, alpha: Tensor,
+def attention_cluster_forward(x: Tensor, scores: Tensor, lengths: Tensor | None, alpha: Tensor,
                          beta: Tensor, shift: bool, eps: float, eps_sqrt: float
                          ) -> tuple[Tensor, Tensor, Tensor]:
     """x [B, L, F], scores [B, L, N] -> out [B, N*F] (x.dtype), attn [B, N, L], norm [B, N]."""
@@ -445,7 +445,7 @@ def cluster_pool_forward(x: Tensor, scores: Tensor, lengths: Tensor | None, alph
     return out, attn, norm
 
 
-def cluster_pool_backward(grad_out: Tensor, x: Tensor, attn: Tensor, norm: Tensor,
+def attention_cluster_backward(grad_out: Tensor, x: Tensor, attn: Tensor, norm: Tensor,
                           alpha: Tensor, beta: Tensor, lengths: Tensor | None, shift: bool,
                           eps: float, eps_sqrt: float, *, grad_attn: Tensor | None = None
                           ) -> tuple[Tensor, Tensor, Tensor, Tensor]:

@@ -1,12 +1,14 @@
 """Pieces every Triton kernel module shares: IEEE division and square root and scalar
-arguments as opmath values inside kernels, and the host-side choices of accumulation dtype,
-dot precision and block sizes."""
+arguments as opmath values inside kernels, and the host-side choices of dot precision and
+block sizes (the accumulation dtype is attnpool._ops.opmath)."""
 
 from __future__ import annotations
 
 import torch
 import triton
 import triton.language as tl
+
+from attnpool._ops import opmath  # noqa: F401  (the accumulation dtype: one home, re-exported)
 
 # input_precision of tl.dot for float32 inputs ("ieee": exact; "tf32" would be faster).
 FP32_DOT_PRECISION = "ieee"
@@ -37,11 +39,6 @@ def as_scalar(v, ACC: tl.constexpr):
     """A scalar kernel argument (int, float32, or an int specialised to a constexpr 1) as an
     opmath 0-dim value."""
     return tl.sum(tl.zeros([1], dtype=ACC) + v, axis=0)
-
-
-def opmath(dtype: torch.dtype) -> torch.dtype:
-    """Accumulation dtype: float64 for float64, else float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def dot_precision(dtype: torch.dtype) -> str:

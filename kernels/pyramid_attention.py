@@ -1,5 +1,5 @@
 """Fused Triton kernels of the interaction-aware pyramid attention (Du et al., ECCV 2018; our
-formulation, DESIGN 3.4).
+formulation, docs/design.md "Pyramid attention").
 
 Contract (forward and backward formulas): csrc/attnpool.h; executable spec:
 attnpool.reference.pyramid_attention.

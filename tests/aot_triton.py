@@ -54,7 +54,7 @@ SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 MAX_SPILL_BYTES = 48
 ARCHS = (80, 90)
 REGS_PER_SM = 65536
-KERNEL_MODULES = ("attention_cluster", "attentional_pool", "st_regularizer", "pyramid_attention")
+KERNEL_MODULES = ("attention_cluster", "attentional_pooling", "st_regularizer", "pyramid_attention")
 DTYPES = ("float32", "float16", "bfloat16")
 
 
@@ -97,8 +97,9 @@ def recording():
 def _cases():
     """(case label, thunk) per launcher call, at the benchmark shapes, every dtype."""
     import torch
+
     from attnpool.kernels import attention_cluster as ac
-    from attnpool.kernels import attentional_pool as ap
+    from attnpool.kernels import attentional_pooling as ap
     from attnpool.kernels import pyramid_attention as pa
     from attnpool.kernels import st_regularizer as st
 
@@ -116,8 +117,8 @@ def _cases():
             x, s = e(B, L, F, dtype=dt), e(B, L, N, dtype=dt)
             alpha, beta = e(N, dtype=dt), e(N, dtype=dt)
             ln = e(B, dtype=torch.int64) if lengths else None
-            out, attn, norm = ac.cluster_pool_forward(x, s, ln, alpha, beta, shift, 1e-12, 0.0)
-            ac.cluster_pool_backward(e(B, N * F, dtype=dt), x, attn, norm, alpha, beta, ln,
+            out, attn, norm = ac.attention_cluster_forward(x, s, ln, alpha, beta, shift, 1e-12, 0.0)
+            ac.attention_cluster_backward(e(B, N * F, dtype=dt), x, attn, norm, alpha, beta, ln,
                                      shift, 1e-12, 0.0,
                                      grad_attn=e(B, N, L, dtype=f32) if grad_attn else None)
 
@@ -133,25 +134,27 @@ def _cases():
                lambda: cluster(128, 300, 2048, 64, lengths=True, grad_attn=True))
 
         # ---- attentional pooling / weighted pool: x [B*T, C, H*W] (n- or C-contiguous)
-        def attpool(B, C, H, W, P, channels_last=False, dt=dt):
+        def attentional_pooling(B, C, H, W, P, channels_last=False, dt=dt):
             if channels_last:  # what x.reshape(B, C, H*W) of a channels-last map gives
                 x = e(B, H, W, C, dtype=dt).permute(0, 3, 1, 2).reshape(B, C, H * W)
             else:
                 x = e(B, C, H * W, dtype=dt)
             wb, bb = e(P, C, dtype=dt), e(P, dtype=dt)
-            z, h = ap.attentional_pool_forward(x, wb, bb)
-            ap.attentional_pool_backward(e(B, P, C, dtype=dt), e(B, P, H * W, dtype=f32), x, h, wb)
+            z, h = ap.attentional_pooling_forward(x, wb, bb)
+            ap.attentional_pooling_backward(e(B, P, C, dtype=dt), e(B, P, H * W, dtype=f32), x, h, wb)
             ap.weighted_pool_forward(x, h)
             ap.weighted_pool_backward(e(B, P, C, dtype=dt), x, h)
 
-        yield f"attentional_pool B=256,C=2048,14x14,P=1 {dname}", lambda: attpool(256, 2048, 14, 14, 1)
-        yield (f"attentional_pool B=256,C=2048,14x14,P=1 channels_last {dname}",
-               lambda: attpool(256, 2048, 14, 14, 1, channels_last=True))
-        yield f"attentional_pool B=256,C=2048,14x14,P=4 {dname}", lambda: attpool(256, 2048, 14, 14, 4)
-        # not a benchmark shape: the only way to reach _attpool_bwd_x_kernel (P > MAX_BLOCK_P)
+        yield (f"attentional_pooling B=256,C=2048,14x14,P=1 {dname}",
+               lambda: attentional_pooling(256, 2048, 14, 14, 1))
+        yield (f"attentional_pooling B=256,C=2048,14x14,P=1 channels_last {dname}",
+               lambda: attentional_pooling(256, 2048, 14, 14, 1, channels_last=True))
+        yield (f"attentional_pooling B=256,C=2048,14x14,P=4 {dname}",
+               lambda: attentional_pooling(256, 2048, 14, 14, 4))
+        # not a benchmark shape: the only way to reach _attentional_pooling_bwd_x_kernel (P > MAX_BLOCK_P)
         p_big = 2 * ap.MAX_BLOCK_P
-        yield (f"attentional_pool B=256,C=2048,14x14,P={p_big} {dname}",
-               lambda p=p_big: attpool(256, 2048, 14, 14, p))
+        yield (f"attentional_pooling B=256,C=2048,14x14,P={p_big} {dname}",
+               lambda p=p_big: attentional_pooling(256, 2048, 14, 14, p))
 
         # ---- spatio-temporal regulariser: mask [B, T, H, W], w [B, T]
         def streg(B, T, H, W, sqrt=True, mean=True, dt=dt):
@@ -345,7 +348,7 @@ def markdown(report: dict) -> str:
         "Every launch the launchers of `kernels/*.py` make at the benchmark shapes (attention",
         "cluster B=128, L=25, F=2048, N=64 and N in {8, 256}, L in {8, 300}, plus shift=False and",
         "lengths + grad_attn; attentional / weighted pool B*T=256, C=2048, 14x14, P=1 (also",
-        "channels-last x, P=4, and P=64, the only way to reach `_attpool_bwd_x_kernel`);",
+        "channels-last x, P=4, and P=64, the only way to reach `_attentional_pooling_bwd_x_kernel`);",
         "st regulariser B=30, T=20, 7x7 (also sqrt=False, sum);",
         "pyramid B=64, C=256..2048 at 56..7), recorded on meta tensors, specialised by Triton's",
         "own binder and compiled for sm_80 and sm_90a. Registers, stack and local memory from",

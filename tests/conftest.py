@@ -27,3 +27,12 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def pytest_generate_tests(metafunc):
+    """The backends of the shared op suite (tests/op_suite.py): the reference and every kernel
+    backend of the op available here."""
+    cls = metafunc.cls
+    if cls is not None and getattr(cls, "op", "") and "backend" in metafunc.fixturenames \
+            and hasattr(cls, "kernel_backends"):
+        metafunc.parametrize("backend", ["reference"] + cls.kernel_backends())

@@ -1,4 +1,5 @@
-"""Shared test utilities: which backends run here, and the tolerance rules of DESIGN §4."""
+"""Shared test utilities: which backends run here, and the tolerance rules (docs/design.md,
+"Tests and tolerances")."""
 
 from __future__ import annotations
 

@@ -112,28 +112,28 @@ def _cluster_emu(lib, x, scores, lengths, alpha, beta, grad_out, shift, eps,
     out = _empty((B, N * F), dtype)
     attn = _empty((B, N, L), om)
     norm = _empty((B, N), om)
-    _check(lib, lib.emu_cluster_forward(code, _p(x), _p(scores), _p(lengths), _p(alpha), _p(beta),
+    _check(lib, lib.emu_attention_cluster_forward(code, _p(x), _p(scores), _p(lengths), _p(alpha), _p(beta),
                                         _p(out), _p(attn), _p(norm), B, L, F, N, int(shift), eps,
                                         eps_sqrt),
-           "cluster_pool_forward")
+           "attention_cluster_forward")
     grad_x = _empty((B, L, F), dtype)
     grad_scores = _empty((B, L, N), dtype)
     ga = _empty((B, N), om)
     gb = _empty((B, N), om)
     coef = _empty((B, N, 3), torch.float64)
-    ws = _workspace(lib.emu_cluster_backward_workspace_elems(code, B, L, N), dtype)
-    _check(lib, lib.emu_cluster_backward(code, _p(grad_out), _p(x), _p(lengths), _p(attn), _p(norm),
+    ws = _workspace(lib.emu_attention_cluster_backward_workspace_elems(code, B, L, N), dtype)
+    _check(lib, lib.emu_attention_cluster_backward(code, _p(grad_out), _p(x), _p(lengths), _p(attn), _p(norm),
                                          _p(alpha), _p(beta), _p(grad_x), _p(grad_scores), _p(ga),
                                          _p(gb), _p(coef), _p(ws), B, L, F, N, int(shift), eps,
                                          eps_sqrt),
-           "cluster_pool_backward")
+           "attention_cluster_backward")
     return {"out": out, "attn": attn, "norm": norm, "grad_x": grad_x, "grad_scores": grad_scores,
             "grad_alpha": ga.sum(0), "grad_beta": gb.sum(0)}
 
 
 def _cluster_ref(x, scores, lengths, alpha, beta, grad_out, shift, eps, eps_placement="clamp"):
     x, scores, alpha, beta = (t.detach().double().requires_grad_() for t in (x, scores, alpha, beta))
-    out, a = ref.cluster_pool(x, scores, lengths, alpha, beta, shift, eps, eps_placement)
+    out, a = ref.attention_cluster_op(x, scores, lengths, alpha, beta, shift, eps, eps_placement)
     with torch.no_grad():  # the kernel's norm: sqrt(||alpha v + beta||² + eps_sqrt) (||v|| without shift)
         v = torch.bmm(a, x.masked_fill(~ref.valid_frames(lengths, x.shape[1])[:, :, None], 0)
                       if lengths is not None else x)
@@ -205,7 +205,7 @@ def test_attention_cluster_global_fallback(emu):
     """L past the backward's shared-memory staging (float64: > 2432 frames): the per-unit
     buffers live in the workspace."""
     B, L, F, N = 1, 2500, 3, 2
-    assert emu.emu_cluster_backward_workspace_elems(1, B, L, N) > 0
+    assert emu.emu_attention_cluster_backward_workspace_elems(1, B, L, N) > 0
     inputs = _cluster_inputs(B, L, F, N, torch.float64, seed=11, lengths=[2450])
     got = _cluster_emu(emu, *inputs, True, 1e-12)
     want = _cluster_ref(*inputs, True, 1e-12)
@@ -244,7 +244,7 @@ def _layout(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
     return x.transpose(1, 2).contiguous() if channels_last else x.contiguous()
 
 
-def _attpool_emu(lib, x, wb, bb, grad_z, grad_h, channels_last):
+def _attentional_pooling_emu(lib, x, wb, bb, grad_z, grad_h, channels_last):
     dtype = x.dtype
     B, C, n = x.shape
     P = wb.shape[0]
@@ -253,55 +253,57 @@ def _attpool_emu(lib, x, wb, bb, grad_z, grad_h, channels_last):
     xb = _layout(x, channels_last)
     z = _empty((B, P, C), dtype)
     h = _empty((B, P, n), dtype)
-    ws = _workspace(lib.emu_attpool_forward_workspace_elems(code, B, C, n, P), dtype)
-    _check(lib, lib.emu_attpool_forward(code, _p(xb), int(channels_last), _p(wb), _p(bb), _p(z), _p(h),
-                                        _p(ws), B, C, n, P), "attpool_forward")
-    tiles = lib.emu_attpool_num_tiles(n)
+    ws = _workspace(lib.emu_attentional_pooling_forward_workspace_elems(code, B, C, n, P), dtype)
+    _check(lib, lib.emu_attentional_pooling_forward(code, _p(xb), int(channels_last), _p(wb), _p(bb),
+                                                    _p(z), _p(h), _p(ws), B, C, n, P),
+           "attentional_pooling_forward")
+    tiles = lib.emu_attentional_pooling_num_tiles(n)
     gxb = _empty(tuple(xb.shape), dtype)
     wb_part = _empty((B * tiles, P, C), om)
     bb_part = _empty((B * tiles, P), om)
     gh = grad_h.to(om).contiguous()
-    ws = _workspace(lib.emu_attpool_backward_workspace_elems(code, B, C, n, P), dtype)
-    _check(lib, lib.emu_attpool_backward(code, _p(grad_z), _p(gh), _p(xb), int(channels_last), _p(h),
-                                         _p(wb), _p(gxb), _p(wb_part), _p(bb_part), _p(ws),
-                                         B, C, n, P), "attpool_backward")
+    ws = _workspace(lib.emu_attentional_pooling_backward_workspace_elems(code, B, C, n, P), dtype)
+    _check(lib, lib.emu_attentional_pooling_backward(code, _p(grad_z), _p(gh), _p(xb),
+                                                     int(channels_last), _p(h), _p(wb), _p(gxb),
+                                                     _p(wb_part), _p(bb_part), _p(ws), B, C, n, P),
+           "attentional_pooling_backward")
     gx = gxb.transpose(1, 2) if channels_last else gxb
     return {"z": z, "h": h, "grad_x": gx, "grad_wb": wb_part.sum(0), "grad_bb": bb_part.sum(0)}
 
 
-def _attpool_ref(x, wb, bb, grad_z, grad_h):
+def _attentional_pooling_ref(x, wb, bb, grad_z, grad_h):
     x, wb, bb = (t.detach().double().requires_grad_() for t in (x, wb, bb))
-    z, h = ref.attentional_pool(x, wb, bb)
+    z, h = ref.attentional_pooling_op(x, wb, bb)
     gx, gw, gb = torch.autograd.grad((z, h), (x, wb, bb), (grad_z.double(), grad_h.double()))
     return {"z": z.detach(), "h": h.detach(), "grad_x": gx, "grad_wb": gw, "grad_bb": gb}
 
 
-def _wpool_emu(lib, x, h, grad_z, channels_last):
+def _weighted_pool_emu(lib, x, h, grad_z, channels_last):
     dtype = x.dtype
     B, C, n = x.shape
     P = h.shape[1]
     code = _DTYPE_CODE[dtype]
     xb = _layout(x, channels_last)
     z = _empty((B, P, C), dtype)
-    ws = _workspace(lib.emu_wpool_forward_workspace_elems(code, B, C, n, P), dtype)
-    _check(lib, lib.emu_wpool_forward(code, _p(xb), int(channels_last), _p(h), _p(z), _p(ws),
-                                      B, C, n, P), "wpool_forward")
+    ws = _workspace(lib.emu_weighted_pool_forward_workspace_elems(code, B, C, n, P), dtype)
+    _check(lib, lib.emu_weighted_pool_forward(code, _p(xb), int(channels_last), _p(h), _p(z), _p(ws),
+                                      B, C, n, P), "weighted_pool_forward")
     gxb = _empty(tuple(xb.shape), dtype)
     gh = _empty((B, P, n), dtype)
-    ws = _workspace(lib.emu_wpool_backward_workspace_elems(code, B, C, n, P), dtype)
-    _check(lib, lib.emu_wpool_backward(code, _p(grad_z), _p(xb), int(channels_last), _p(h), _p(gxb),
-                                       _p(gh), _p(ws), B, C, n, P), "wpool_backward")
+    ws = _workspace(lib.emu_weighted_pool_backward_workspace_elems(code, B, C, n, P), dtype)
+    _check(lib, lib.emu_weighted_pool_backward(code, _p(grad_z), _p(xb), int(channels_last), _p(h), _p(gxb),
+                                       _p(gh), _p(ws), B, C, n, P), "weighted_pool_backward")
     return {"z": z, "grad_x": gxb.transpose(1, 2) if channels_last else gxb, "grad_h": gh}
 
 
-def _wpool_ref(x, h, grad_z):
+def _weighted_pool_ref(x, h, grad_z):
     x, h = (t.detach().double().requires_grad_() for t in (x, h))
     z = ref.weighted_pool(x, h)
     gx, gh = torch.autograd.grad(z, (x, h), grad_z.double())
     return {"z": z.detach(), "grad_x": gx, "grad_h": gh}
 
 
-def _attpool_inputs(B, C, n, P, dtype, seed):
+def _attentional_pooling_inputs(B, C, n, P, dtype, seed):
     gen = torch.Generator().manual_seed(seed)
     x, _ = _rand(gen, (B, C, n), dtype)
     wb, _ = _rand(gen, (P, C), dtype)
@@ -326,46 +328,46 @@ _ATTPOOL_CASES = [
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nc", "cl"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
 @pytest.mark.parametrize("B,C,n,P", _ATTPOOL_CASES)
-def test_attentional_pool(emu, B, C, n, P, dtype, channels_last):
-    x, wb, bb, grad_z, grad_h, hmap = _attpool_inputs(B, C, n, P, dtype, seed=B + C + n + P)
-    got = _attpool_emu(emu, x, wb, bb, grad_z, grad_h, channels_last)
-    want = _attpool_ref(x, wb, bb, grad_z, grad_h)
+def test_attentional_pooling(emu, B, C, n, P, dtype, channels_last):
+    x, wb, bb, grad_z, grad_h, hmap = _attentional_pooling_inputs(B, C, n, P, dtype, seed=B + C + n + P)
+    got = _attentional_pooling_emu(emu, x, wb, bb, grad_z, grad_h, channels_last)
+    want = _attentional_pooling_ref(x, wb, bb, grad_z, grad_h)
     for k in want:
         _close(got[k], want[k], k, dtype)
-    got = _wpool_emu(emu, x, hmap, grad_z, channels_last)
-    want = _wpool_ref(x, hmap, grad_z)
+    got = _weighted_pool_emu(emu, x, hmap, grad_z, channels_last)
+    want = _weighted_pool_ref(x, hmap, grad_z)
     for k in want:
         _close(got[k], want[k], "weighted_pool " + k, dtype)
 
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nc", "cl"])
-def test_attentional_pool_f16(emu, channels_last):
-    x, wb, bb, grad_z, grad_h, hmap = _attpool_inputs(2, 40, 37, 3, torch.float16, seed=3)
-    got = _attpool_emu(emu, x, wb, bb, grad_z, grad_h, channels_last)
+def test_attentional_pooling_f16(emu, channels_last):
+    x, wb, bb, grad_z, grad_h, hmap = _attentional_pooling_inputs(2, 40, 37, 3, torch.float16, seed=3)
+    got = _attentional_pooling_emu(emu, x, wb, bb, grad_z, grad_h, channels_last)
     # (the backward reads h as the forward stored it, rounded to float16: within the bound)
-    want = _attpool_ref(x, wb, bb, grad_z, grad_h)
+    want = _attentional_pooling_ref(x, wb, bb, grad_z, grad_h)
     for k in ("z", "h", "grad_wb", "grad_bb", "grad_x"):
         _close(got[k], want[k], k, torch.float16)
-    got = _wpool_emu(emu, x, hmap, grad_z, channels_last)
-    want = _wpool_ref(x, hmap, grad_z)
+    got = _weighted_pool_emu(emu, x, hmap, grad_z, channels_last)
+    want = _weighted_pool_ref(x, hmap, grad_z)
     for k in want:
         _close(got[k], want[k], "weighted_pool " + k, torch.float16)
 
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nc", "cl"])
-def test_attentional_pool_global_fallback(emu, channels_last):
+def test_attentional_pooling_global_fallback(emu, channels_last):
     """P past the shared-memory tiles (float64: P > 128 forward, > 64 backward): h / dh tiles
     in the workspace."""
     B, C, n, P = 1, 40, 37, 130
-    assert emu.emu_attpool_backward_workspace_elems(1, B, C, n, P) > 0
-    assert emu.emu_wpool_backward_workspace_elems(1, B, C, n, P) > 0
-    x, wb, bb, grad_z, grad_h, hmap = _attpool_inputs(B, C, n, P, torch.float64, seed=9)
-    got = _attpool_emu(emu, x, wb, bb, grad_z, grad_h, channels_last)
-    want = _attpool_ref(x, wb, bb, grad_z, grad_h)
+    assert emu.emu_attentional_pooling_backward_workspace_elems(1, B, C, n, P) > 0
+    assert emu.emu_weighted_pool_backward_workspace_elems(1, B, C, n, P) > 0
+    x, wb, bb, grad_z, grad_h, hmap = _attentional_pooling_inputs(B, C, n, P, torch.float64, seed=9)
+    got = _attentional_pooling_emu(emu, x, wb, bb, grad_z, grad_h, channels_last)
+    want = _attentional_pooling_ref(x, wb, bb, grad_z, grad_h)
     for k in want:
         _close(got[k], want[k], k, torch.float64)
-    got = _wpool_emu(emu, x, hmap, grad_z, channels_last)
-    want = _wpool_ref(x, hmap, grad_z)
+    got = _weighted_pool_emu(emu, x, hmap, grad_z, channels_last)
+    want = _weighted_pool_ref(x, hmap, grad_z)
     for k in want:
         _close(got[k], want[k], "weighted_pool " + k, torch.float64)
 
@@ -378,13 +380,14 @@ def _st_emu(lib, mask, w, grad_total, params):
     args = (params["tv_weight"], params["contrast_weight"], params["unimodal_weight"],
             int(params["sqrt"]), int(params["tv_mean"]), int(params["unimodal_mean"]))
     total = _empty((), dtype)
-    ws = _workspace(lib.emu_st_forward_workspace_elems(code, B, T, H, W), dtype)
-    _check(lib, lib.emu_st_forward(code, _p(mask), _p(w), _p(total), _p(ws), B, T, H, W, *args),
+    ws = _workspace(lib.emu_st_regularizer_forward_workspace_elems(code, B, T, H, W), dtype)
+    _check(lib, lib.emu_st_regularizer_forward(code, _p(mask), _p(w), _p(total), _p(ws), B, T, H, W, *args),
            "st_forward")
     gm = _empty((B, T, H, W), dtype)
     gw = _empty((B, T), dtype)
     gt = torch.tensor(grad_total, dtype=dtype)
-    _check(lib, lib.emu_st_backward(code, _p(gt), _p(mask), _p(w), _p(gm), _p(gw), B, T, H, W, *args),
+    _check(lib, lib.emu_st_regularizer_backward(code, _p(gt), _p(mask), _p(w), _p(gm), _p(gw), B, T,
+                                                H, W, *args),
            "st_backward")
     return {"total": total, "grad_mask": gm, "grad_w": gw}
 
@@ -483,16 +486,16 @@ def _pyramid_emu(lib, xs, weights, bias, grad_out, grad_loss, eps, lam):
     loss = _empty((), dtype)
     pooled = _empty((B, Ctot, n), om)
     y = _empty((B, S, n), om)
-    ws = _workspace(lib.emu_pyramid_forward_workspace_elems(code, B, T, S, C, H, W), dtype)
-    _check(lib, lib.emu_pyramid_forward(code, B, T, S, C, H, W, _ptrs(xs), _ptrs(weights), _p(bias),
+    ws = _workspace(lib.emu_pyramid_attention_forward_workspace_elems(code, B, T, S, C, H, W), dtype)
+    _check(lib, lib.emu_pyramid_attention_forward(code, B, T, S, C, H, W, _ptrs(xs), _ptrs(weights), _p(bias),
                                         eps, lam, _p(out), _p(loss), _p(pooled), _p(y), _p(ws)),
            "pyramid_forward")
     gxs = [_empty(tuple(x.shape), dtype) for x in xs]
     gws = [_empty(tuple(w.shape), dtype) for w in weights]
     gbias = _empty((S,), dtype)
     gl = torch.tensor(grad_loss, dtype=dtype)
-    ws = _workspace(lib.emu_pyramid_backward_workspace_elems(code, B, T, S, C, H, W), dtype)
-    _check(lib, lib.emu_pyramid_backward(code, B, T, S, C, H, W, _p(grad_out), _p(gl), _p(pooled),
+    ws = _workspace(lib.emu_pyramid_attention_backward_workspace_elems(code, B, T, S, C, H, W), dtype)
+    _check(lib, lib.emu_pyramid_attention_backward(code, B, T, S, C, H, W, _p(grad_out), _p(gl), _p(pooled),
                                          _p(y), _ptrs(weights), eps, lam, _ptrs(gxs), _ptrs(gws),
                                          _p(gbias), _p(ws)), "pyramid_backward")
     got = {"out": out, "loss": loss, "pooled": pooled, "y": y, "grad_bias": gbias}
@@ -563,11 +566,12 @@ def _run_all(lib, dtype=torch.float32):
     res = {}
     inputs = _cluster_inputs(2, 37, 300, 3, dtype, seed=1, lengths=[37, 12])
     res.update({"cluster " + k: v for k, v in _cluster_emu(lib, *inputs, True, 1e-12).items()})
-    x, wb, bb, grad_z, grad_h, hmap = _attpool_inputs(2, 70, 45, 5, dtype, seed=2)
+    x, wb, bb, grad_z, grad_h, hmap = _attentional_pooling_inputs(2, 70, 45, 5, dtype, seed=2)
     for cl in (False, True):
-        res.update({f"attpool{cl} " + k: v
-                    for k, v in _attpool_emu(lib, x, wb, bb, grad_z, grad_h, cl).items()})
-        res.update({f"wpool{cl} " + k: v for k, v in _wpool_emu(lib, x, hmap, grad_z, cl).items()})
+        res.update({f"attentional_pooling{cl} " + k: v
+                    for k, v in _attentional_pooling_emu(lib, x, wb, bb, grad_z, grad_h, cl).items()})
+        res.update({f"weighted_pool{cl} " + k: v
+                    for k, v in _weighted_pool_emu(lib, x, hmap, grad_z, cl).items()})
     gen = torch.Generator().manual_seed(3)
     mask, _ = _rand(gen, (3, 7, 45, 37), dtype, 0.0, 1.0)
     w, _ = _rand(gen, (3, 7), dtype, 0.05, 1.0)
@@ -603,38 +607,43 @@ def test_launch_paths(emu):
     _launches(emu)
     _run_all(emu, torch.float64)
     log = "\n".join(_launches(emu))
-    for kernel in ("cluster_forward_kernel", "cluster_backward_unit_kernel",
-                   "cluster_backward_x_kernel", "attpool_forward_kernel<scalar_t, KP, kCL>",
-                   "attpool_finish_z_kernel", "attpool_backward_kernel<scalar_t, KP, kCL>",
-                   "attpool_forward_kernel<scalar_t, 1, kCL, true>", "wpool_backward_kernel",
-                   "st_forward_kernel", "st_finish_kernel", "st_backward_kernel",
-                   "pyr_pool_kernel", "pyr_pool_direct_kernel", "pyr_forward_head_kernel",
-                   "pyr_loss_mean_kernel", "pyr_backward_head_kernel", "pyr_param_grad_kernel",
-                   "pyr_unpool_kernel"):
+    for kernel in ("attention_cluster_forward_kernel", "attention_cluster_backward_unit_kernel",
+                   "attention_cluster_backward_x_kernel",
+                   "attentional_pooling_forward_kernel<scalar_t, KP, kCL>",
+                   "attentional_pooling_finish_z_kernel",
+                   "attentional_pooling_backward_kernel<scalar_t, KP, kCL>",
+                   "attentional_pooling_forward_kernel<scalar_t, 1, kCL, true>",
+                   "weighted_pool_backward_kernel",
+                   "st_regularizer_forward_kernel", "st_regularizer_finish_kernel",
+                   "st_regularizer_backward_kernel",
+                   "pyramid_attention_pool_kernel", "pyramid_attention_pool_direct_kernel",
+                   "pyramid_attention_forward_head_kernel", "pyramid_attention_loss_mean_kernel",
+                   "pyramid_attention_backward_head_kernel", "pyramid_attention_param_grad_kernel",
+                   "pyramid_attention_unpool_kernel"):
         assert kernel in log, f"{kernel} never launched:\n{log}"
-    assert "st_forward_kernel<scalar_t, index_t> grid(2,1,1)" in log
+    assert "st_regularizer_forward_kernel<scalar_t, index_t> grid(2,1,1)" in log
     # cluster backward_x: 2 feature blocks per sample, 3 chunks of 16 frames
-    assert "cluster_backward_x_kernel<scalar_t> grid(4,3,1) block(256,1,1)" in log
+    assert "attention_cluster_backward_x_kernel<scalar_t> grid(4,3,1) block(256,1,1)" in log
     # workspace fallbacks: no dynamic shared memory for the per-unit buffers
-    x, wb, bb, grad_z, grad_h, _ = _attpool_inputs(1, 40, 37, 130, torch.float64, seed=9)
-    _attpool_emu(emu, x, wb, bb, grad_z, grad_h, False)
+    x, wb, bb, grad_z, grad_h, _ = _attentional_pooling_inputs(1, 40, 37, 130, torch.float64, seed=9)
+    _attentional_pooling_emu(emu, x, wb, bb, grad_z, grad_h, False)
     log = _launches(emu)
-    assert any(s.startswith("attpool_forward_kernel") and s.endswith("smem 0") for s in log), log
-    assert any(s.startswith("attpool_backward_kernel") and s.endswith("smem 0") for s in log), log
+    assert any(s.startswith("attentional_pooling_forward_kernel") and s.endswith("smem 0") for s in log), log
+    assert any(s.startswith("attentional_pooling_backward_kernel") and s.endswith("smem 0") for s in log), log
     inputs = _cluster_inputs(1, 2500, 3, 2, torch.float64, seed=11)
     _cluster_emu(emu, *inputs, True, 1e-12)
     log = _launches(emu)
-    assert any(s.startswith("cluster_backward_unit_kernel") and s.endswith(f"smem {256 * 8}")
+    assert any(s.startswith("attention_cluster_backward_unit_kernel") and s.endswith(f"smem {256 * 8}")
                for s in log), log
 
 
 def test_emulation_reports_failures(emu):
     """A launcher's error comes back as its cudaError_t: invalid sizes give
     cudaErrorInvalidValue (1), a missing workspace too."""
-    assert emu.emu_cluster_forward(0, None, None, None, None, None, None, None, None,
+    assert emu.emu_attention_cluster_forward(0, None, None, None, None, None, None, None, None,
                                    0, 1, 1, 1, 1, 1e-12, 0.0) == 1
-    x, wb, bb, *_ = _attpool_inputs(1, 4, 45, 2, torch.float32, seed=0)
+    x, wb, bb, *_ = _attentional_pooling_inputs(1, 4, 45, 2, torch.float32, seed=0)
     z = _empty((1, 2, 4), torch.float32)
     h = _empty((1, 2, 45), torch.float32)
-    assert emu.emu_attpool_forward(0, _p(x), 0, _p(wb), _p(bb), _p(z), _p(h), None,
+    assert emu.emu_attentional_pooling_forward(0, _p(x), 0, _p(wb), _p(bb), _p(z), _p(h), None,
                                    1, 4, 45, 2) == 1

@@ -1,5 +1,6 @@
-"""Interaction-aware pyramid attention (our formulation of Du et al.; DESIGN §3.4): every
-backend against the float64 reference, forward and every gradient (DESIGN §4, §6)."""
+"""Interaction-aware pyramid attention (our formulation of Du et al.; docs/design.md, "Pyramid
+attention"): every backend against the float64 reference, forward and every gradient
+(docs/design.md, "Tests and tolerances", "Bad input")."""
 
 from __future__ import annotations
 
@@ -8,12 +9,29 @@ import torch
 from helpers import assert_close, backends_for
 from hypothesis import given
 from hypothesis import strategies as st
+from op_suite import OpSuite
 
 import attnpool
 from attnpool import backends, reference
 from attnpool import functional as AF
 
 BACKENDS = backends_for("pyramid_attention", "cpu", torch.float64)
+
+
+
+class TestPyramidAttentionSuite(OpSuite):
+    """The shared suite (tests/op_suite.py) on two levels of images."""
+
+    op = "pyramid_attention"
+
+    def inputs(self, B, seed):
+        g = torch.Generator().manual_seed(seed)
+        return [torch.randn(*shape, generator=g, dtype=torch.float64)
+                for shape in ((B, 3, 6, 4), (B, 4, 3, 2), (3,), (4,), (2,))]
+
+    def call(self, backend, x0, x1, w0, w1, bias):
+        return AF.pyramid_attention([x0, x1], [w0, w1], bias, diversity_weight=0.7,
+                                    backend=backend)
 
 
 def make_case(B, T, levels, seed, layout="contiguous"):
@@ -228,11 +246,36 @@ def test_module_compile_fullgraph():
     assert maps[0].grad is not None
 
 
-def test_autocast_cpu_bf16():
-    m = attnpool.PyramidAttention([3, 4])
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        out, loss = m([torch.randn(2, 3, 6, 6), torch.randn(2, 4, 3, 3)], return_loss=True)
-    assert out.dtype == torch.bfloat16 and loss.dtype == torch.bfloat16
+# ------------------------------------------------------------------ backend limits
+def test_cuda_level_limit_is_declared_by_the_op(monkeypatch):
+    """The CUDA kernels take at most 8 levels: available() says so for 9 (not for 8), auto
+    passes over cuda there, and an explicit cuda raises naming the limit. The device checks
+    are stubbed so that this runs without a GPU."""
+    from attnpool import pyramid_attention as pa
+
+    cuda = torch.device("cuda")
+    assert pa.CUDA_MAX_LEVELS == 8
+    reason = attnpool.available("pyramid_attention", cuda, torch.float32, levels=9)["cuda"]
+    assert reason is not None and "at most 8 levels" in reason, reason
+    ok = attnpool.available("pyramid_attention", cuda, torch.float32, levels=8)["cuda"]
+    assert ok is None or "at most" not in ok
+    assert pa.limits("cuda", cuda, torch.float32, levels=9) is not None
+    assert pa.limits("triton", cuda, torch.float32, levels=9) is None
+    assert pa.limits("cuda", cuda, torch.float32) is None  # no size given: not checked
+
+    real = backends.why_not
+
+    def why_not(op, backend, device, dtype, **sizes):  # a machine where cuda and triton run
+        if backend in ("cuda", "triton") and device.type == "cuda":
+            limits = backends._LIMITS.get(op)
+            return None if limits is None else limits(backend, device, dtype, **sizes)
+        return real(op, backend, device, dtype, **sizes)
+
+    monkeypatch.setattr(backends, "why_not", why_not)
+    assert backends.resolve("pyramid_attention", "auto", cuda, torch.float32, levels=9) == "triton"
+    assert backends.resolve("pyramid_attention", "auto", cuda, torch.float32, levels=8) == "cuda"
+    with pytest.raises(attnpool.BackendUnavailableError, match="at most 8 levels"):
+        backends.resolve("pyramid_attention", "cuda", cuda, torch.float32, levels=9)
 
 
 # ------------------------------------------------------------------ bad input
@@ -270,16 +313,6 @@ def test_bad_input(backend):
                              backend=backend)
     with pytest.raises(TypeError, match=r"maps\[0\] must be a floating-point tensor"):
         m([a.long(), b])
-
-
-@pytest.mark.parametrize("backend", ["reference"] + BACKENDS)
-def test_empty_batch(backend):
-    maps, weights, bias, _ = make_case(0, None, [(3, 4, 4), (2, 2, 2)], seed=8)
-    maps = [m.requires_grad_() for m in maps]
-    out, loss = AF.pyramid_attention(maps, weights, bias, backend=backend)
-    assert out.shape == (0, 5) and torch.isnan(loss)  # the mean of no samples, as torch's
-    out.sum().backward()
-    assert maps[0].grad.shape == maps[0].shape
 
 
 # ------------------------------------------------------------------ GPU

@@ -770,18 +770,18 @@ struct WeightGradJob {
 
 void check_tensor(const at::Tensor& t, at::ScalarType dtype, const char* name) {
   TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == dtype && t.is_contiguous(),
-              "cluster_pool cpu: ", name, " must be a contiguous CPU ", dtype, " tensor, got ",
+              "attention_cluster cpu: ", name, " must be a contiguous CPU ", dtype, " tensor, got ",
               t.scalar_type(), " on ", t.device());
 }
 
 void check_common(const at::Tensor& x, const at::Tensor& alpha, const at::Tensor& beta,
                   int64_t N) {
-  TORCH_CHECK(x.dim() == 3, "cluster_pool cpu: x must be [B, L, F], got ", x.sizes());
+  TORCH_CHECK(x.dim() == 3, "attention_cluster cpu: x must be [B, L, F], got ", x.sizes());
   check_tensor(x, x.scalar_type(), "x");
   check_tensor(alpha, x.scalar_type(), "alpha");
   check_tensor(beta, x.scalar_type(), "beta");
   TORCH_CHECK(alpha.numel() == N && beta.numel() == N,
-              "cluster_pool cpu: alpha and beta must be [N=", N, "]");
+              "attention_cluster cpu: alpha and beta must be [N=", N, "]");
 }
 
 // scores [B, L, N] given, or (fc1) computed from weight [N, F] in the tasks.
@@ -789,14 +789,14 @@ ClusterForward forward_impl(const at::Tensor& x, const at::Tensor* scores,
                             const at::Tensor* weight, const c10::optional<at::Tensor>& lengths,
                             const at::Tensor& alpha, const at::Tensor& beta, bool shift,
                             double eps, double eps_sqrt) {
-  TORCH_CHECK(x.dim() == 3, "cluster_pool cpu: x must be [B, L, F], got ", x.sizes());
+  TORCH_CHECK(x.dim() == 3, "attention_cluster cpu: x must be [B, L, F], got ", x.sizes());
   int64_t N;
   if (scores != nullptr) {
-    TORCH_CHECK(scores->dim() == 3, "cluster_pool cpu: scores must be [B, L, N]");
+    TORCH_CHECK(scores->dim() == 3, "attention_cluster cpu: scores must be [B, L, N]");
     N = scores->size(2);
   } else {
     TORCH_CHECK(weight->dim() == 2 && weight->size(1) == x.size(2),
-                "cluster_pool cpu: weight must be [N, F] with x's F, got ", weight->sizes());
+                "attention_cluster cpu: weight must be [N, F] with x's F, got ", weight->sizes());
     N = weight->size(0);
   }
   const Shape s{x.size(0), x.size(1), x.size(2), N};
@@ -804,14 +804,14 @@ ClusterForward forward_impl(const at::Tensor& x, const at::Tensor* scores,
   if (scores != nullptr) {
     check_tensor(*scores, x.scalar_type(), "scores");
     TORCH_CHECK(scores->size(0) == s.B && scores->size(1) == s.L,
-                "cluster_pool cpu: scores must be [B, L, N] with x's B, L, got ", scores->sizes());
+                "attention_cluster cpu: scores must be [B, L, N] with x's B, L, got ", scores->sizes());
   } else {
     check_tensor(*weight, x.scalar_type(), "weight");
   }
   const int64_t* len = nullptr;
   if (lengths.has_value()) {
     check_tensor(*lengths, at::kLong, "lengths");
-    TORCH_CHECK(lengths->numel() == s.B, "cluster_pool cpu: lengths must be [B=", s.B, "]");
+    TORCH_CHECK(lengths->numel() == s.B, "attention_cluster cpu: lengths must be [B=", s.B, "]");
     len = lengths->const_data_ptr<int64_t>();
   }
   const auto opmath = opmath_dtype(x.scalar_type());
@@ -823,7 +823,7 @@ ClusterForward forward_impl(const at::Tensor& x, const at::Tensor* scores,
   if (out.numel() == 0 || attn.numel() == 0) return {out, attn, norm};
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(),
-                                  "cluster_pool_forward_cpu", [&] {
+                                  "attention_cluster_forward_cpu", [&] {
     using T = at::opmath_type<scalar_t>;
     const ForwardJob<scalar_t> job{s, Split(s.B, s.N, kRowAlign), x.const_data_ptr<scalar_t>(),
                                    scores ? scores->const_data_ptr<scalar_t>() : nullptr,
@@ -844,8 +844,8 @@ ClusterBackward backward_impl(const at::Tensor& grad_out, const at::Tensor& x,
                               double eps, double eps_sqrt, const at::Tensor* weight,
                               const c10::optional<at::Tensor>& grad_attn,
                               const c10::optional<at::Tensor>& lengths) {
-  TORCH_CHECK(x.dim() == 3, "cluster_pool cpu: x must be [B, L, F], got ", x.sizes());
-  TORCH_CHECK(attn.dim() == 3, "cluster_pool cpu: attn must be [B, N, L]");
+  TORCH_CHECK(x.dim() == 3, "attention_cluster cpu: x must be [B, L, F], got ", x.sizes());
+  TORCH_CHECK(attn.dim() == 3, "attention_cluster cpu: attn must be [B, N, L]");
   const Shape s{x.size(0), x.size(1), x.size(2), attn.size(1)};
   check_common(x, alpha, beta, s.N);
   check_tensor(grad_out, x.scalar_type(), "grad_out");
@@ -854,25 +854,25 @@ ClusterBackward backward_impl(const at::Tensor& grad_out, const at::Tensor& x,
   check_tensor(norm, opmath, "norm");
   TORCH_CHECK(grad_out.numel() == s.B * s.N * s.F && attn.size(0) == s.B &&
                   attn.size(2) == s.L && norm.numel() == s.B * s.N,
-              "cluster_pool cpu: grad_out must be [B, N*F], attn [B, N, L], norm [B, N]");
+              "attention_cluster cpu: grad_out must be [B, N*F], attn [B, N, L], norm [B, N]");
   const at::Tensor al = alpha.to(opmath), be = beta.to(opmath);
   const bool fc1 = weight != nullptr;
   at::Tensor w, gat;
   if (fc1) {
     check_tensor(*weight, x.scalar_type(), "weight");
     TORCH_CHECK(weight->dim() == 2 && weight->size(0) == s.N && weight->size(1) == s.F,
-                "cluster_pool cpu: weight must be [N, F], got ", weight->sizes());
+                "attention_cluster cpu: weight must be [N, F], got ", weight->sizes());
     w = weight->to(opmath).contiguous();
     if (grad_attn.has_value()) {
       TORCH_CHECK(grad_attn->numel() == s.B * s.N * s.L,
-                  "cluster_pool cpu: grad_attn must be [B, N, L]");
+                  "attention_cluster cpu: grad_attn must be [B, N, L]");
       gat = grad_attn->to(opmath).contiguous();
     }
   }
   const int64_t* len = nullptr;
   if (lengths.has_value()) {
     check_tensor(*lengths, at::kLong, "lengths");
-    TORCH_CHECK(lengths->numel() == s.B, "cluster_pool cpu: lengths must be [B=", s.B, "]");
+    TORCH_CHECK(lengths->numel() == s.B, "attention_cluster cpu: lengths must be [B=", s.B, "]");
     len = lengths->const_data_ptr<int64_t>();
   }
   at::Tensor grad_x = at::empty_like(x);
@@ -894,7 +894,7 @@ ClusterBackward backward_impl(const at::Tensor& grad_out, const at::Tensor& x,
   }
   at::Tensor grad_weight;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(),
-                                  "cluster_pool_backward_cpu", [&] {
+                                  "attention_cluster_backward_cpu", [&] {
     using T = at::opmath_type<scalar_t>;
     using Job = BackwardJob<scalar_t>;
     Job job{s, Job::kSample, Split(s.B, s.N, kRowAlign), Split(s.B, s.L, kRowAlign),
@@ -945,14 +945,14 @@ ClusterBackward backward_impl(const at::Tensor& grad_out, const at::Tensor& x,
 
 }  // namespace
 
-ClusterForward cluster_pool_forward_cpu(const at::Tensor& x, const at::Tensor& scores,
+ClusterForward attention_cluster_forward_cpu(const at::Tensor& x, const at::Tensor& scores,
                                         const c10::optional<at::Tensor>& lengths,
                                         const at::Tensor& alpha, const at::Tensor& beta,
                                         bool shift, double eps, double eps_sqrt) {
   return forward_impl(x, &scores, nullptr, lengths, alpha, beta, shift, eps, eps_sqrt);
 }
 
-ClusterBackward cluster_pool_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x,
+ClusterBackward attention_cluster_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x,
                                           const at::Tensor& attn, const at::Tensor& norm,
                                           const at::Tensor& alpha, const at::Tensor& beta,
                                           const c10::optional<at::Tensor>& lengths, bool shift,
@@ -961,14 +961,14 @@ ClusterBackward cluster_pool_backward_cpu(const at::Tensor& grad_out, const at::
                        c10::nullopt, lengths);
 }
 
-ClusterForward cluster_pool_fc1_forward_cpu(const at::Tensor& x, const at::Tensor& weight,
+ClusterForward attention_cluster_fc1_forward_cpu(const at::Tensor& x, const at::Tensor& weight,
                                             const c10::optional<at::Tensor>& lengths,
                                             const at::Tensor& alpha, const at::Tensor& beta,
                                             bool shift, double eps, double eps_sqrt) {
   return forward_impl(x, nullptr, &weight, lengths, alpha, beta, shift, eps, eps_sqrt);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cluster_pool_fc1_backward_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_cluster_fc1_backward_cpu(
     const at::Tensor& grad_out, const c10::optional<at::Tensor>& grad_attn, const at::Tensor& x,
     const at::Tensor& weight, const at::Tensor& attn, const at::Tensor& norm,
     const at::Tensor& alpha, const at::Tensor& beta, const c10::optional<at::Tensor>& lengths,

@@ -1,5 +1,5 @@
-// Loop primitives shared by the CPU kernels: short reductions in a fixed order, and the
-// accumulation dtype. Everything force-inlined, so it vectorises for the instruction set of
+// Loop primitives shared by the CPU kernels: short reductions in a fixed order, the
+// accumulation dtype, divup. Everything force-inlined, so it vectorises for the instruction set of
 // the task loop that calls it (cpu/isa.h).
 #pragma once
 
@@ -9,6 +9,9 @@
 #include <cstdint>
 
 namespace attnpool {
+
+// ceil(a / b) for a >= 0, b > 0: the number of chunks of b that cover a.
+inline int64_t divup(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // The dtype sums are kept in: float64 for float64, else float32.
 inline at::ScalarType opmath_dtype(at::ScalarType t) {

@@ -1,5 +1,6 @@
 // Fused CPU kernels of interaction-aware pyramid attention (our formulation of Du et al.,
-// ECCV 2018; DESIGN 3.4, spec: attnpool.reference.pyramid_attention; contract in attnpool.h).
+// ECCV 2018; docs/design.md "Pyramid attention", spec: attnpool.reference.pyramid_attention;
+// contract in attnpool.h).
 //
 // Forward, two parallel passes:
 //   pool   every frame plane of every level averaged to the common Ho x Wo grid (torch's

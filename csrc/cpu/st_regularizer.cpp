@@ -1,4 +1,5 @@
-// Fused CPU kernels of the spatio-temporal regulariser (Meng et al., ICLR 2019; DESIGN 3.3,
+// Fused CPU kernels of the spatio-temporal regulariser (Meng et al., ICLR 2019; docs/design.md
+// "Spatio-temporal attention",
 // contract in attnpool.h): total variation and contrast of the masks [B, T, H, W] and
 // unimodality of the temporal weights [B, T], weighted and summed, in ONE parallel pass over
 // the B*T maps for the forward and ONE for the backward.
@@ -11,6 +12,7 @@
 // backward has no sums across maps.
 #include "attnpool.h"
 #include "cpu/isa.h"
+#include "cpu/loops.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -27,8 +29,6 @@ namespace {
 
 constexpr int64_t kChunkElems = 4096;      // mask elements per forward partial (about)
 constexpr int64_t kThreadElems = 1 << 15;  // fewer elements than this per thread: not worth one
-
-int64_t divup(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // The element functions below are selects, not products with static_cast<T>(bool): GCC
 // vectorises those for AVX-512 (mask registers) but left them as scalar branches for AVX2,

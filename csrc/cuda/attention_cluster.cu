@@ -1,4 +1,5 @@
-// Fused attention-cluster kernels (DESIGN 3.1, contract in csrc/attnpool.h).
+// Fused attention-cluster kernels (docs/design.md "Attention clusters", contract in
+// csrc/attnpool.h).
 //
 //   forward            one block per unit (b, n): masked softmax over the frames,
 //                      v = a·x, shift, L2 norm; out written once, v never stored.
@@ -19,7 +20,7 @@
 #include "common.cuh"
 
 namespace attnpool {
-namespace cluster_cuda {
+namespace attention_cluster_cuda {
 namespace {
 
 using namespace cuda_common;  // OpMath, to_acc, store, op_*, warp_reduce, imin, grid_x, ...
@@ -121,7 +122,7 @@ __device__ __forceinline__ double unit_resid(const UnitCoef& k, double g, double
 // softmax weights live in this unit's row of attn (global) and are read from there.
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads)
-cluster_forward_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ scores,
+attention_cluster_forward_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ scores,
                        const int64_t* __restrict__ lengths, const scalar_t* __restrict__ alpha,
                        const scalar_t* __restrict__ beta, scalar_t* __restrict__ out,
                        typename OpMath<scalar_t>::type* __restrict__ attn,
@@ -194,7 +195,7 @@ cluster_forward_kernel(const scalar_t* __restrict__ x, const scalar_t* __restric
 // unit's UnitCoef to coef for backward_x; its per-unit sums accumulate in double.
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads)
-cluster_backward_unit_kernel(const scalar_t* __restrict__ grad_out,
+attention_cluster_backward_unit_kernel(const scalar_t* __restrict__ grad_out,
                              const scalar_t* __restrict__ x,
                              const int64_t* __restrict__ lengths,
                              const typename OpMath<scalar_t>::type* __restrict__ attn,
@@ -312,7 +313,7 @@ cluster_backward_unit_kernel(const scalar_t* __restrict__ grad_out,
 // memory and no barriers.
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads)
-cluster_backward_x_kernel(const scalar_t* __restrict__ grad_out, const scalar_t* __restrict__ x,
+attention_cluster_backward_x_kernel(const scalar_t* __restrict__ grad_out, const scalar_t* __restrict__ x,
                           const int64_t* __restrict__ lengths,
                           const typename OpMath<scalar_t>::type* __restrict__ attn,
                           const double* __restrict__ coef, const scalar_t* __restrict__ alpha,
@@ -372,7 +373,7 @@ cudaError_t forward_impl(const void* x, const void* scores, const int64_t* lengt
   using acc_t = typename OpMath<scalar_t>::type;
   const bool in_smem = forward_in_smem(sizeof(acc_t), L);
   const size_t smem = in_smem ? static_cast<size_t>(L) * sizeof(acc_t) : 0;
-  cluster_forward_kernel<scalar_t><<<grid_x(B * N), kThreads, smem, stream>>>(
+  attention_cluster_forward_kernel<scalar_t><<<grid_x(B * N), kThreads, smem, stream>>>(
       static_cast<const scalar_t*>(x), static_cast<const scalar_t*>(scores), lengths,
       static_cast<const scalar_t*>(alpha), static_cast<const scalar_t*>(beta),
       static_cast<scalar_t*>(out), static_cast<acc_t*>(attn), static_cast<acc_t*>(norm), B, L, F,
@@ -391,7 +392,7 @@ cudaError_t backward_impl(const void* grad_out, const void* x, const int64_t* le
   const bool staged = backward_staged(sizeof(acc_t), L);
   if (!staged && workspace == nullptr) return cudaErrorInvalidValue;
   const size_t smem = static_cast<size_t>(kChunkF + (staged ? 2 * L : 0)) * sizeof(acc_t);
-  cluster_backward_unit_kernel<scalar_t><<<grid_x(B * N), kThreads, smem, stream>>>(
+  attention_cluster_backward_unit_kernel<scalar_t><<<grid_x(B * N), kThreads, smem, stream>>>(
       static_cast<const scalar_t*>(grad_out), static_cast<const scalar_t*>(x), lengths,
       static_cast<const acc_t*>(attn), static_cast<const acc_t*>(norm),
       static_cast<const scalar_t*>(alpha), static_cast<const scalar_t*>(beta),
@@ -405,7 +406,7 @@ cudaError_t backward_impl(const void* grad_out, const void* x, const int64_t* le
   const int64_t f_blocks = (F + kThreads - 1) / kThreads;
   const int64_t l_chunks = (L + kChunkL - 1) / kChunkL;
   const dim3 grid(grid_x(B * f_blocks), static_cast<unsigned int>(imin(l_chunks, kMaxGridY)));
-  cluster_backward_x_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(
+  attention_cluster_backward_x_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(
       static_cast<const scalar_t*>(grad_out), static_cast<const scalar_t*>(x), lengths,
       static_cast<const acc_t*>(attn), static_cast<const double*>(coef),
       static_cast<const scalar_t*>(alpha), static_cast<const scalar_t*>(beta),
@@ -419,7 +420,7 @@ bool valid_sizes(int64_t B, int64_t L, int64_t F, int64_t N) {
 
 }  // namespace
 
-cudaError_t cluster_pool_forward_launch(DType dtype, const void* x, const void* scores,
+cudaError_t attention_cluster_forward_launch(DType dtype, const void* x, const void* scores,
                                         const int64_t* lengths, const void* alpha,
                                         const void* beta, void* out, void* attn, void* norm,
                                         int64_t B, int64_t L, int64_t F, int64_t N, bool shift,
@@ -432,11 +433,11 @@ cudaError_t cluster_pool_forward_launch(DType dtype, const void* x, const void* 
   });
 }
 
-int64_t cluster_pool_backward_workspace_elems(DType dtype, int64_t B, int64_t L, int64_t N) {
+int64_t attention_cluster_backward_workspace_elems(DType dtype, int64_t B, int64_t L, int64_t N) {
   return backward_staged(opmath_bytes(dtype), L) ? 0 : B * N * L;
 }
 
-cudaError_t cluster_pool_backward_launch(DType dtype, const void* grad_out, const void* x,
+cudaError_t attention_cluster_backward_launch(DType dtype, const void* grad_out, const void* x,
                                          const int64_t* lengths, const void* attn, const void* norm, const void* alpha,
                                          const void* beta, void* grad_x, void* grad_scores,
                                          void* grad_alpha_partial, void* grad_beta_partial,
@@ -451,5 +452,5 @@ cudaError_t cluster_pool_backward_launch(DType dtype, const void* grad_out, cons
   });
 }
 
-}  // namespace cluster_cuda
+}  // namespace attention_cluster_cuda
 }  // namespace attnpool

@@ -7,12 +7,12 @@
 namespace attnpool {
 namespace {
 
-namespace cc = cluster_cuda;
+namespace cc = attention_cluster_cuda;
 using namespace cuda_glue;  // kernel_dtype, opmath_type, check_input, workspace_tensor, ...
 
 }  // namespace
 
-ClusterForward cluster_pool_forward_cuda(const at::Tensor& x, const at::Tensor& scores,
+ClusterForward attention_cluster_forward_cuda(const at::Tensor& x, const at::Tensor& scores,
                                          const c10::optional<at::Tensor>& lengths,
                                          const at::Tensor& alpha, const at::Tensor& beta,
                                          bool shift, double eps, double eps_sqrt) {
@@ -39,17 +39,17 @@ ClusterForward cluster_pool_forward_cuda(const at::Tensor& x, const at::Tensor& 
     norm.zero_();
     return {out, attn, norm};
   }
-  check_launch(cc::cluster_pool_forward_launch(
+  check_launch(cc::attention_cluster_forward_launch(
                    kdtype, x.data_ptr(), scores.data_ptr(),
                    lengths.has_value() ? lengths->data_ptr<int64_t>() : nullptr,
                    alpha.data_ptr(), beta.data_ptr(), out.data_ptr(), attn.data_ptr(),
                    norm.data_ptr(), B, L, F, N, shift, eps, eps_sqrt,
                    current_stream(device)),
-               "cluster_pool_forward");
+               "attention_cluster_forward");
   return {out, attn, norm};
 }
 
-ClusterBackward cluster_pool_backward_cuda(const at::Tensor& grad_out, const at::Tensor& x,
+ClusterBackward attention_cluster_backward_cuda(const at::Tensor& grad_out, const at::Tensor& x,
                                            const at::Tensor& attn, const at::Tensor& norm,
                                            const at::Tensor& alpha, const at::Tensor& beta,
                                            const c10::optional<at::Tensor>& lengths,
@@ -82,15 +82,15 @@ ClusterBackward cluster_pool_backward_cuda(const at::Tensor& grad_out, const at:
   at::Tensor beta_part = at::empty({B, N}, stat);
   at::Tensor coef = at::empty({B, N, 3}, x.options().dtype(at::kDouble));
   at::Tensor workspace =
-      workspace_tensor(cc::cluster_pool_backward_workspace_elems(kdtype, B, L, N), stat);
-  check_launch(cc::cluster_pool_backward_launch(
+      workspace_tensor(cc::attention_cluster_backward_workspace_elems(kdtype, B, L, N), stat);
+  check_launch(cc::attention_cluster_backward_launch(
                    kdtype, grad_out.data_ptr(), x.data_ptr(),
                    lengths.has_value() ? lengths->data_ptr<int64_t>() : nullptr,
                    attn.data_ptr(), norm.data_ptr(), alpha.data_ptr(), beta.data_ptr(), grad_x.data_ptr(), grad_scores.data_ptr(),
                    alpha_part.data_ptr(), beta_part.data_ptr(), coef.data_ptr(),
                    data_or_null(workspace), B, L, F, N, shift, eps, eps_sqrt,
                    current_stream(device)),
-               "cluster_pool_backward");
+               "attention_cluster_backward");
   if (!shift) {
     return {grad_x, grad_scores, at::zeros({N}, x.options()), at::zeros({N}, x.options())};
   }

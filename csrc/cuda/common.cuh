@@ -1,5 +1,5 @@
 // Device and launcher helpers shared by the .cu files of csrc/cuda (attention_cluster.cu,
-// attentional_pool.cu, st_regularizer.cu, pyramid_attention.cu): opmath types and conversions, warp reductions,
+// attentional_pooling.cu, st_regularizer.cu, pyramid_attention.cu): opmath types and conversions, warp reductions,
 // index arithmetic, grid limits and the DType -> scalar type dispatch. Plain CUDA, no
 // torch; nvcc only (the *_torch.cpp glue includes dtype.cuh through the launcher headers,
 // never this file). Not a translation unit of its own (setup.py globs *.cu).

@@ -1,5 +1,5 @@
 // The element type of a launcher's "scalar" buffers, shared by every launcher header
-// (attention_cluster.cuh, attentional_pool.cuh, st_regularizer.cuh, pyramid_attention.cuh;
+// (attention_cluster.cuh, attentional_pooling.cuh, st_regularizer.cuh, pyramid_attention.cuh;
 // each re-exports it into its own namespace). Plain C++, no CUDA and no torch include: the
 // *_torch.cpp glue (host compiler) and the .cu files (nvcc) both include it.
 #pragma once

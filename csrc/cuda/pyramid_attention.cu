@@ -1,4 +1,5 @@
-// Fused interaction-aware pyramid attention kernels (DESIGN 3.4; spec: pyramid_attention.cuh).
+// Fused interaction-aware pyramid attention kernels (docs/design.md "Pyramid attention"; spec:
+// pyramid_attention.cuh).
 //
 // Forward
 //   pool (one launch per level): pooled[b, off_s + c, t*Ho*Wo + cell] = R(X_s). A block owns
@@ -37,7 +38,7 @@
 #include "common.cuh"
 
 namespace attnpool {
-namespace pyramid_cuda {
+namespace pyramid_attention_cuda {
 namespace {
 
 using namespace cuda_common;  // OpMath, to_acc, store, op_*, warp_reduce, imin, grid_x, ...
@@ -212,7 +213,7 @@ __device__ __forceinline__ void attention_state(const acc_t* yb, acc_t* ab, acc_
 // way the staged elements are contiguous in x. I: in-frame index arithmetic (see win_start).
 template <typename scalar_t, typename I>
 __global__ void __launch_bounds__(kThreads)
-pyr_pool_kernel(const scalar_t* __restrict__ x, typename OpMath<scalar_t>::type* __restrict__ pooled,
+pyramid_attention_pool_kernel(const scalar_t* __restrict__ x, typename OpMath<scalar_t>::type* __restrict__ pooled,
                 LevelGeom g, int64_t kc, int64_t cap) {
   using acc_t = typename OpMath<scalar_t>::type;
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -263,7 +264,7 @@ pyr_pool_kernel(const scalar_t* __restrict__ x, typename OpMath<scalar_t>::type*
 // window's columns, then rows), warp butterfly at the end.
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads)
-pyr_pool_direct_kernel(const scalar_t* __restrict__ x,
+pyramid_attention_pool_direct_kernel(const scalar_t* __restrict__ x,
                        typename OpMath<scalar_t>::type* __restrict__ pooled, LevelGeom g) {
   using acc_t = typename OpMath<scalar_t>::type;
   const int lane = threadIdx.x & 31;
@@ -298,7 +299,7 @@ pyr_pool_direct_kernel(const scalar_t* __restrict__ x,
 // One block per sample b. ab [B, n], yhb [B, S, n]: opmath workspace; loss_part [B].
 template <typename scalar_t>
 __global__ void __launch_bounds__(kHeadThreads)
-pyr_forward_head_kernel(const typename OpMath<scalar_t>::type* __restrict__ pooled,
+pyramid_attention_forward_head_kernel(const typename OpMath<scalar_t>::type* __restrict__ pooled,
                         const scalar_t* __restrict__ bias, Levels lv, scalar_t* __restrict__ out,
                         typename OpMath<scalar_t>::type* y, typename OpMath<scalar_t>::type* a_ws,
                         typename OpMath<scalar_t>::type* yh_ws,
@@ -369,7 +370,7 @@ pyr_forward_head_kernel(const typename OpMath<scalar_t>::type* __restrict__ pool
 // order); NaN when B = 0, as torch's mean over nothing.
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads)
-pyr_loss_mean_kernel(const typename OpMath<scalar_t>::type* __restrict__ loss_part,
+pyramid_attention_loss_mean_kernel(const typename OpMath<scalar_t>::type* __restrict__ loss_part,
                      scalar_t* __restrict__ loss, int64_t B) {
   using acc_t = typename OpMath<scalar_t>::type;
   __shared__ acc_t red[kWarps];
@@ -385,7 +386,7 @@ pyr_loss_mean_kernel(const typename OpMath<scalar_t>::type* __restrict__ loss_pa
 // pass); gb_part [B, S].
 template <typename scalar_t>
 __global__ void __launch_bounds__(kHeadThreads)
-pyr_backward_head_kernel(const scalar_t* __restrict__ grad_out,
+pyramid_attention_backward_head_kernel(const scalar_t* __restrict__ grad_out,
                          const scalar_t* __restrict__ grad_loss,
                          const typename OpMath<scalar_t>::type* __restrict__ pooled,
                          const typename OpMath<scalar_t>::type* __restrict__ y, Levels lv,
@@ -517,7 +518,7 @@ pyr_backward_head_kernel(const scalar_t* __restrict__ grad_out,
 // order; one thread per entry (e < Ctot: a weight, else a bias).
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads)
-pyr_param_grad_kernel(const typename OpMath<scalar_t>::type* __restrict__ gw_part,
+pyramid_attention_param_grad_kernel(const typename OpMath<scalar_t>::type* __restrict__ gw_part,
                       const typename OpMath<scalar_t>::type* __restrict__ gb_part, Levels lv,
                       scalar_t* __restrict__ grad_bias, int64_t B, int64_t Ctot) {
   using acc_t = typename OpMath<scalar_t>::type;
@@ -551,7 +552,7 @@ pyr_param_grad_kernel(const typename OpMath<scalar_t>::type* __restrict__ gw_par
 // ab [B, n]; gys, ycs: level s of [B, S, n] (sample stride S*n); kub [B, Ctot].
 template <typename scalar_t, typename I>
 __global__ void __launch_bounds__(kThreads)
-pyr_unpool_kernel(const scalar_t* __restrict__ grad_out, const scalar_t* __restrict__ wt,
+pyramid_attention_unpool_kernel(const scalar_t* __restrict__ grad_out, const scalar_t* __restrict__ wt,
                   const typename OpMath<scalar_t>::type* __restrict__ ab,
                   const typename OpMath<scalar_t>::type* __restrict__ gys,
                   const typename OpMath<scalar_t>::type* __restrict__ ycs,
@@ -681,12 +682,12 @@ void launch_pool(const void* x, void* pooled, const LevelGeom& g, cudaStream_t s
     const unsigned int grid = grid_x(g.B * g.T * divup(g.C, kc));
     dispatch_index(g, [&](auto idx) {
       using I = decltype(idx);
-      pyr_pool_kernel<scalar_t, I><<<grid, kThreads, smem, stream>>>(
+      pyramid_attention_pool_kernel<scalar_t, I><<<grid, kThreads, smem, stream>>>(
           static_cast<const scalar_t*>(x), static_cast<acc_t*>(pooled), g, kc, cap);
     });
   } else {
     const int64_t warps = g.B * g.T * g.C * g.Ho * g.Wo;
-    pyr_pool_direct_kernel<scalar_t><<<grid_x(divup(warps, kWarps)), kThreads, 0, stream>>>(
+    pyramid_attention_pool_direct_kernel<scalar_t><<<grid_x(divup(warps, kWarps)), kThreads, 0, stream>>>(
         static_cast<const scalar_t*>(x), static_cast<acc_t*>(pooled), g);
   }
 }
@@ -708,7 +709,7 @@ cudaError_t forward_impl(const PyramidShape& p, const void* const* xs, const voi
     acc_t* a_ws = ws;
     acc_t* yh_ws = a_ws + p.B * d.n;
     acc_t* loss_part = yh_ws + p.B * p.S * d.n;
-    pyr_forward_head_kernel<scalar_t><<<grid_x(p.B), kHeadThreads, 0, stream>>>(
+    pyramid_attention_forward_head_kernel<scalar_t><<<grid_x(p.B), kHeadThreads, 0, stream>>>(
         static_cast<const acc_t*>(pooled), static_cast<const scalar_t*>(bias),
         make_levels(p, d, weights, nullptr), static_cast<scalar_t*>(out),
         static_cast<acc_t*>(y), a_ws, yh_ws, loss_part, p.B, d.n, d.Ctot, eps, lam);
@@ -716,7 +717,7 @@ cudaError_t forward_impl(const PyramidShape& p, const void* const* xs, const voi
     if (err != cudaSuccess) return err;
   }
   const acc_t* loss_part = p.B > 0 ? ws + p.B * (p.S + 1) * d.n : nullptr;
-  pyr_loss_mean_kernel<scalar_t><<<1, kThreads, 0, stream>>>(
+  pyramid_attention_loss_mean_kernel<scalar_t><<<1, kThreads, 0, stream>>>(
       loss_part, static_cast<scalar_t*>(loss), p.B);
   return cudaGetLastError();
 }
@@ -733,7 +734,7 @@ void launch_unpool(const void* grad_out, const void* wt, const void* ab, const v
   const int64_t tasks = g.B * g.T * divup(g.C, kcu) * divup(g.H * g.W, ptile);
   dispatch_index(g, [&](auto idx) {
     using I = decltype(idx);
-    pyr_unpool_kernel<scalar_t, I><<<grid_x(tasks), kThreads, 0, stream>>>(
+    pyramid_attention_unpool_kernel<scalar_t, I><<<grid_x(tasks), kThreads, 0, stream>>>(
         static_cast<const scalar_t*>(grad_out), static_cast<const scalar_t*>(wt),
         static_cast<const acc_t*>(ab), static_cast<const acc_t*>(gys),
         static_cast<const acc_t*>(ycs), static_cast<const acc_t*>(kub),
@@ -752,7 +753,7 @@ cudaError_t backward_impl(const PyramidShape& p, const void* grad_out, const voi
   const int64_t B = p.B, n = d.n, S = p.S;
   acc_t* ws = static_cast<acc_t*>(workspace);
   if (B > 0 && ws == nullptr) return cudaErrorInvalidValue;
-  // Workspace layout (see pyramid_backward_workspace_elems); empty when B = 0.
+  // Workspace layout (see pyramid_attention_backward_workspace_elems); empty when B = 0.
   acc_t* a_ws = ws;
   acc_t* ge_ws = B > 0 ? a_ws + B * n : nullptr;
   acc_t* yh_ws = B > 0 ? ge_ws + B * n : nullptr;
@@ -762,14 +763,14 @@ cudaError_t backward_impl(const PyramidShape& p, const void* grad_out, const voi
   acc_t* gb_part = B > 0 ? gw_part + B * d.Ctot : nullptr;
   const Levels lv = make_levels(p, d, weights, grad_weights);
   if (B > 0) {
-    pyr_backward_head_kernel<scalar_t><<<grid_x(B), kHeadThreads, 0, stream>>>(
+    pyramid_attention_backward_head_kernel<scalar_t><<<grid_x(B), kHeadThreads, 0, stream>>>(
         static_cast<const scalar_t*>(grad_out), static_cast<const scalar_t*>(grad_loss),
         static_cast<const acc_t*>(pooled), static_cast<const acc_t*>(y), lv, a_ws, ge_ws, yh_ws,
         gy_ws, ku_ws, gw_part, gb_part, B, n, d.Ctot, eps, lam);
     const cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) return err;
   }
-  pyr_param_grad_kernel<scalar_t><<<grid_x(divup(d.Ctot + S, kThreads)), kThreads, 0, stream>>>(
+  pyramid_attention_param_grad_kernel<scalar_t><<<grid_x(divup(d.Ctot + S, kThreads)), kThreads, 0, stream>>>(
       gw_part, gb_part, lv, static_cast<scalar_t*>(grad_bias), B, d.Ctot);
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess || B == 0) return err;
@@ -787,19 +788,19 @@ cudaError_t backward_impl(const PyramidShape& p, const void* grad_out, const voi
 
 }  // namespace
 
-int64_t pyramid_forward_workspace_elems(DType, const PyramidShape& shape) {
+int64_t pyramid_attention_forward_workspace_elems(DType, const PyramidShape& shape) {
   if (!valid_shape(shape)) return 0;
   const Derived d = derive(shape);
   return shape.B * ((shape.S + 1) * d.n + 1);
 }
 
-int64_t pyramid_backward_workspace_elems(DType, const PyramidShape& shape) {
+int64_t pyramid_attention_backward_workspace_elems(DType, const PyramidShape& shape) {
   if (!valid_shape(shape)) return 0;
   const Derived d = derive(shape);
   return shape.B * ((2 * shape.S + 2) * d.n + 2 * d.Ctot + shape.S);
 }
 
-cudaError_t pyramid_forward_launch(DType dtype, const PyramidShape& shape,
+cudaError_t pyramid_attention_forward_launch(DType dtype, const PyramidShape& shape,
                                    const void* const* xs, const void* const* weights,
                                    const void* bias, double eps, double lam, void* out,
                                    void* loss, void* pooled, void* y, void* workspace,
@@ -811,7 +812,7 @@ cudaError_t pyramid_forward_launch(DType dtype, const PyramidShape& shape,
   });
 }
 
-cudaError_t pyramid_backward_launch(DType dtype, const PyramidShape& shape, const void* grad_out,
+cudaError_t pyramid_attention_backward_launch(DType dtype, const PyramidShape& shape, const void* grad_out,
                                     const void* grad_loss, const void* pooled, const void* y,
                                     const void* const* weights, double eps, double lam,
                                     void* const* grad_xs, void* const* grad_weights,
@@ -824,5 +825,5 @@ cudaError_t pyramid_backward_launch(DType dtype, const PyramidShape& shape, cons
   });
 }
 
-}  // namespace pyramid_cuda
+}  // namespace pyramid_attention_cuda
 }  // namespace attnpool

@@ -1,4 +1,5 @@
-// Launchers of the fused interaction-aware pyramid attention CUDA kernels (DESIGN 3.4;
+// Launchers of the fused interaction-aware pyramid attention CUDA kernels (docs/design.md "Pyramid
+// attention";
 // contract: csrc/attnpool.h; spec: attnpool.reference.pyramid_attention). Plain
 // C++ over raw pointers and no torch include, so that pyramid_attention.cu compiles with
 // nvcc alone; pyramid_attention_torch.cpp is the glue.
@@ -35,7 +36,7 @@
 #include "dtype.cuh"
 
 namespace attnpool {
-namespace pyramid_cuda {
+namespace pyramid_attention_cuda {
 
 using cuda_common::DType;  // kFloat32, kFloat64, kFloat16, kBFloat16
 
@@ -54,25 +55,25 @@ struct PyramidShape {
   int64_t W[kMaxLevels] = {};
 };
 
-// Opmath elements of the workspace pyramid_forward_launch needs: B*((S+1)*n + 1)
+// Opmath elements of the workspace pyramid_attention_forward_launch needs: B*((S+1)*n + 1)
 // (a [B, n], yh [B, S, n], per-sample losses [B]); 0 for invalid shapes.
-int64_t pyramid_forward_workspace_elems(DType dtype, const PyramidShape& shape);
+int64_t pyramid_attention_forward_workspace_elems(DType dtype, const PyramidShape& shape);
 
 // Forward.
 //   xs[s]: S device pointers, [B, T, C_s, H_s, W_s] scalar; weights[s]: S pointers, [C_s]
 //   scalar; bias [S] scalar;
 //   -> out [B, Ctot] scalar, loss: one scalar element (NaN when B = 0, a mean over nothing),
 //      pooled [B, Ctot, n] opmath, y [B, S, n] opmath (raw scores, bias included);
-//   workspace: opmath scratch of pyramid_forward_workspace_elems elements.
-cudaError_t pyramid_forward_launch(DType dtype, const PyramidShape& shape,
+//   workspace: opmath scratch of pyramid_attention_forward_workspace_elems elements.
+cudaError_t pyramid_attention_forward_launch(DType dtype, const PyramidShape& shape,
                                    const void* const* xs, const void* const* weights,
                                    const void* bias, double eps, double lam, void* out,
                                    void* loss, void* pooled, void* y, void* workspace,
                                    cudaStream_t stream);
 
-// Opmath elements of the workspace pyramid_backward_launch needs:
+// Opmath elements of the workspace pyramid_attention_backward_launch needs:
 // B*((2S+2)*n + 2*Ctot + S); 0 for invalid shapes.
-int64_t pyramid_backward_workspace_elems(DType dtype, const PyramidShape& shape);
+int64_t pyramid_attention_backward_workspace_elems(DType dtype, const PyramidShape& shape);
 
 // Backward.
 //   grad_out [B, Ctot] scalar; grad_loss: one scalar element, read on the device;
@@ -81,12 +82,12 @@ int64_t pyramid_backward_workspace_elems(DType dtype, const PyramidShape& shape)
 //   -> grad_xs[s]: S pointers, [B, T, C_s, H_s, W_s] scalar, every element written once;
 //      grad_weights[s]: S pointers, [C_s] scalar; grad_bias [S] scalar (both sums over the
 //      batch in a fixed order; 0 when B = 0);
-//   workspace: opmath scratch of pyramid_backward_workspace_elems elements.
-cudaError_t pyramid_backward_launch(DType dtype, const PyramidShape& shape, const void* grad_out,
+//   workspace: opmath scratch of pyramid_attention_backward_workspace_elems elements.
+cudaError_t pyramid_attention_backward_launch(DType dtype, const PyramidShape& shape, const void* grad_out,
                                     const void* grad_loss, const void* pooled, const void* y,
                                     const void* const* weights, double eps, double lam,
                                     void* const* grad_xs, void* const* grad_weights,
                                     void* grad_bias, void* workspace, cudaStream_t stream);
 
-}  // namespace pyramid_cuda
+}  // namespace pyramid_attention_cuda
 }  // namespace attnpool

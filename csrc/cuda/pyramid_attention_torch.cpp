@@ -9,7 +9,7 @@
 namespace attnpool {
 namespace {
 
-namespace pc = pyramid_cuda;
+namespace pc = pyramid_attention_cuda;
 using namespace cuda_glue;  // kernel_dtype, opmath_type, check_tensor, workspace_tensor, ...
 
 void check_levels(size_t S) {
@@ -89,8 +89,8 @@ PyramidForward pyramid_attention_forward_cuda(const std::vector<at::Tensor>& xs_
   at::Tensor pooled = at::empty({B, ctot, n}, stat);
   at::Tensor y = at::empty({B, S, n}, stat);
   // a, unit scores and per-sample losses (none when B = 0: loss is then NaN, a mean over nothing).
-  at::Tensor workspace = workspace_tensor(pc::pyramid_forward_workspace_elems(kdtype, shape), stat);
-  check_launch(pc::pyramid_forward_launch(kdtype, shape, x_ptrs.data(), w_ptrs.data(),
+  at::Tensor workspace = workspace_tensor(pc::pyramid_attention_forward_workspace_elems(kdtype, shape), stat);
+  check_launch(pc::pyramid_attention_forward_launch(kdtype, shape, x_ptrs.data(), w_ptrs.data(),
                                           bias.data_ptr(), eps, lam, out.data_ptr(),
                                           loss.data_ptr(), pooled.data_ptr(), y.data_ptr(),
                                           data_or_null(workspace), current_stream(device)),
@@ -168,9 +168,9 @@ PyramidBackward pyramid_attention_backward_cuda(const at::Tensor& grad_out_in,
   at::Tensor grad_bias = at::empty({S}, opts);
   // Per-sample vectors (a, ge, unit scores, gy, kappa u) and the per-sample grad_w /
   // grad_bias terms, summed over the batch in order by the launcher's last kernel.
-  at::Tensor workspace = workspace_tensor(pc::pyramid_backward_workspace_elems(kdtype, shape),
+  at::Tensor workspace = workspace_tensor(pc::pyramid_attention_backward_workspace_elems(kdtype, shape),
                                           opts.dtype(stat_type));
-  check_launch(pc::pyramid_backward_launch(kdtype, shape, grad_out.data_ptr(),
+  check_launch(pc::pyramid_attention_backward_launch(kdtype, shape, grad_out.data_ptr(),
                                            grad_loss.data_ptr(), pooled.data_ptr(), y.data_ptr(),
                                            w_ptrs.data(), eps, lam, gx_ptrs.data(), gw_ptrs.data(),
                                            grad_bias.data_ptr(), data_or_null(workspace),

@@ -1,4 +1,5 @@
-// Fused spatio-temporal regulariser kernels (DESIGN 3.3; spec: st_regularizer.cuh).
+// Fused spatio-temporal regulariser kernels (docs/design.md "Spatio-temporal attention"; spec:
+// st_regularizer.cuh).
 //
 // Forward, one kernel for the three terms: every thread walks the mask elements e (grid
 // stride, kUnroll elements in flight per step, their loads issued before the arithmetic)
@@ -25,7 +26,7 @@
 #include "common.cuh"
 
 namespace attnpool {
-namespace st_cuda {
+namespace st_regularizer_cuda {
 namespace {
 
 using namespace cuda_common;  // OpMath, to_acc, store, op_*, warp_sum, imin, imax, divup, ...
@@ -109,7 +110,7 @@ template <typename acc_t> __device__ __forceinline__ void block_sum3(acc_t (&v)[
 // N = B*T*H*W mask elements, NU = B*(T-2) unimodality terms (0 when T < 3), T2 = T-2.
 template <typename scalar_t, typename index_t>
 __global__ void __launch_bounds__(kFwdThreads)
-st_forward_kernel(const scalar_t* __restrict__ mask, const scalar_t* __restrict__ w,
+st_regularizer_forward_kernel(const scalar_t* __restrict__ mask, const scalar_t* __restrict__ w,
                   scalar_t* __restrict__ total,
                   typename OpMath<scalar_t>::type* __restrict__ partial, index_t N, index_t H,
                   index_t W, index_t T, index_t NU, index_t T2, Coefs k) {
@@ -166,7 +167,7 @@ st_forward_kernel(const scalar_t* __restrict__ mask, const scalar_t* __restrict_
 // over the block in a fixed order.
 template <typename scalar_t>
 __global__ void __launch_bounds__(kFwdThreads)
-st_finish_kernel(const typename OpMath<scalar_t>::type* __restrict__ partial,
+st_regularizer_finish_kernel(const typename OpMath<scalar_t>::type* __restrict__ partial,
                  scalar_t* __restrict__ total, int blocks, Coefs k) {
   using acc_t = typename OpMath<scalar_t>::type;
   acc_t v[3] = {0, 0, 0};
@@ -182,7 +183,7 @@ st_finish_kernel(const typename OpMath<scalar_t>::type* __restrict__ partial,
 // N = B*T*H*W, BT = B*T.
 template <typename scalar_t, typename index_t>
 __global__ void __launch_bounds__(kBwdThreads)
-st_backward_kernel(const scalar_t* __restrict__ grad_total, const scalar_t* __restrict__ mask,
+st_regularizer_backward_kernel(const scalar_t* __restrict__ grad_total, const scalar_t* __restrict__ mask,
                    const scalar_t* __restrict__ w, scalar_t* __restrict__ grad_mask,
                    scalar_t* __restrict__ grad_w, index_t N, index_t H, index_t W, index_t BT,
                    index_t T, Coefs k) {
@@ -259,7 +260,7 @@ void launch_fwd(const void* mask, const void* w, void* total, void* partial, int
                 int64_t B, int64_t T, int64_t H, int64_t W, const Coefs& k, cudaStream_t stream) {
   using acc_t = typename OpMath<scalar_t>::type;
   const int64_t T2 = imax(T - 2, 0);
-  st_forward_kernel<scalar_t, index_t><<<static_cast<unsigned int>(blocks), kFwdThreads, 0,
+  st_regularizer_forward_kernel<scalar_t, index_t><<<static_cast<unsigned int>(blocks), kFwdThreads, 0,
                                           stream>>>(
       static_cast<const scalar_t*>(mask), static_cast<const scalar_t*>(w),
       static_cast<scalar_t*>(total), static_cast<acc_t*>(partial),
@@ -282,7 +283,7 @@ cudaError_t forward_impl(const void* mask, const void* w, void* total, void* wor
   }
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess || blocks == 1) return err;
-  st_finish_kernel<scalar_t><<<1, kFwdThreads, 0, stream>>>(
+  st_regularizer_finish_kernel<scalar_t><<<1, kFwdThreads, 0, stream>>>(
       static_cast<const acc_t*>(workspace), static_cast<scalar_t*>(total),
       static_cast<int>(blocks), k);
   return cudaGetLastError();
@@ -294,7 +295,7 @@ void launch_bwd(const void* grad_total, const void* mask, const void* w, void* g
                 cudaStream_t stream) {
   const int64_t work = imax(B * T * H * W, B * T);
   const int64_t blocks = imax(1, imin(divup(work, kBwdThreads), kMaxBwdBlocks));
-  st_backward_kernel<scalar_t, index_t><<<static_cast<unsigned int>(blocks), kBwdThreads, 0,
+  st_regularizer_backward_kernel<scalar_t, index_t><<<static_cast<unsigned int>(blocks), kBwdThreads, 0,
                                            stream>>>(
       static_cast<const scalar_t*>(grad_total), static_cast<const scalar_t*>(mask),
       static_cast<const scalar_t*>(w), static_cast<scalar_t*>(grad_mask),
@@ -320,13 +321,13 @@ cudaError_t backward_impl(const void* grad_total, const void* mask, const void* 
 
 }  // namespace
 
-int64_t st_forward_workspace_elems(DType, int64_t B, int64_t T, int64_t H, int64_t W) {
+int64_t st_regularizer_forward_workspace_elems(DType, int64_t B, int64_t T, int64_t H, int64_t W) {
   if (!valid_sizes(B, T, H, W)) return 0;
   const int64_t blocks = fwd_blocks(B, T, H, W);
   return blocks > 1 ? 3 * blocks : 0;
 }
 
-cudaError_t st_forward_launch(DType dtype, const void* mask, const void* w, void* total,
+cudaError_t st_regularizer_forward_launch(DType dtype, const void* mask, const void* w, void* total,
                               void* workspace, int64_t B, int64_t T, int64_t H, int64_t W,
                               const StParams& params, cudaStream_t stream) {
   if (!valid_sizes(B, T, H, W)) return cudaErrorInvalidValue;
@@ -336,7 +337,7 @@ cudaError_t st_forward_launch(DType dtype, const void* mask, const void* w, void
   });
 }
 
-cudaError_t st_backward_launch(DType dtype, const void* grad_total, const void* mask,
+cudaError_t st_regularizer_backward_launch(DType dtype, const void* grad_total, const void* mask,
                                const void* w, void* grad_mask, void* grad_w, int64_t B,
                                int64_t T, int64_t H, int64_t W, const StParams& params,
                                cudaStream_t stream) {
@@ -347,5 +348,5 @@ cudaError_t st_backward_launch(DType dtype, const void* grad_total, const void* 
   });
 }
 
-}  // namespace st_cuda
+}  // namespace st_regularizer_cuda
 }  // namespace attnpool

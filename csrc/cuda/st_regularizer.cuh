@@ -1,4 +1,5 @@
-// Launchers of the fused spatio-temporal regulariser CUDA kernels (DESIGN 3.3; contract:
+// Launchers of the fused spatio-temporal regulariser CUDA kernels (docs/design.md "Spatio-temporal
+// attention"; contract:
 // csrc/attnpool.h; spec: attnpool.reference.st_regularizer). Plain C++ over raw
 // pointers and no torch include, so that st_regularizer.cu compiles with nvcc alone;
 // st_regularizer_torch.cpp is the glue.
@@ -24,7 +25,7 @@
 #include "dtype.cuh"
 
 namespace attnpool {
-namespace st_cuda {
+namespace st_regularizer_cuda {
 
 using cuda_common::DType;  // kFloat32, kFloat64, kFloat16, kBFloat16
 
@@ -37,24 +38,24 @@ struct StParams {
   bool unimodal_mean = true;  // U divided by B*(T-2)
 };
 
-// Opmath elements of the workspace st_forward_launch needs: 0 (nullptr is fine) when the
+// Opmath elements of the workspace st_regularizer_forward_launch needs: 0 (nullptr is fine) when the
 // forward runs as a single block (B*T*H*W <= 65536), else 3 per block of the main kernel.
-int64_t st_forward_workspace_elems(DType dtype, int64_t B, int64_t T, int64_t H, int64_t W);
+int64_t st_regularizer_forward_workspace_elems(DType dtype, int64_t B, int64_t T, int64_t H, int64_t W);
 
 // Forward: one kernel for all three terms. total: one scalar element (a 0-dim tensor).
 // Small inputs (the benchmark's 30 x 20 x 7 x 7): that single launch writes total.
 // Larger ones: the main kernel writes per-block opmath partials (tv, contrast, unimodal)
 // to the workspace and a one-block kernel sums them in block order and writes total.
-cudaError_t st_forward_launch(DType dtype, const void* mask, const void* w, void* total,
+cudaError_t st_regularizer_forward_launch(DType dtype, const void* mask, const void* w, void* total,
                               void* workspace, int64_t B, int64_t T, int64_t H, int64_t W,
                               const StParams& params, cudaStream_t stream);
 
 // Backward: one kernel. grad_total: one scalar element (device), read by the kernel;
 //   -> grad_mask [B, T, H, W], grad_w [B, T]: scalar, contiguous, every element written.
-cudaError_t st_backward_launch(DType dtype, const void* grad_total, const void* mask,
+cudaError_t st_regularizer_backward_launch(DType dtype, const void* grad_total, const void* mask,
                                const void* w, void* grad_mask, void* grad_w, int64_t B,
                                int64_t T, int64_t H, int64_t W, const StParams& params,
                                cudaStream_t stream);
 
-}  // namespace st_cuda
+}  // namespace st_regularizer_cuda
 }  // namespace attnpool

@@ -7,7 +7,7 @@
 namespace attnpool {
 namespace {
 
-namespace st = st_cuda;
+namespace st = st_regularizer_cuda;
 using namespace cuda_glue;  // kernel_dtype, opmath_type, check_tensor, workspace_tensor, ...
 
 // Sizes, device and dtypes of mask [B, T, H, W] and w [B, T], after checking both.
@@ -57,11 +57,11 @@ at::Tensor st_regularizer_forward_cuda(const at::Tensor& mask_in, const at::Tens
   at::Tensor total = at::empty({}, mask.options());
   // Per-block partials of the three sums when the input spans several blocks (summed by the
   // launcher's one-block finishing kernel, in block order); none for small inputs.
-  at::Tensor workspace = workspace_tensor(st::st_forward_workspace_elems(kdtype, B, T, H, W),
+  at::Tensor workspace = workspace_tensor(st::st_regularizer_forward_workspace_elems(kdtype, B, T, H, W),
                                          mask.options().dtype(opmath_type(dtype)));
   // Any sizes >= 0 (B = 0: NaN, as the reference's contrast 0 / 0).
   check_launch(
-      st::st_forward_launch(kdtype, mask.data_ptr(), w.data_ptr(), total.data_ptr(),
+      st::st_regularizer_forward_launch(kdtype, mask.data_ptr(), w.data_ptr(), total.data_ptr(),
                             data_or_null(workspace), B, T, H, W,
                             st_params(tv_weight, contrast_weight, unimodal_weight, sqrt, tv_mean,
                                       unimodal_mean),
@@ -90,7 +90,7 @@ std::tuple<at::Tensor, at::Tensor> st_regularizer_backward_cuda(
   at::Tensor grad_mask = at::empty({B, T, H, W}, mask.options());
   at::Tensor grad_w = at::empty({B, T}, w.options());
   check_launch(
-      st::st_backward_launch(kdtype, grad_total.data_ptr(), mask.data_ptr(), w.data_ptr(),
+      st::st_regularizer_backward_launch(kdtype, grad_total.data_ptr(), mask.data_ptr(), w.data_ptr(),
                              grad_mask.data_ptr(), grad_w.data_ptr(), B, T, H, W,
                              st_params(tv_weight, contrast_weight, unimodal_weight, sqrt, tv_mean,
                                        unimodal_mean),

@@ -1,5 +1,5 @@
 // Torch-side helpers shared by the CUDA glue (attention_cluster_torch.cpp,
-// attentional_pool_torch.cpp, st_regularizer_torch.cpp, pyramid_attention_torch.cpp): dtype
+// attentional_pooling_torch.cpp, st_regularizer_torch.cpp, pyramid_attention_torch.cpp): dtype
 // mapping to the launchers' DType, opmath dtype, input checks, workspace allocation, current
 // stream and launch-status check. Host C++ with torch; the launcher headers (*.cuh) stay
 // torch-free. Not a translation unit of its own (setup.py globs *_torch.cpp).

@@ -1,6 +1,6 @@
-"""Spatio-temporal attention (Meng et al.): the fused regulariser, the masked frame means /
-temporal attention pool (weighted_pool op), and the module, against the float64 reference
-(DESIGN §3.3, §4, §6)."""
+"""Spatio-temporal attention (Meng et al.): the fused regulariser (op st_regularizer), its
+losses and the module, against the float64 reference (docs/design.md). The masked frame means
+and the temporal attention pool are tested with their op, in tests/test_weighted_pool.py."""
 
 from __future__ import annotations
 
@@ -9,13 +9,27 @@ import torch
 from helpers import assert_close, backends_for
 from hypothesis import given
 from hypothesis import strategies as st
+from op_suite import OpSuite
 
 import attnpool
 from attnpool import functional as AF
 from attnpool import losses, reference
 
-POOL_BACKENDS = backends_for("weighted_pool", "cpu", torch.float64)
 REG_BACKENDS = backends_for("st_regularizer", "cpu", torch.float64)
+
+
+
+class TestStRegularizerSuite(OpSuite):
+    """The shared suite (tests/op_suite.py) on the three terms together."""
+
+    op = "st_regularizer"
+
+    def inputs(self, B, seed):
+        mask, w = make_mask_w(B, 5, 3, 4, seed)
+        return [mask, w]
+
+    def call(self, backend, mask, w):
+        return (AF.st_regularizer(mask, w, 0.1, 0.2, 1.0, backend=backend),)
 
 
 def make_mask_w(B, T, H, W, seed, dtype=torch.float64):
@@ -121,76 +135,6 @@ def test_regularizer_module_defaults():
                                rtol=1e-12, atol=1e-14)
 
 
-# ------------------------------------------------------------------ pooling
-def make_clip(B, T, C, H, W, seed, channels_last=False):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(B, T, C, H, W, generator=g, dtype=torch.float64)
-    if channels_last:
-        x = x.permute(0, 1, 3, 4, 2).contiguous().permute(0, 1, 4, 2, 3)
-    mask, _ = make_mask_w(B, T, H, W, seed + 1)
-    scores = torch.randn(B, T, generator=g, dtype=torch.float64)
-    grad_pooled = torch.randn(B, C, generator=g, dtype=torch.float64)
-    grad_w = torch.randn(B, T, generator=g, dtype=torch.float64)
-    return x, mask, scores, grad_pooled, grad_w
-
-
-def pool_run(case, backend, dtype):
-    x, mask, scores, gp, gw = case
-    x = x.to(dtype).requires_grad_()  # .to keeps the layout
-    mask = mask.to(dtype).requires_grad_()
-    scores = scores.to(dtype).requires_grad_()
-    fn = reference.temporal_attention_pool if backend == "reference" else \
-        lambda *a: AF.temporal_attention_pool(*a, backend=backend)
-    pooled, w = fn(x, mask, scores)
-    grads = torch.autograd.grad([pooled, w], [x, mask, scores], [gp.to(dtype), gw.to(dtype)])
-    return dict(zip(["pooled", "w", "grad_x", "grad_mask", "grad_scores"],
-                    [pooled.detach(), w.detach(), *grads]))
-
-
-@pytest.mark.parametrize("backend", POOL_BACKENDS)
-@given(B=st.integers(0, 2), T=st.integers(1, 4), C=st.integers(1, 7), H=st.integers(1, 4),
-       W=st.integers(1, 4), channels_last=st.booleans(),
-       dtype=st.sampled_from([torch.float32, torch.float64]), seed=st.integers(0, 2**30))
-def test_pool_matches_reference(backend, B, T, C, H, W, channels_last, dtype, seed):
-    case = make_clip(B, T, C, H, W, seed, channels_last)
-    ref = pool_run(case, "reference", torch.float64)
-    ref_lowp = pool_run(case, "reference", dtype)
-    got = pool_run(case, backend, dtype)
-    for name in ref:
-        assert got[name].dtype == dtype, name
-        assert_close(got[name], ref[name], f"{backend}/{name}", ref_lowp[name])
-
-
-@pytest.mark.parametrize("backend", [b for b in POOL_BACKENDS if b != "triton"])
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_pool_low_precision(backend, dtype):
-    case = make_clip(2, 3, 40, 7, 7, seed=6)
-    ref = pool_run(case, "reference", torch.float64)
-    ref_lowp = pool_run(case, "reference", dtype)
-    got = pool_run(case, backend, dtype)
-    for name in ref:
-        assert_close(got[name], ref[name], f"{backend}/{dtype}/{name}", ref_lowp[name])
-
-
-@pytest.mark.parametrize("backend", ["reference"] + POOL_BACKENDS)
-def test_pool_gradcheck(backend):
-    x, mask, scores, _, _ = make_clip(2, 3, 4, 2, 3, seed=7, channels_last=True)
-    inputs = tuple(t.requires_grad_() for t in (x, mask, scores))
-    assert torch.autograd.gradcheck(
-        lambda *a: AF.temporal_attention_pool(*a, backend=backend), inputs)
-
-
-@pytest.mark.parametrize("backend", POOL_BACKENDS)
-def test_weighted_pool_opcheck(backend):
-    g = torch.Generator().manual_seed(8)
-    x = torch.randn(3, 5, 6, generator=g, dtype=torch.float64, requires_grad=True)
-    h = torch.rand(3, 2, 6, generator=g, dtype=torch.float64, requires_grad=True)
-    torch.library.opcheck(torch.ops.attnpool.weighted_pool.default, (x, h, backend))
-    grad_z = torch.randn(3, 2, 5, generator=g, dtype=torch.float64)
-    torch.library.opcheck(torch.ops.attnpool.weighted_pool_backward.default,
-                          (grad_z, x.detach(), h.detach(), backend))
-
-
 # ------------------------------------------------------------------ module
 def test_module_state_dict_and_outputs_match_reference():
     torch.manual_seed(0)
@@ -228,35 +172,18 @@ def test_autocast_cpu_bf16():
 
 
 # ------------------------------------------------------------------ bad input
-@pytest.mark.parametrize("backend", ["reference"] + POOL_BACKENDS)
+@pytest.mark.parametrize("backend", ["reference"] + REG_BACKENDS)
 def test_bad_input(backend):
-    x, mask, scores, _, _ = make_clip(2, 3, 4, 2, 3, seed=9)
-    with pytest.raises(ValueError, match=r"x must have shape \[B, T, C, H, W\]"):
-        AF.temporal_attention_pool(x[0], mask, scores, backend=backend)
-    with pytest.raises(ValueError, match=r"mask must have shape \[2, 3, 2, 3\]"):
-        AF.temporal_attention_pool(x, mask[:, :2], scores, backend=backend)
-    with pytest.raises(ValueError, match=r"scores must have shape \[2, 3\]"):
-        AF.temporal_attention_pool(x, mask, scores[:, :1], backend=backend)
-    with pytest.raises(TypeError, match="dtype"):
-        AF.temporal_attention_pool(x, mask.float(), scores, backend=backend)
+    mask, w = make_mask_w(2, 3, 2, 3, seed=9)
     with pytest.raises(ValueError, match=r"mask must have shape \[B, T, H, W\]"):
         losses.total_variation(mask[0], backend=backend)
     with pytest.raises(ValueError, match=r"w must have shape \[2, 3\]"):
-        AF.st_regularizer(mask, scores[:, :2], backend=backend)
+        AF.st_regularizer(mask, w[:, :2], backend=backend)
     with pytest.raises(ValueError, match="tv_reduction must be"):
         losses.total_variation(mask, "max", backend=backend)
+    x = torch.randn(2, 3, 4, 2, 3)
     with pytest.raises(ValueError, match=r"x must have shape \[B, T, 6, H, W\]"):
-        attnpool.SpatioTemporalAttention(6, (3, 2))(x.float())
-
-
-@pytest.mark.parametrize("backend", ["reference"] + POOL_BACKENDS)
-def test_empty_batch(backend):
-    x, mask, scores, _, _ = make_clip(0, 3, 4, 2, 3, seed=10)
-    x.requires_grad_()
-    pooled, w = AF.temporal_attention_pool(x, mask, scores, backend=backend)
-    assert pooled.shape == (0, 4) and w.shape == (0, 3)
-    pooled.sum().backward()
-    assert x.grad.shape == x.shape
+        attnpool.SpatioTemporalAttention(6, (3, 2))(x)
 
 
 @pytest.mark.parametrize("backend", ["reference"] + REG_BACKENDS)
@@ -274,14 +201,8 @@ def test_regularizer_empty_batch(backend):
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_gpu_matches_reference(backend, dtype):
-    if backend not in backends_for("weighted_pool", "cuda", dtype):
+    if backend not in backends_for("st_regularizer", "cuda", dtype):
         pytest.skip(f"{backend} not available on this GPU build")
-    case = tuple(t.cuda() for t in make_clip(4, 20, 256, 7, 7, seed=11))
-    ref = pool_run(tuple(t.cpu() for t in case), "reference", torch.float64)
-    ref_lowp = pool_run(case, "reference", dtype)
-    got = pool_run(case, backend, dtype)
-    for name in ref:
-        assert_close(got[name].cpu(), ref[name], f"{backend}/{name}", ref_lowp[name].cpu())
     mask, w = (t.cuda() for t in make_mask_w(30, 20, 7, 7, seed=12))
     reg_ref = reg_run(mask.cpu(), w.cpu(), "reference", torch.float64)
     reg_lowp = reg_run(mask, w, "reference", dtype)

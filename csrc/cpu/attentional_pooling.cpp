@@ -17,6 +17,7 @@
 #include "attnpool.h"
 #include "cpu/isa.h"
 #include "cpu/loops.h"
+#include "layout.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -136,8 +137,6 @@ struct Geometry {
 
 constexpr int64_t kRows = 4;  // C-contiguous: positions per L1-resident row group
 
-int64_t divup(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
 // Positions per task. An n-contiguous block [C, ni] is read twice, so it should stay in L2
 // (kBlockBytes of opmath) in between; but channel rows shorter than kMinRun positions stream
 // poorly from memory (the prefetchers run past each row segment), which costs more than taking
@@ -157,33 +156,22 @@ int64_t positions_per_block(int64_t B, int64_t C, int64_t n, int64_t opmath_byte
   return std::min(n, divup(divup(n, blocks), kAlign) * kAlign);
 }
 
-bool strided_as(const at::Tensor& t, at::IntArrayRef strides) {
-  for (int64_t d = 0; d < t.dim(); ++d)
-    if (t.size(d) > 1 && t.stride(d) != strides[d]) return false;
-  return true;
-}
-
-// x in one of the two layouts the kernels read in place (else a contiguous copy: the caller
-// validates, so that is only a safety net). With C == 1 or n == 1 both layouts describe the
-// same memory; the one with the longer contiguous run vectorises better.
+// x in one of the two layouts the kernels read in place (layout.h).
 Geometry make_geometry(at::Tensor& x, int64_t P) {
   const int64_t B = x.size(0), C = x.size(1), n = x.size(2);
-  const bool nc = strided_as(x, {C * n, n, 1});
-  const bool cl = strided_as(x, {C * n, 1, C});
-  if (!nc && !cl) x = x.contiguous();
-  const bool channels_last = cl && (!nc || C >= n);
+  const bool channels_last = bcn_channels_last(x);
   const int64_t block = positions_per_block(B, C, n, x.scalar_type() == at::kDouble ? 8 : 4);
   return {B, C, n, P, channels_last, block, divup(n, block)};
 }
 
 void check_inputs(const at::Tensor& x, const at::Tensor& wb) {
   TORCH_CHECK(x.device().is_cpu() && wb.device().is_cpu(),
-              "attentional_pool cpu: tensors must be on the CPU");
-  TORCH_CHECK(x.dim() == 3, "attentional_pool cpu: x must be [B, C, n], got ", x.sizes());
+              "attentional_pooling cpu: tensors must be on the CPU");
+  TORCH_CHECK(x.dim() == 3, "attentional_pooling cpu: x must be [B, C, n], got ", x.sizes());
   TORCH_CHECK(wb.dim() == 2 && wb.size(1) == x.size(1),
-              "attentional_pool cpu: wb must be [P, C=", x.size(1), "], got ", wb.sizes());
+              "attentional_pooling cpu: wb must be [P, C=", x.size(1), "], got ", wb.sizes());
   TORCH_CHECK(wb.scalar_type() == x.scalar_type(),
-              "attentional_pool cpu: wb must have x's dtype ", x.scalar_type());
+              "attentional_pooling cpu: wb must have x's dtype ", x.scalar_type());
 }
 
 // ---------------------------------------------------------------- z of a forward task
@@ -629,7 +617,7 @@ struct WeightedBackwardJob {
 at::Tensor sum_groups(const at::Tensor& parts) {
   at::Tensor out = parts[0].clone();
   const int64_t m = out.numel();
-  AT_DISPATCH_FLOATING_TYPES(parts.scalar_type(), "attentional_pool_sum_groups", [&] {
+  AT_DISPATCH_FLOATING_TYPES(parts.scalar_type(), "attentional_pooling_sum_groups", [&] {
     const scalar_t* p = parts.const_data_ptr<scalar_t>();
     scalar_t* o = out.mutable_data_ptr<scalar_t>();
     for (int64_t k = 1; k < parts.size(0); ++k)
@@ -649,11 +637,11 @@ void check_weighted(const at::Tensor& x, const at::Tensor& h) {
 
 }  // namespace
 
-AttpoolForward attentional_pool_forward_cpu(const at::Tensor& x_in,
+AttpoolForward attentional_pooling_forward_cpu(const at::Tensor& x_in,
                                                                 const at::Tensor& wb,
                                                                 const at::Tensor& bb) {
   check_inputs(x_in, wb);
-  TORCH_CHECK(bb.numel() == wb.size(0), "attentional_pool cpu: bb must be [P=", wb.size(0), "]");
+  TORCH_CHECK(bb.numel() == wb.size(0), "attentional_pooling cpu: bb must be [P=", wb.size(0), "]");
   at::Tensor x = x_in;
   const Geometry g = make_geometry(x, wb.size(0));
   const auto opmath = opmath_dtype(x.scalar_type());
@@ -663,7 +651,7 @@ AttpoolForward attentional_pool_forward_cpu(const at::Tensor& x_in,
   at::Tensor z = at::empty({g.B, g.P, g.C}, x.options());
   const at::Tensor zpart = z_partials(g, x);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(),
-                                  "attentional_pool_forward_cpu", [&] {
+                                  "attentional_pooling_forward_cpu", [&] {
     using T = at::opmath_type<scalar_t>;
     const ForwardJob<scalar_t> job{g, x.const_data_ptr<scalar_t>(), w.const_data_ptr<T>(),
                                    bias.const_data_ptr<T>(), nullptr,
@@ -675,7 +663,7 @@ AttpoolForward attentional_pool_forward_cpu(const at::Tensor& x_in,
   return {z, h};
 }
 
-AttpoolBackward attentional_pool_backward_cpu(
+AttpoolBackward attentional_pooling_backward_cpu(
     const at::Tensor& grad_z, const at::Tensor& grad_h, const at::Tensor& x_in,
     const at::Tensor& h_in, const at::Tensor& wb) {
   check_inputs(x_in, wb);
@@ -684,7 +672,7 @@ AttpoolBackward attentional_pool_backward_cpu(
   TORCH_CHECK(grad_z.sizes() == at::IntArrayRef({g.B, g.P, g.C}) &&
                   grad_h.sizes() == at::IntArrayRef({g.B, g.P, g.n}) &&
                   h_in.sizes() == at::IntArrayRef({g.B, g.P, g.n}),
-              "attentional_pool cpu: grad_z must be [B, P, C], grad_h and h [B, P, n]");
+              "attentional_pooling cpu: grad_z must be [B, P, C], grad_h and h [B, P, n]");
   const auto dtype = x.scalar_type();
   const auto opmath = opmath_dtype(dtype);
   const at::Tensor w = wb.to(opmath).contiguous();
@@ -698,7 +686,7 @@ AttpoolBackward attentional_pool_backward_cpu(
   at::Tensor wb_parts = at::zeros({groups, g.P, g.C}, x.options().dtype(opmath));
   at::Tensor bb_parts = at::zeros({groups, g.P}, x.options().dtype(opmath));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype,
-                                  "attentional_pool_backward_cpu", [&] {
+                                  "attentional_pooling_backward_cpu", [&] {
     using T = at::opmath_type<scalar_t>;
     const BackwardJob<scalar_t> job{g, groups, x.const_data_ptr<scalar_t>(),
                                     h.const_data_ptr<scalar_t>(), gh.const_data_ptr<T>(),

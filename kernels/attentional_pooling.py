@@ -1,11 +1,12 @@
 """Fused Triton kernels of the attentional-pooling op (Girdhar & Ramanan, NeurIPS 2017)
-and of the weighted pool (the same op with the maps h given: pose variant, DESIGN 3.3).
+and of the weighted pool (the same op with the maps h given: the pose variant and the masked
+frame means of spatio-temporal attention, docs/design.md).
 
 Contract: csrc/attnpool.h; executable specs:
-attnpool.reference.attentional_pool and attnpool.reference.weighted_pool.
+attnpool.reference.attentional_pooling_op and attnpool.reference.weighted_pool.
 
-    attentional_pool_forward(x, wb, bb) -> (z [B, P, C], h [B, P, n])
-    attentional_pool_backward(grad_z, grad_h, x, h, wb) -> (grad_x, grad_wb, grad_bb)
+    attentional_pooling_forward(x, wb, bb) -> (z [B, P, C], h [B, P, n])
+    attentional_pooling_backward(grad_z, grad_h, x, h, wb) -> (grad_x, grad_wb, grad_bb)
     weighted_pool_forward(x, h) -> z [B, P, C] = (1/n) h @ x^T
     weighted_pool_backward(grad_z, x, h) -> (grad_x, grad_h [B, P, n])
 
@@ -71,7 +72,7 @@ from torch import Tensor
 
 from .common import block, div_rn, dot_precision, opmath
 
-__all__ = ["attentional_pool_forward", "attentional_pool_backward",
+__all__ = ["attentional_pooling_forward", "attentional_pooling_backward",
            "weighted_pool_forward", "weighted_pool_backward"]
 
 # Block-size caps (powers of two, >= 16). Module-level so tests can force the tiled paths.
@@ -192,7 +193,7 @@ def _store_z(h_hi, h_lo, x_base, z_ptr, zp_ptr, b, pid_i, offs_p, p_mask, offs_i
 
 # =============================================================================== forward
 @triton.jit
-def _attpool_fwd_kernel(
+def _attentional_pooling_fwd_kernel(
     x_ptr, wb_ptr, bb_ptr, z_ptr, h_ptr, zp_ptr,
     C, n, P, s_b, s_c, s_i, n_tiles,
     LAYOUT: tl.constexpr, SINGLE_I: tl.constexpr, SPLIT: tl.constexpr,
@@ -228,7 +229,7 @@ def _attpool_fwd_kernel(
 
 
 @triton.jit
-def _wpool_fwd_kernel(
+def _weighted_pool_fwd_kernel(
     x_ptr, h_ptr, z_ptr, zp_ptr,
     C, n, P, s_b, s_c, s_i, n_tiles,
     LAYOUT: tl.constexpr, SINGLE_I: tl.constexpr,
@@ -252,7 +253,7 @@ def _wpool_fwd_kernel(
 
 # =============================================================================== backward
 @triton.jit
-def _attpool_bwd_kernel(
+def _attentional_pooling_bwd_kernel(
     gz_ptr, gh_ptr, x_ptr, h_ptr, wb_ptr, gx_ptr, dh_ptr, pwb_ptr, pbb_ptr,
     C, n, P, s_b, s_c, s_i, g_b, g_c, g_i, n_tiles,
     LAYOUT: tl.constexpr, G_LAYOUT: tl.constexpr, FUSE_X: tl.constexpr, SPLIT: tl.constexpr,
@@ -312,7 +313,7 @@ def _attpool_bwd_kernel(
 
 
 @triton.jit
-def _attpool_bwd_x_kernel(
+def _attentional_pooling_bwd_x_kernel(
     gz_ptr, h_ptr, wb_ptr, dh_ptr, gx_ptr,
     C, n, P, g_b, g_c, g_i,
     G_LAYOUT: tl.constexpr, SPLIT: tl.constexpr, WITH_WB: tl.constexpr,
@@ -355,7 +356,7 @@ def _attpool_bwd_x_kernel(
 
 
 @triton.jit
-def _wpool_bwd_kernel(
+def _weighted_pool_bwd_kernel(
     gz_ptr, x_ptr, h_ptr, gx_ptr, gh_ptr,
     C, n, P, s_b, s_c, s_i, g_b, g_c, g_i,
     LAYOUT: tl.constexpr, G_LAYOUT: tl.constexpr, FUSE_X: tl.constexpr, ACC: tl.constexpr,
@@ -424,7 +425,7 @@ def _strides(t: Tensor, layout: int) -> tuple[int, int, int]:
     return s_b, s_c, s_i
 
 
-def attentional_pool_forward(x: Tensor, wb: Tensor, bb: Tensor) -> tuple[Tensor, Tensor]:
+def attentional_pooling_forward(x: Tensor, wb: Tensor, bb: Tensor) -> tuple[Tensor, Tensor]:
     """x [B, C, n] (n- or C-contiguous), wb [P, C], bb [P] -> z [B, P, C], h [B, P, n]."""
     B, C, n = x.shape
     P = wb.shape[0]
@@ -441,7 +442,7 @@ def attentional_pool_forward(x: Tensor, wb: Tensor, bb: Tensor) -> tuple[Tensor,
     zp = (torch.empty(1, dtype=acc, device=dev) if single_i  # never read: carries the dtype
           else torch.empty(B, n_tiles, P, C, dtype=acc, device=dev))
     grid = (B, n_tiles, triton.cdiv(P, block_p))
-    _attpool_fwd_kernel[grid](
+    _attentional_pooling_fwd_kernel[grid](
         x, wb, bb, z, h, zp, C, n, P, *_strides(x, layout), n_tiles,
         LAYOUT=layout, SINGLE_I=single_i, SPLIT=_split_dots(x.dtype),
         BLOCK_P=block_p, BLOCK_C=block_c, BLOCK_I=block_i,
@@ -452,7 +453,7 @@ def attentional_pool_forward(x: Tensor, wb: Tensor, bb: Tensor) -> tuple[Tensor,
     return z, h
 
 
-def attentional_pool_backward(grad_z: Tensor, grad_h: Tensor, x: Tensor, h: Tensor, wb: Tensor
+def attentional_pooling_backward(grad_z: Tensor, grad_h: Tensor, x: Tensor, h: Tensor, wb: Tensor
                               ) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients w.r.t. x (x's layout), wb [P, C] and bb [P], all in x.dtype."""
     B, C, n = x.shape
@@ -476,7 +477,7 @@ def attentional_pool_backward(grad_z: Tensor, grad_h: Tensor, x: Tensor, h: Tens
     prec = dot_precision(x.dtype)
     split = _split_dots(x.dtype)
     g_strides = _strides(grad_x, g_layout)
-    _attpool_bwd_kernel[(B, n_tiles, p_tiles)](
+    _attentional_pooling_bwd_kernel[(B, n_tiles, p_tiles)](
         grad_z, grad_h, x, h, wb, grad_x, dh, pwb, pbb,
         C, n, P, *_strides(x, layout), *g_strides, n_tiles,
         LAYOUT=layout, G_LAYOUT=g_layout, FUSE_X=fuse_x, SPLIT=split,
@@ -484,7 +485,7 @@ def attentional_pool_backward(grad_z: Tensor, grad_h: Tensor, x: Tensor, h: Tens
         num_warps=NUM_WARPS, num_stages=NUM_STAGES,
     )
     if not fuse_x:
-        _attpool_bwd_x_kernel[(B, n_tiles, triton.cdiv(C, block_c))](
+        _attentional_pooling_bwd_x_kernel[(B, n_tiles, triton.cdiv(C, block_c))](
             grad_z, h, wb, dh, grad_x, C, n, P, *g_strides,
             G_LAYOUT=g_layout, SPLIT=split, WITH_WB=True, BLOCK_P=block_p, BLOCK_C=block_c, BLOCK_I=block_i,
             DOT_PRECISION=prec, num_warps=NUM_WARPS, num_stages=NUM_STAGES,
@@ -509,7 +510,7 @@ def weighted_pool_forward(x: Tensor, h: Tensor) -> Tensor:
     z = torch.empty(B, P, C, dtype=x.dtype, device=dev)
     zp = (torch.empty(1, dtype=acc, device=dev) if single_i  # never read: carries the dtype
           else torch.empty(B, n_tiles, P, C, dtype=acc, device=dev))
-    _wpool_fwd_kernel[(B, n_tiles, triton.cdiv(P, block_p))](
+    _weighted_pool_fwd_kernel[(B, n_tiles, triton.cdiv(P, block_p))](
         x, h, z, zp, C, n, P, *_strides(x, layout), n_tiles,
         LAYOUT=layout, SINGLE_I=single_i, BLOCK_P=block_p, BLOCK_C=block_c, BLOCK_I=block_i,
         DOT_PRECISION=dot_precision(x.dtype), num_warps=NUM_WARPS, num_stages=NUM_STAGES,
@@ -537,7 +538,7 @@ def weighted_pool_backward(grad_z: Tensor, x: Tensor, h: Tensor) -> tuple[Tensor
     grad_h = torch.empty(B, P, n, dtype=x.dtype, device=dev)
     prec = dot_precision(x.dtype)
     g_strides = _strides(grad_x, g_layout)
-    _wpool_bwd_kernel[(B, n_tiles, p_tiles)](
+    _weighted_pool_bwd_kernel[(B, n_tiles, p_tiles)](
         grad_z, x, h, grad_x, grad_h, C, n, P, *_strides(x, layout), *g_strides,
         LAYOUT=layout, G_LAYOUT=g_layout, FUSE_X=fuse_x,
         ACC=tl.float64 if acc == torch.float64 else tl.float32,
@@ -546,7 +547,7 @@ def weighted_pool_backward(grad_z: Tensor, x: Tensor, h: Tensor) -> tuple[Tensor
     )
     if not fuse_x:
         dtype_carrier = torch.empty(1, dtype=acc, device=dev)  # never read
-        _attpool_bwd_x_kernel[(B, n_tiles, triton.cdiv(C, block_c))](
+        _attentional_pooling_bwd_x_kernel[(B, n_tiles, triton.cdiv(C, block_c))](
             grad_z, h, h, dtype_carrier, grad_x, C, n, P, *g_strides,
             G_LAYOUT=g_layout, SPLIT=False, WITH_WB=False, BLOCK_P=block_p, BLOCK_C=block_c,
             BLOCK_I=block_i, DOT_PRECISION=prec, num_warps=NUM_WARPS, num_stages=NUM_STAGES,

@@ -1,38 +1,18 @@
 // Torch glue of the attentional-pooling and weighted_pool CUDA kernels: checks, device guard, layout of x,
 // output and scratch allocation, launch on the current stream, deterministic reduction of
-// the grad_wb / grad_bb partials. The kernels themselves (attentional_pool.cu) see raw
+// the grad_wb / grad_bb partials. The kernels themselves (attentional_pooling.cu) see raw
 // pointers only.
 #include <limits>
 
-#include "cuda/attentional_pool.cuh"
+#include "cuda/attentional_pooling.cuh"
 #include "cuda/torch_glue.h"
+#include "layout.h"
 
 namespace attnpool {
 namespace {
 
-namespace ap = attpool_cuda;
+namespace ap = attentional_pooling_cuda;
 using namespace cuda_glue;  // kernel_dtype, opmath_type, check_tensor, workspace_tensor, ...
-
-// Strides of t equal `strides` on every dimension of size > 1.
-bool attpool_strided_as(const at::Tensor& t, at::IntArrayRef strides) {
-  for (int64_t d = 0; d < t.dim(); ++d)
-    if (t.size(d) > 1 && t.stride(d) != strides[d]) return false;
-  return true;
-}
-
-// x [B, C, n] as the kernels read it in place: n-contiguous or C-contiguous (channels-last),
-// else a contiguous copy. Returns channels_last. With C == 1 or n == 1 both layouts name the
-// same memory; the one with the longer contiguous run is taken.
-bool attpool_layout(at::Tensor& x) {
-  const int64_t C = x.size(1), n = x.size(2);
-  const bool nc = attpool_strided_as(x, {C * n, n, 1});
-  const bool cl = attpool_strided_as(x, {C * n, 1, C});
-  if (!nc && !cl) {
-    x = x.contiguous();
-    return false;
-  }
-  return cl && (!nc || C >= n);
-}
 
 // Sizes, device and dtypes of x [B, C, n] and of the maps' tensor (wb [P, C] for the
 // attentional pool, h [B, P, n] for weighted_pool; P is its dimension p_dim), after checking
@@ -57,19 +37,19 @@ PoolInputs pool_inputs(const at::Tensor& x_in, const at::Tensor& maps, const cha
   return {B, C, n, P, device, dtype, kdtype};
 }
 
-PoolInputs attpool_inputs(const at::Tensor& x_in, const at::Tensor& wb_in) {
+PoolInputs attentional_pooling_inputs(const at::Tensor& x_in, const at::Tensor& wb_in) {
   return pool_inputs(x_in, wb_in, "wb", "[P, C]", 0);
 }
 
-PoolInputs wpool_inputs(const at::Tensor& x_in, const at::Tensor& h_in) {
+PoolInputs weighted_pool_inputs(const at::Tensor& x_in, const at::Tensor& h_in) {
   return pool_inputs(x_in, h_in, "h", "[B, P, n]", 1);
 }
 
-// The backward's x in a layout the kernels read (see attpool_layout; untouched when empty),
+// The backward's x in a layout the kernels read (see bcn_channels_last in layout.h; untouched when empty),
 // and grad_x allocated in the layout the kernels write: x's (strides equal on every
 // dimension of size > 1). Returns channels_last.
 bool backward_layout(at::Tensor& x, at::Tensor& grad_x, int64_t B, int64_t C, int64_t n) {
-  const bool channels_last = B > 0 && C > 0 && n > 0 ? attpool_layout(x) : false;
+  const bool channels_last = B > 0 && C > 0 && n > 0 ? bcn_channels_last(x) : false;
   grad_x = channels_last ? at::empty({B, n, C}, x.options()).transpose(1, 2)
                          : at::empty({B, C, n}, x.options());
   return channels_last;
@@ -77,9 +57,9 @@ bool backward_layout(at::Tensor& x, at::Tensor& grad_x, int64_t B, int64_t C, in
 
 }  // namespace
 
-AttpoolForward attentional_pool_forward_cuda(const at::Tensor& x_in, const at::Tensor& wb_in,
+AttpoolForward attentional_pooling_forward_cuda(const at::Tensor& x_in, const at::Tensor& wb_in,
                                              const at::Tensor& bb_in) {
-  const auto [B, C, n, P, device, dtype, kdtype] = attpool_inputs(x_in, wb_in);
+  const auto [B, C, n, P, device, dtype, kdtype] = attentional_pooling_inputs(x_in, wb_in);
   check_tensor(wb_in, "wb", device, dtype, {P, C});
   check_tensor(bb_in, "bb", device, dtype, {P});
 
@@ -94,22 +74,22 @@ AttpoolForward attentional_pool_forward_cuda(const at::Tensor& x_in, const at::T
     return {z, h};
   }
   at::Tensor x = x_in;
-  const bool channels_last = attpool_layout(x);
+  const bool channels_last = bcn_channels_last(x);
   const auto stat = x.options().dtype(opmath_type(dtype));
   at::Tensor workspace =
-      workspace_tensor(ap::attpool_forward_workspace_elems(kdtype, B, C, n, P), stat);
-  check_launch(ap::attpool_forward_launch(
+      workspace_tensor(ap::attentional_pooling_forward_workspace_elems(kdtype, B, C, n, P), stat);
+  check_launch(ap::attentional_pooling_forward_launch(
         kdtype, x.data_ptr(), channels_last, wb.data_ptr(), bb.data_ptr(), z.data_ptr(),
         h.data_ptr(), data_or_null(workspace), B, C, n, P, current_stream(device)),
-               "attentional_pool_forward");
+               "attentional_pooling_forward");
   return {z, h};
 }
 
-AttpoolBackward attentional_pool_backward_cuda(const at::Tensor& grad_z_in,
+AttpoolBackward attentional_pooling_backward_cuda(const at::Tensor& grad_z_in,
                                                const at::Tensor& grad_h_in,
                                                const at::Tensor& x_in, const at::Tensor& h_in,
                                                const at::Tensor& wb_in) {
-  const auto [B, C, n, P, device, dtype, kdtype] = attpool_inputs(x_in, wb_in);
+  const auto [B, C, n, P, device, dtype, kdtype] = attentional_pooling_inputs(x_in, wb_in);
   const at::ScalarType stat_type = opmath_type(dtype);
   check_tensor(wb_in, "wb", device, dtype, {P, C});
   // Gradients and h: any floating dtype, read in x's (as the CPU kernels do).
@@ -134,17 +114,17 @@ AttpoolBackward attentional_pool_backward_cuda(const at::Tensor& grad_z_in,
             grad_h.to(stat_type).sum(at::IntArrayRef({0, 2})).to(dtype)};
   }
   const auto stat = x.options().dtype(stat_type);
-  const int64_t tiles = ap::attpool_num_tiles(n);
+  const int64_t tiles = ap::attentional_pooling_num_tiles(n);
   // Per-(sample, tile) grad_wb / grad_bb terms (kernel output, summed below).
   at::Tensor wb_part = at::empty({B * tiles, P, C}, stat);
   at::Tensor bb_part = at::empty({B * tiles, P}, stat);
   at::Tensor workspace =
-      workspace_tensor(ap::attpool_backward_workspace_elems(kdtype, B, C, n, P), stat);
-  check_launch(ap::attpool_backward_launch(
+      workspace_tensor(ap::attentional_pooling_backward_workspace_elems(kdtype, B, C, n, P), stat);
+  check_launch(ap::attentional_pooling_backward_launch(
         kdtype, grad_z.data_ptr(), grad_h.data_ptr(), x.data_ptr(), channels_last, h.data_ptr(),
         wb.data_ptr(), grad_x.data_ptr(), wb_part.data_ptr(), bb_part.data_ptr(),
         data_or_null(workspace), B, C, n, P, current_stream(device)),
-               "attentional_pool_backward");
+               "attentional_pooling_backward");
   // Sum over (sample, tile) with torch's reduction (fixed order for a fixed shape:
   // deterministic), in opmath, then round once to the dtype of x.
   return {grad_x, wb_part.sum(0).to(dtype), bb_part.sum(0).to(dtype)};
@@ -152,7 +132,7 @@ AttpoolBackward attentional_pool_backward_cuda(const at::Tensor& grad_z_in,
 
 // ------------------------------------------------------------------ weighted_pool
 at::Tensor weighted_pool_forward_cuda(const at::Tensor& x_in, const at::Tensor& h_in) {
-  const auto [B, C, n, P, device, dtype, kdtype] = wpool_inputs(x_in, h_in);
+  const auto [B, C, n, P, device, dtype, kdtype] = weighted_pool_inputs(x_in, h_in);
   check_tensor(h_in, "h", device, dtype, {B, P, n});
 
   const c10::cuda::CUDAGuard guard(device);
@@ -163,11 +143,11 @@ at::Tensor weighted_pool_forward_cuda(const at::Tensor& x_in, const at::Tensor& 
   }
   const at::Tensor h = h_in.contiguous();
   at::Tensor x = x_in;
-  const bool channels_last = attpool_layout(x);
+  const bool channels_last = bcn_channels_last(x);
   const auto stat = x.options().dtype(opmath_type(dtype));
   at::Tensor workspace =
-      workspace_tensor(ap::wpool_forward_workspace_elems(kdtype, B, C, n, P), stat);
-  check_launch(ap::wpool_forward_launch(
+      workspace_tensor(ap::weighted_pool_forward_workspace_elems(kdtype, B, C, n, P), stat);
+  check_launch(ap::weighted_pool_forward_launch(
         kdtype, x.data_ptr(), channels_last, h.data_ptr(), z.data_ptr(), data_or_null(workspace), B,
         C, n, P, current_stream(device)),
                "weighted_pool_forward");
@@ -177,7 +157,7 @@ at::Tensor weighted_pool_forward_cuda(const at::Tensor& x_in, const at::Tensor& 
 std::tuple<at::Tensor, at::Tensor> weighted_pool_backward_cuda(const at::Tensor& grad_z_in,
                                                                const at::Tensor& x_in,
                                                                const at::Tensor& h_in) {
-  const auto [B, C, n, P, device, dtype, kdtype] = wpool_inputs(x_in, h_in);
+  const auto [B, C, n, P, device, dtype, kdtype] = weighted_pool_inputs(x_in, h_in);
   // The gradient and h: any floating dtype, read in x's (as the CPU kernels do).
   for (const at::Tensor* t : {&grad_z_in, &h_in})
     TORCH_CHECK(t->is_floating_point(), "attnpool cuda: grad_z and h must be floating, got ",
@@ -195,9 +175,9 @@ std::tuple<at::Tensor, at::Tensor> weighted_pool_backward_cuda(const at::Tensor&
   if (B == 0 || C == 0 || n == 0 || P == 0) {  // the caller short-circuits these already
     return {grad_x.zero_(), grad_h.zero_()};    // empty sums: 0
   }
-  at::Tensor workspace = workspace_tensor(ap::wpool_backward_workspace_elems(kdtype, B, C, n, P),
+  at::Tensor workspace = workspace_tensor(ap::weighted_pool_backward_workspace_elems(kdtype, B, C, n, P),
                                          x.options().dtype(opmath_type(dtype)));
-  check_launch(ap::wpool_backward_launch(
+  check_launch(ap::weighted_pool_backward_launch(
         kdtype, grad_z.data_ptr(), x.data_ptr(), channels_last, h.data_ptr(), grad_x.data_ptr(),
         grad_h.data_ptr(), data_or_null(workspace), B, C, n, P, current_stream(device)),
                "weighted_pool_backward");

@@ -1,4 +1,5 @@
-// Fused attentional-pooling kernels (factored core, DESIGN 3.2; spec: attentional_pool.cuh).
+// Fused attentional-pooling kernels (factored core, docs/design.md "Attentional pooling"; spec:
+// attentional_pooling.cuh).
 //
 // Unit of work: one block per (sample b, tile of at most kTile = 32 positions); the n
 // positions of a sample are split into balanced tiles (n = 196: 7 tiles of 28).
@@ -16,7 +17,7 @@
 //                      grad_x tile = (grad_z / n)^T h + wb^T dh (needs no x) written once.
 //
 // weighted_pool (h given): the forward kernel with kGivenH (the h tile is loaded instead of
-// phase 1; same phase 2 and finish_z), and wpool_backward_kernel: phase 1 with grad_z gives
+// phase 1; same phase 2 and finish_z), and weighted_pool_backward_kernel: phase 1 with grad_z gives
 // grad_h = (grad_z x_tile) / n, stored directly; grad_x tile = (grad_z / n)^T h as above.
 //
 // Layouts (thread mapping chosen so that every load of x and store of grad_x is coalesced
@@ -30,8 +31,8 @@
 //
 // Every sum has a fixed order (sequential loops, fixed-shape shuffle trees, one writer per
 // output): bitwise deterministic, no atomics. Sums accumulate in opmath (float; double for
-// double). Plain CUDA, no torch: see attentional_pool.cuh.
-#include "attentional_pool.cuh"
+// double). Plain CUDA, no torch: see attentional_pooling.cuh.
+#include "attentional_pooling.cuh"
 
 #include <cstddef>
 #include <cstdint>
@@ -40,7 +41,7 @@
 #include "common.cuh"
 
 namespace attnpool {
-namespace attpool_cuda {
+namespace attentional_pooling_cuda {
 namespace {
 
 using namespace cuda_common;  // OpMath, to_acc, store, warp_sum, imin, divup, grid_x, ...
@@ -231,7 +232,7 @@ __device__ __forceinline__ void phase2_nc(const scalar_t* __restrict__ xb, const
 // and wb, bb, h are unused (pass nullptr).
 template <typename scalar_t, int KP, bool kCL, bool kGivenH = false>
 __global__ void __launch_bounds__(kThreads)
-attpool_forward_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ wb,
+attentional_pooling_forward_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ wb,
                        const scalar_t* __restrict__ bb, scalar_t* __restrict__ z,
                        scalar_t* __restrict__ h, typename OpMath<scalar_t>::type* __restrict__ zpart,
                        typename OpMath<scalar_t>::type* hbuf, int64_t B, int64_t C, int64_t n,
@@ -302,7 +303,7 @@ attpool_forward_kernel(const scalar_t* __restrict__ x, const scalar_t* __restric
 // z[b, p, c] = (sum over the tiles of zpart[b, t, p, c], in tile order) / n.
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads)
-attpool_finish_z_kernel(const typename OpMath<scalar_t>::type* __restrict__ zpart,
+attentional_pooling_finish_z_kernel(const typename OpMath<scalar_t>::type* __restrict__ zpart,
                         scalar_t* __restrict__ z, int64_t B, int64_t PC, int64_t tiles,
                         int64_t n) {
   using acc_t = typename OpMath<scalar_t>::type;
@@ -323,7 +324,7 @@ attpool_finish_z_kernel(const typename OpMath<scalar_t>::type* __restrict__ zpar
 // opmath each when staged, else the unit's slice of tbuf (2 * P * kTile).
 template <typename scalar_t, int KP, bool kCL>
 __global__ void __launch_bounds__(kThreads)
-attpool_backward_kernel(const scalar_t* __restrict__ grad_z,
+attentional_pooling_backward_kernel(const scalar_t* __restrict__ grad_z,
                         const typename OpMath<scalar_t>::type* __restrict__ grad_h,
                         const scalar_t* __restrict__ x, const scalar_t* __restrict__ h,
                         const scalar_t* __restrict__ wb, scalar_t* __restrict__ grad_x,
@@ -426,7 +427,7 @@ attpool_backward_kernel(const scalar_t* __restrict__ grad_z,
 // staged, else the unit's slice of tbuf (P * kTile).
 template <typename scalar_t, int KP, bool kCL>
 __global__ void __launch_bounds__(kThreads)
-wpool_backward_kernel(const scalar_t* __restrict__ grad_z, const scalar_t* __restrict__ x,
+weighted_pool_backward_kernel(const scalar_t* __restrict__ grad_z, const scalar_t* __restrict__ x,
                       const scalar_t* __restrict__ h, scalar_t* __restrict__ grad_x,
                       scalar_t* __restrict__ grad_h, typename OpMath<scalar_t>::type* tbuf,
                       int64_t B, int64_t C, int64_t n, int64_t P, int64_t tile_len,
@@ -564,7 +565,7 @@ cudaError_t run_forward(void* z, void* workspace, int64_t B, int64_t C, int64_t 
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess || tiles == 1) return err;
   const int64_t total = B * P * C;
-  attpool_finish_z_kernel<scalar_t><<<grid_x(divup(total, kThreads)), kThreads, 0, stream>>>(
+  attentional_pooling_finish_z_kernel<scalar_t><<<grid_x(divup(total, kThreads)), kThreads, 0, stream>>>(
       zpart, static_cast<scalar_t*>(z), B, P * C, tiles, n);
   return cudaGetLastError();
 }
@@ -575,7 +576,7 @@ void launch_forward(const void* x, const void* wb, const void* bb, void* z, void
                     bool staged, cudaStream_t stream) {
   using acc_t = typename OpMath<scalar_t>::type;
   const size_t smem = staged ? tile_bytes(sizeof(acc_t), P, 1) : 0;
-  attpool_forward_kernel<scalar_t, KP, kCL><<<grid_x(B * tiles), kThreads, smem, stream>>>(
+  attentional_pooling_forward_kernel<scalar_t, KP, kCL><<<grid_x(B * tiles), kThreads, smem, stream>>>(
       static_cast<const scalar_t*>(x), static_cast<const scalar_t*>(wb),
       static_cast<const scalar_t*>(bb), static_cast<scalar_t*>(z), static_cast<scalar_t*>(h),
       static_cast<acc_t*>(zpart), static_cast<acc_t*>(hbuf), B, C, n, P, tile_len_of(n), tiles,
@@ -602,7 +603,7 @@ void launch_backward(const void* grad_z, const void* grad_h, const void* x, cons
                      cudaStream_t stream) {
   using acc_t = typename OpMath<scalar_t>::type;
   const size_t smem = staged ? tile_bytes(sizeof(acc_t), P, 2) : 0;
-  attpool_backward_kernel<scalar_t, KP, kCL><<<grid_x(B * tiles), kThreads, smem, stream>>>(
+  attentional_pooling_backward_kernel<scalar_t, KP, kCL><<<grid_x(B * tiles), kThreads, smem, stream>>>(
       static_cast<const scalar_t*>(grad_z), static_cast<const acc_t*>(grad_h),
       static_cast<const scalar_t*>(x), static_cast<const scalar_t*>(h),
       static_cast<const scalar_t*>(wb), static_cast<scalar_t*>(grad_x),
@@ -629,41 +630,41 @@ cudaError_t backward_impl(const void* grad_z, const void* grad_h, const void* x,
 
 // weighted_pool: the forward kernel with the h tile given (KP unused: no phase 1).
 template <typename scalar_t, bool kCL>
-void launch_wpool_forward(const void* x, const void* h, void* z, void* zpart, void* hbuf,
+void launch_weighted_pool_forward(const void* x, const void* h, void* z, void* zpart, void* hbuf,
                           int64_t B, int64_t C, int64_t n, int64_t P, int64_t tiles, bool staged,
                           cudaStream_t stream) {
   using acc_t = typename OpMath<scalar_t>::type;
   const size_t smem = staged ? tile_bytes(sizeof(acc_t), P, 1) : 0;
-  attpool_forward_kernel<scalar_t, 1, kCL, true><<<grid_x(B * tiles), kThreads, smem, stream>>>(
+  attentional_pooling_forward_kernel<scalar_t, 1, kCL, true><<<grid_x(B * tiles), kThreads, smem, stream>>>(
       static_cast<const scalar_t*>(x), nullptr, nullptr, static_cast<scalar_t*>(z), nullptr,
       static_cast<acc_t*>(zpart), static_cast<acc_t*>(hbuf), B, C, n, P, tile_len_of(n), tiles,
       staged, static_cast<const scalar_t*>(h));
 }
 
 template <typename scalar_t>
-cudaError_t wpool_forward_impl(const void* x, bool channels_last, const void* h, void* z,
+cudaError_t weighted_pool_forward_impl(const void* x, bool channels_last, const void* h, void* z,
                                void* workspace, int64_t B, int64_t C, int64_t n, int64_t P,
                                cudaStream_t stream) {
   return run_forward<scalar_t>(
       z, workspace, B, C, n, P, stream, [&](void* zpart, void* hbuf, int64_t tiles, bool staged) {
         dispatch_cl(channels_last, [&](auto cl) {
-          launch_wpool_forward<scalar_t, decltype(cl)::value>(x, h, z, zpart, hbuf, B, C, n, P,
+          launch_weighted_pool_forward<scalar_t, decltype(cl)::value>(x, h, z, zpart, hbuf, B, C, n, P,
                                                               tiles, staged, stream);
         });
       });
 }
 
-int64_t wpool_backward_ws_elems(size_t acc_bytes, int64_t B, int64_t n, int64_t P) {
+int64_t weighted_pool_backward_ws_elems(size_t acc_bytes, int64_t B, int64_t n, int64_t P) {
   return staged_in_smem(acc_bytes, P, 1) ? 0 : B * num_tiles(n) * P * kTile;
 }
 
 template <typename scalar_t, int KP, bool kCL>
-void launch_wpool_backward(const void* grad_z, const void* x, const void* h, void* grad_x,
+void launch_weighted_pool_backward(const void* grad_z, const void* x, const void* h, void* grad_x,
                            void* grad_h, void* tbuf, int64_t B, int64_t C, int64_t n, int64_t P,
                            int64_t tiles, bool staged, cudaStream_t stream) {
   using acc_t = typename OpMath<scalar_t>::type;
   const size_t smem = staged ? tile_bytes(sizeof(acc_t), P, 1) : 0;
-  wpool_backward_kernel<scalar_t, KP, kCL><<<grid_x(B * tiles), kThreads, smem, stream>>>(
+  weighted_pool_backward_kernel<scalar_t, KP, kCL><<<grid_x(B * tiles), kThreads, smem, stream>>>(
       static_cast<const scalar_t*>(grad_z), static_cast<const scalar_t*>(x),
       static_cast<const scalar_t*>(h), static_cast<scalar_t*>(grad_x),
       static_cast<scalar_t*>(grad_h), static_cast<acc_t*>(tbuf), B, C, n, P, tile_len_of(n),
@@ -671,7 +672,7 @@ void launch_wpool_backward(const void* grad_z, const void* x, const void* h, voi
 }
 
 template <typename scalar_t>
-cudaError_t wpool_backward_impl(const void* grad_z, const void* x, bool channels_last,
+cudaError_t weighted_pool_backward_impl(const void* grad_z, const void* x, bool channels_last,
                                 const void* h, void* grad_x, void* grad_h, void* workspace,
                                 int64_t B, int64_t C, int64_t n, int64_t P, cudaStream_t stream) {
   using acc_t = typename OpMath<scalar_t>::type;
@@ -679,7 +680,7 @@ cudaError_t wpool_backward_impl(const void* grad_z, const void* x, bool channels
   const bool staged = staged_in_smem(sizeof(acc_t), P, 1);
   if (!staged && workspace == nullptr) return cudaErrorInvalidValue;
   dispatch_kp_cl(P, channels_last, [&](auto kp, auto cl) {
-    launch_wpool_backward<scalar_t, decltype(kp)::value, decltype(cl)::value>(
+    launch_weighted_pool_backward<scalar_t, decltype(kp)::value, decltype(cl)::value>(
         grad_z, x, h, grad_x, grad_h, workspace, B, C, n, P, tiles, staged, stream);
   });
   return cudaGetLastError();
@@ -687,19 +688,19 @@ cudaError_t wpool_backward_impl(const void* grad_z, const void* x, bool channels
 
 }  // namespace
 
-int64_t attpool_num_tiles(int64_t n) { return num_tiles(n); }
+int64_t attentional_pooling_num_tiles(int64_t n) { return num_tiles(n); }
 
-int64_t attpool_forward_workspace_elems(DType dtype, int64_t B, int64_t C, int64_t n, int64_t P) {
+int64_t attentional_pooling_forward_workspace_elems(DType dtype, int64_t B, int64_t C, int64_t n, int64_t P) {
   if (!valid_sizes(B, C, n, P)) return 0;
   return forward_ws_elems(opmath_bytes(dtype), B, C, n, P);
 }
 
-int64_t attpool_backward_workspace_elems(DType dtype, int64_t B, int64_t C, int64_t n, int64_t P) {
+int64_t attentional_pooling_backward_workspace_elems(DType dtype, int64_t B, int64_t C, int64_t n, int64_t P) {
   if (!valid_sizes(B, C, n, P)) return 0;
   return backward_ws_elems(opmath_bytes(dtype), B, n, P);
 }
 
-cudaError_t attpool_forward_launch(DType dtype, const void* x, bool channels_last, const void* wb,
+cudaError_t attentional_pooling_forward_launch(DType dtype, const void* x, bool channels_last, const void* wb,
                                    const void* bb, void* z, void* h, void* workspace, int64_t B,
                                    int64_t C, int64_t n, int64_t P, cudaStream_t stream) {
   if (!valid_sizes(B, C, n, P)) return cudaErrorInvalidValue;
@@ -709,7 +710,7 @@ cudaError_t attpool_forward_launch(DType dtype, const void* x, bool channels_las
   });
 }
 
-cudaError_t attpool_backward_launch(DType dtype, const void* grad_z, const void* grad_h,
+cudaError_t attentional_pooling_backward_launch(DType dtype, const void* grad_z, const void* grad_h,
                                     const void* x, bool channels_last, const void* h,
                                     const void* wb, void* grad_x, void* grad_wb_partial,
                                     void* grad_bb_partial, void* workspace, int64_t B, int64_t C,
@@ -722,37 +723,37 @@ cudaError_t attpool_backward_launch(DType dtype, const void* grad_z, const void*
   });
 }
 
-int64_t wpool_forward_workspace_elems(DType dtype, int64_t B, int64_t C, int64_t n, int64_t P) {
+int64_t weighted_pool_forward_workspace_elems(DType dtype, int64_t B, int64_t C, int64_t n, int64_t P) {
   // Same workspace as the attentional pool's forward.
-  return attpool_forward_workspace_elems(dtype, B, C, n, P);
+  return attentional_pooling_forward_workspace_elems(dtype, B, C, n, P);
 }
 
-int64_t wpool_backward_workspace_elems(DType dtype, int64_t B, int64_t C, int64_t n, int64_t P) {
+int64_t weighted_pool_backward_workspace_elems(DType dtype, int64_t B, int64_t C, int64_t n, int64_t P) {
   if (!valid_sizes(B, C, n, P)) return 0;
-  return wpool_backward_ws_elems(opmath_bytes(dtype), B, n, P);
+  return weighted_pool_backward_ws_elems(opmath_bytes(dtype), B, n, P);
 }
 
-cudaError_t wpool_forward_launch(DType dtype, const void* x, bool channels_last, const void* h,
+cudaError_t weighted_pool_forward_launch(DType dtype, const void* x, bool channels_last, const void* h,
                                  void* z, void* workspace, int64_t B, int64_t C, int64_t n,
                                  int64_t P, cudaStream_t stream) {
   if (!valid_sizes(B, C, n, P)) return cudaErrorInvalidValue;
   return dispatch_dtype(dtype, [&](auto tag) {
-    return wpool_forward_impl<typename decltype(tag)::type>(x, channels_last, h, z, workspace, B,
+    return weighted_pool_forward_impl<typename decltype(tag)::type>(x, channels_last, h, z, workspace, B,
                                                             C, n, P, stream);
   });
 }
 
-cudaError_t wpool_backward_launch(DType dtype, const void* grad_z, const void* x,
+cudaError_t weighted_pool_backward_launch(DType dtype, const void* grad_z, const void* x,
                                   bool channels_last, const void* h, void* grad_x, void* grad_h,
                                   void* workspace, int64_t B, int64_t C, int64_t n, int64_t P,
                                   cudaStream_t stream) {
   if (!valid_sizes(B, C, n, P)) return cudaErrorInvalidValue;
   return dispatch_dtype(dtype, [&](auto tag) {
-    return wpool_backward_impl<typename decltype(tag)::type>(grad_z, x, channels_last, h, grad_x,
+    return weighted_pool_backward_impl<typename decltype(tag)::type>(grad_z, x, channels_last, h, grad_x,
                                                              grad_h, workspace, B, C, n, P,
                                                              stream);
   });
 }
 
-}  // namespace attpool_cuda
+}  // namespace attentional_pooling_cuda
 }  // namespace attnpool
