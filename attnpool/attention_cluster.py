@@ -87,7 +87,7 @@ def attention_cluster_op(
             x.contiguous(), weight.contiguous(), lengths, alpha.contiguous(), beta.contiguous(),
             shift, eps, eps_sqrt)
     if weight is not None:  # the bias shifts every frame's score alike: the softmax cancels it
-        scores = torch.nn.linear(x, weight)
+        scores = torch.nn.functional.linear(x, weight)
     impl = backends.implementation("attention_cluster", backend)
     return impl.forward(x.contiguous(), scores.contiguous(), lengths, alpha.contiguous(),
                         beta.contiguous(), shift, eps, eps_sqrt)

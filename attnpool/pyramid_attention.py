@@ -133,7 +133,7 @@ def _pyramid_backward_by_autograd(grad_out, grad_loss, pooled, bias, weights, ep
         for s, g in enumerate(grads[:len(weights)]):  # unpool: the adjoint of R
             C = g.shape[1]
             x = pooled.new_zeros(B * T, C, sizes[2 * s], sizes[2 * s + 1], requires_grad=True)
-            r = torch.nn.adaptive_avg_pool2d(x, (Ho, Wo))
+            r = torch.nn.functional.adaptive_avg_pool2d(x, (Ho, Wo))
             g = g.reshape(B, C, T, Ho, Wo).transpose(1, 2).reshape(B * T, C, Ho, Wo)
             (gx,) = torch.autograd.grad(r, x, g)
             grad_xs.append(gx.reshape(B, T, C, *gx.shape[-2:]))

@@ -468,7 +468,7 @@ class AttentionalPooling(nn.Module):
             raise ValueError(f"target must have the heatmaps' shape {list(heatmaps.shape)}, "
                              f"got {list(target.shape)}")
         if valid is None and not official:
-            return torch.nn.mse_loss(heatmaps, target)
+            return torch.nn.functional.mse_loss(heatmaps, target)
         sq = (heatmaps - target).square()
         if valid is not None:
             if not isinstance(valid, Tensor) or valid.dtype != torch.bool:
