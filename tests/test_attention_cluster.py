@@ -27,6 +27,7 @@ class TestAttentionClusterSuite(OpSuite):
     """The shared suite (tests/op_suite.py) on fc1 clusters with padded frames."""
 
     op = OP
+    scale_floors = {4: 1.0}  # the bias gradient: exactly 0 (the softmax cancels the bias)
 
     def inputs(self, B, seed):
         g = torch.Generator().manual_seed(seed)
