@@ -27,13 +27,19 @@ from attnpool import _jit
 BACKENDS = ("reference", "cpp", "cuda", "triton")
 CHOICES = ("auto",) + BACKENDS
 
-# auto's order of preference per device type; the first that can serve wins.
+# auto's order of preference per device type (and per op where it differs); the first that
+# can serve wins.
 # cpu: cpp beats the eager reference at every benchmarked shape, and torch.compile for
 #   the cluster and attentional pooling (benchmarks/NOTES.md, benchmarks/results/cpu.csv);
 #   the Triton interpreter is a test vehicle, never a speed choice.
-# cuda: not yet measured on a GPU (to be measured, cuda against triton, and reordered per op
-#   where triton wins); cuda first because it needs no JIT warm-up.
+# cuda: the faster kernel per op on an H200 (fp32 forward + backward, p50 ms, cuda / triton;
+#   benchmarks/results/NVIDIA_H200.csv): attentional pooling 1.56 / 3.90, pyramid 1.60 / 1.81,
+#   regulariser 0.33 / 0.53, temporal pool (weighted_pool) 0.55 / 1.38 take cuda; the attention cluster takes
+#   triton: 2.42 / 1.40 at B=128, L=25, F=2048, N=64, faster at 6 of its 8 swept shapes (cuda
+#   at N=8 and L=8), and by far at long clips, where the cuda kernels' per-unit loops grow
+#   with L x N (L=300: 353 / 8.1 ms; benchmarks/NOTES.md).
 AUTO_ORDER = {"cpu": ("cpp", "reference"), "cuda": ("cuda", "triton", "reference")}
+AUTO_ORDER_BY_OP = {("cuda", "attention_cluster"): ("triton", "cuda", "reference")}
 
 
 class BackendUnavailableError(RuntimeError):
@@ -252,7 +258,9 @@ def resolve(op: str, backend: str | None, device: torch.device, dtype: torch.dty
             f"{op}. Export with backend='auto' or 'reference' (the plain-PyTorch math, as "
             "standard ONNX operators), e.g. inside attnpool.use_backend('reference').")
     if choice == "auto":
-        for candidate in AUTO_ORDER.get(device.type, ("reference",)):
+        order = AUTO_ORDER_BY_OP.get((device.type, op)) or AUTO_ORDER.get(device.type,
+                                                                         ("reference",))
+        for candidate in order:
             if why_not(op, candidate, device, dtype, **sizes) is None:
                 return candidate
         return "reference"

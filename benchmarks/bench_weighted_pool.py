@@ -40,7 +40,7 @@ def cases(B, T, C, H, W, device, dtype):
                        harness.call_setup(lambda: reference.temporal_attention_pool,
                                           (x, mask, scores), grads))
     yield harness.Case("weighted_pool", "compile", pool_shape,
-                       harness.call_setup(lambda: torch.compile(reference.temporal_attention_pool),
+                       harness.call_setup(lambda: harness.compiled(reference.temporal_attention_pool),
                                           (x, mask, scores), grads))
     for backend in harness.kernel_backends("weighted_pool", device, dtype):
         pool = functools.partial(functional.temporal_attention_pool, backend=backend)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import assert_close, backends_for
+from helpers import assert_close, backends_for, rounded_to
 from hypothesis import given
 from hypothesis import strategies as st
 from op_suite import OpSuite
@@ -139,7 +139,7 @@ def test_gpu_matches_reference(backend, dtype):
     if backend not in backends_for("weighted_pool", "cuda", dtype):
         pytest.skip(f"{backend} not available on this GPU build")
     case = tuple(t.cuda() for t in make_clip(4, 20, 256, 7, 7, seed=11))
-    ref = pool_run(tuple(t.cpu() for t in case), "reference", torch.float64)
+    ref = pool_run(rounded_to(tuple(t.cpu() for t in case), dtype), "reference", torch.float64)
     ref_lowp = pool_run(case, "reference", dtype)
     got = pool_run(case, backend, dtype)
     for name in ref:

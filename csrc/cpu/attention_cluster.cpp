@@ -22,6 +22,7 @@
 #include "attnpool.h"
 #include "cpu/isa.h"
 #include "cpu/loops.h"
+#include "cpu/tiles.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -36,138 +37,8 @@
 #include <type_traits>
 #include <vector>
 
-#if defined(__GNUC__)
-#define ATTNPOOL_INLINE inline __attribute__((always_inline))
-// Fully unrolls a loop over tile rows/registers, so that its arrays of registers become
-// registers: GCC leaves some of them as rolled loops over stack arrays otherwise (the AVX2 dot
-// tile did, 3x slower than its AVX-512 twin).
-#define ATTNPOOL_UNROLL _Pragma("GCC unroll 16")
-#else
-#define ATTNPOOL_INLINE inline
-#define ATTNPOOL_UNROLL
-#endif
-
 namespace attnpool {
 namespace {
-
-// ---------------------------------------------------------------- tiles
-
-// A kVec-byte SIMD register of T. The tiles below keep arrays of them as accumulators; written
-// as plain loops, GCC leaves such arrays in memory (or adds a round trip through it), so they
-// use the GCC/Clang vector extension. Elementwise loops elsewhere are plain C++ that vectorises.
-#if defined(__GNUC__)
-template <int kVec, typename T>
-struct Simd {
-  typedef T type __attribute__((vector_size(kVec)));
-};
-#else
-template <int kVec, typename T>
-struct Simd {
-  struct type {
-    T v[kVec / sizeof(T)];
-    T operator[](int l) const { return v[l]; }
-    type& operator+=(const type& o) {
-      for (int l = 0; l < kVec / int(sizeof(T)); ++l) v[l] += o.v[l];
-      return *this;
-    }
-    friend type operator*(const type& x, const type& y) {
-      type z;
-      for (int l = 0; l < kVec / int(sizeof(T)); ++l) z.v[l] = x.v[l] * y.v[l];
-      return z;
-    }
-    friend type operator+(const type& x, T y) {
-      type z;
-      for (int l = 0; l < kVec / int(sizeof(T)); ++l) z.v[l] = x.v[l] + y;
-      return z;
-    }
-    friend type operator*(T x, const type& y) {
-      type z;
-      for (int l = 0; l < kVec / int(sizeof(T)); ++l) z.v[l] = x * y.v[l];
-      return z;
-    }
-  };
-};
-#endif
-
-// One register of T from p (no alignment required): a plain vector load, where a memcpy into
-// the register's array is sometimes lowered as a copy through the stack.
-template <int kVec, typename T>
-ATTNPOOL_INLINE typename Simd<kVec, T>::type load(const T* p) {
-#if defined(__GNUC__)
-  typedef T unaligned __attribute__((vector_size(kVec), aligned(alignof(T)), may_alias));
-  return *reinterpret_cast<const unaligned*>(p);
-#else
-  typename Simd<kVec, T>::type v;
-  std::memcpy(&v, p, kVec);
-  return v;
-#endif
-}
-
-// Tile shapes for kVec-byte registers (64: AVX-512 with 32 registers; 32: AVX2 and 16: SSE,
-// with 16). A gemm tile holds kRows x kVecs accumulator registers, a dot tile kRows x kDotCols.
-template <int kVec, typename T>
-struct Tiling {
-  static constexpr int kLanes = kVec / sizeof(T);
-  static constexpr int kRows = kVec == 64 ? 8 : kVec == 32 ? 6 : 4;
-  static constexpr int kVecs = 2;
-  static constexpr int kDotRows = kVec == 64 ? 4 : 2;
-  static constexpr int kDotCols = kVec == 64 ? 6 : 4;
-};
-
-// Units and frames are split between tasks in multiples of this (the largest kRows).
-constexpr int64_t kRowAlign = 8;
-
-// Pairwise fold of kLanes partial sums.
-template <int kLanes, typename T>
-ATTNPOOL_INLINE T fold(T* acc) {
-  for (int w = kLanes / 2; w > 0; w /= 2)
-    for (int l = 0; l < w; ++l) acc[l] += acc[l + w];
-  return acc[0];
-}
-
-template <int kVec, typename T, typename Out>
-ATTNPOOL_INLINE void store(Out* dst, const typename Simd<kVec, T>::type& v) {
-  if constexpr (std::is_same_v<T, Out>) {
-    std::memcpy(dst, &v, kVec);
-  } else {
-    for (int l = 0; l < kVec / int(sizeof(T)); ++l) dst[l] = static_cast<Out>(v[l]);
-  }
-}
-
-// Pairwise fold of a register's lanes (the order of fold<kLanes>), by halves of the register.
-template <int kVec, typename T>
-ATTNPOOL_INLINE T fold_vec(const typename Simd<kVec, T>::type& v) {
-  if constexpr (kVec == int(sizeof(T))) {
-    return v[0];
-  } else {
-    using half = typename Simd<kVec / 2, T>::type;
-    half lo, hi;
-    std::memcpy(&lo, &v, kVec / 2);
-    std::memcpy(&hi, reinterpret_cast<const char*>(&v) + kVec / 2, kVec / 2);
-    lo += hi;
-    return fold_vec<kVec / 2, T>(lo);
-  }
-}
-
-// c(r, w) = sum_{k<K} a(r, k) b[k*ldb + w] for r < R and w < NV registers of lanes, with
-// a(r, k) = a[r*ars + k*aks]; stored converted to Out. Each load of b feeds R FMAs.
-template <int kVec, int R, int NV, typename T, typename Out>
-ATTNPOOL_INLINE void gemm_tile(int64_t K, const T* a, int64_t ars, int64_t aks, const T* b,
-                               int64_t ldb, Out* c, int64_t ldc) {
-  using vec = typename Simd<kVec, T>::type;
-  constexpr int V = kVec / sizeof(T);
-  vec acc[R][NV] = {};
-  for (int64_t k = 0; k < K; ++k) {
-    vec bk[NV];
-    ATTNPOOL_UNROLL for (int j = 0; j < NV; ++j) bk[j] = load<kVec>(b + k * ldb + j * V);
-    ATTNPOOL_UNROLL for (int r = 0; r < R; ++r) {
-      const T ark = a[r * ars + k * aks];
-      ATTNPOOL_UNROLL for (int j = 0; j < NV; ++j) acc[r][j] += ark * bk[j];
-    }
-  }
-  for (int r = 0; r < R; ++r)
-    for (int j = 0; j < NV; ++j) store<kVec, T>(c + r * ldc + j * V, acc[r][j]);
-}
 
 // gemm_tile whose rows r end as u = al[r] c + be[r]: stored to u, and u*u added to sq[r] while
 // still in registers (the forward's norms, without a second pass over u).
@@ -177,15 +48,8 @@ ATTNPOOL_INLINE void affine_tile(int64_t K, const T* a, int64_t aks, const T* b,
                                  typename Simd<kVec, T>::type* sq) {
   using vec = typename Simd<kVec, T>::type;
   constexpr int V = kVec / sizeof(T);
-  vec acc[R][NV] = {};
-  for (int64_t k = 0; k < K; ++k) {
-    vec bk[NV];
-    ATTNPOOL_UNROLL for (int j = 0; j < NV; ++j) bk[j] = load<kVec>(b + k * ldb + j * V);
-    ATTNPOOL_UNROLL for (int r = 0; r < R; ++r) {
-      const T ark = a[r + k * aks];
-      ATTNPOOL_UNROLL for (int j = 0; j < NV; ++j) acc[r][j] += ark * bk[j];
-    }
-  }
+  vec acc[R][NV];
+  tile_products<kVec, R, NV>(K, a, 1, aks, b, ldb, acc);
   for (int r = 0; r < R; ++r)
     for (int j = 0; j < NV; ++j) {
       const vec ur = al[r] * acc[r][j] + be[r];
@@ -194,126 +58,8 @@ ATTNPOOL_INLINE void affine_tile(int64_t K, const T* a, int64_t aks, const T* b,
     }
 }
 
-// R rows of c over `cols` columns: tiles of NV registers, then of one, then a scalar rest.
-template <int kVec, int R, int NV, typename T, typename Out>
-ATTNPOOL_INLINE void gemm_panel(int64_t cols, int64_t K, const T* a, int64_t ars, int64_t aks,
-                                const T* b, int64_t ldb, Out* c, int64_t ldc) {
-  constexpr int V = kVec / sizeof(T);
-  int64_t w = 0;
-  for (; w + NV * V <= cols; w += NV * V)
-    gemm_tile<kVec, R, NV>(K, a, ars, aks, b + w, ldb, c + w, ldc);
-  for (; w + V <= cols; w += V) gemm_tile<kVec, R, 1>(K, a, ars, aks, b + w, ldb, c + w, ldc);
-  for (; w < cols; ++w)
-    for (int r = 0; r < R; ++r) {
-      T acc = 0;
-      for (int64_t k = 0; k < K; ++k) acc += a[r * ars + k * aks] * b[k * ldb + w];
-      c[r * ldc + w] = static_cast<Out>(acc);
-    }
-}
-
-// gemm_panel with R a runtime value r <= R (one switch per panel).
-template <int kVec, int R, int NV, typename T, typename Out>
-ATTNPOOL_INLINE void gemm_panel_of(int64_t r, int64_t cols, int64_t K, const T* a, int64_t ars,
-                                   int64_t aks, const T* b, int64_t ldb, Out* c, int64_t ldc) {
-  if constexpr (R > 1) {
-    if (r < R) return gemm_panel_of<kVec, R - 1, NV>(r, cols, K, a, ars, aks, b, ldb, c, ldc);
-  }
-  gemm_panel<kVec, R, NV>(cols, K, a, ars, aks, b, ldb, c, ldc);
-}
-
-// Rows of a task split into `parts` runs of near-equal size: a remainder row alone would run
-// as a 1-row tile, bound by latency and loads (25 frames: 7+6+6+6 rather than 8+8+8+1).
-ATTNPOOL_INLINE int64_t balanced_part(int64_t rows, int64_t parts, int64_t i) {
-  return rows / parts + (i < rows % parts);
-}
-
-// c[rows, cols] = a[rows, K] b[K, cols], by panels of at most R rows.
-// With several panels, each block of b's columns (one tile wide) is first packed into a
-// contiguous K x W buffer that every panel then streams: b's rows are often 4 KiB apart
-// (F = 1024 floats), so the tile's K lines of b would share one L1 set and come from L2 on
-// every pass (the AVX2 tiles, with half the rows per pass of AVX-512's, suffered most).
-// Every element is one in-order sum over k whatever the panel or block, so the split and the
-// packing change no bits.
-template <int kVec, int R, int NV, typename T, typename Out>
-ATTNPOOL_INLINE void gemm(int64_t rows, int64_t cols, int64_t K, const T* a, int64_t ars,
-                          int64_t aks, const T* b, int64_t ldb, Out* c, int64_t ldc) {
-  constexpr int W = NV * kVec / sizeof(T);
-  const int64_t panels = (rows + R - 1) / R;
-  int64_t w = 0;
-  if (panels > 1 && ldb != W) {
-    thread_local std::vector<T> pack;
-    if (static_cast<int64_t>(pack.size()) < K * W) pack.resize(K * W);
-    T* pk = pack.data();
-    for (; w + W <= cols; w += W) {
-      for (int64_t k = 0; k < K; ++k) std::memcpy(pk + k * W, b + k * ldb + w, W * sizeof(T));
-      for (int64_t i = 0, r = 0; i < panels; ++i) {
-        const int64_t n = balanced_part(rows, panels, i);
-        gemm_panel_of<kVec, R, NV>(n, W, K, a + r * ars, ars, aks, pk, W, c + r * ldc + w, ldc);
-        r += n;
-      }
-    }
-  }
-  if (w == cols) return;
-  for (int64_t i = 0, r = 0; i < panels; ++i) {
-    const int64_t n = balanced_part(rows, panels, i);
-    gemm_panel_of<kVec, R, NV>(n, cols - w, K, a + r * ars, ars, aks, b + w, ldb,
-                               c + r * ldc + w, ldc);
-    r += n;
-  }
-}
-
-// d[r*ldd + s] = sum_{k<K} p[r*ldp + k] q[s*ldq + k] for r < R, s < S: R*S dot products that
-// share their loads, one register of partial sums each, folded pairwise at the end.
-template <int kVec, int R, int S, typename T>
-ATTNPOOL_INLINE void dot_tile(int64_t K, const T* p, int64_t ldp, const T* q, int64_t ldq, T* d,
-                              int64_t ldd) {
-  using vec = typename Simd<kVec, T>::type;
-  constexpr int V = kVec / sizeof(T);
-  vec acc[R][S] = {};
-  int64_t k = 0;
-  for (; k + V <= K; k += V) {
-    vec pv[R], qv[S];
-    ATTNPOOL_UNROLL for (int r = 0; r < R; ++r) pv[r] = load<kVec>(p + r * ldp + k);
-    ATTNPOOL_UNROLL for (int s = 0; s < S; ++s) qv[s] = load<kVec>(q + s * ldq + k);
-    ATTNPOOL_UNROLL for (int r = 0; r < R; ++r)
-      ATTNPOOL_UNROLL for (int s = 0; s < S; ++s) acc[r][s] += pv[r] * qv[s];
-  }
-  for (int r = 0; r < R; ++r)
-    for (int s = 0; s < S; ++s) {
-      T tail = 0;
-      for (int64_t j = k; j < K; ++j) tail += p[r * ldp + j] * q[s * ldq + j];
-      d[r * ldd + s] = fold_vec<kVec, T>(acc[r][s]) + tail;
-    }
-}
-
-// dot_tile with R, S runtime values r <= R, s <= S.
-template <int kVec, int R, int S, typename T>
-ATTNPOOL_INLINE void dot_tile_of(int64_t r, int64_t s, int64_t K, const T* p, int64_t ldp,
-                                 const T* q, int64_t ldq, T* d, int64_t ldd) {
-  if constexpr (R > 1) {
-    if (r < R) return dot_tile_of<kVec, R - 1, S>(r, s, K, p, ldp, q, ldq, d, ldd);
-  }
-  if constexpr (S > 1) {
-    if (s < S) return dot_tile_of<kVec, R, S - 1>(r, s, K, p, ldp, q, ldq, d, ldd);
-  }
-  dot_tile<kVec, R, S>(K, p, ldp, q, ldq, d, ldd);
-}
-
-// d[rows, cols] = p[rows, K] q[cols, K]^T, by tiles of at most R x S (balanced like gemm's).
-template <int kVec, int R, int S, typename T>
-ATTNPOOL_INLINE void dots(int64_t rows, int64_t cols, int64_t K, const T* p, int64_t ldp,
-                          const T* q, int64_t ldq, T* d, int64_t ldd) {
-  const int64_t rparts = (rows + R - 1) / R, sparts = (cols + S - 1) / S;
-  for (int64_t i = 0, r = 0; i < rparts; ++i) {
-    const int64_t nr = balanced_part(rows, rparts, i);
-    for (int64_t j = 0, c = 0; j < sparts; ++j) {
-      const int64_t nc = balanced_part(cols, sparts, j);
-      dot_tile_of<kVec, R, S>(nr, nc, K, p + r * ldp, ldp, q + c * ldq, ldq, d + r * ldd + c, ldd);
-      c += nc;
-    }
-    r += nr;
-  }
-}
+// Units and frames are split between tasks in multiples of this (the largest kRows).
+constexpr int64_t kRowAlign = 8;
 
 // ---------------------------------------------------------------- small helpers
 
@@ -411,8 +157,8 @@ struct ForwardJob {
   Shape s;
   Split units;  // tasks are (b, block of units)
   const scalar_t* x;
-  const scalar_t* scores;  // [B, L, N], or nullptr with weight
-  const T* weight_t;       // fc1: weight^T [F, N] (opmath), scores = x weight^T per task
+  const T* scores;         // [B, L, N] opmath, or nullptr with weight
+  const T* weight;         // fc1: weight [N, F] (opmath), scores = x weight^T per task
   const int64_t* lengths;  // or nullptr
   const T* alpha;
   const T* beta;
@@ -517,7 +263,7 @@ struct ForwardJob {
     // and their per-unit max and sum; u of one panel of units.
     std::vector<T> xs(std::is_same_v<scalar_t, T> ? 0 : L * F);
     std::vector<T> a(units.block * L + 2 * units.block), u(R * F);
-    std::vector<T> sc(weight_t != nullptr ? units.block * L : 0);
+    std::vector<T> sc(weight != nullptr ? units.block * L : 0);
     T* mx = a.data() + units.block * L;
     T* sum = mx + units.block;
     for (int64_t t = t0; t < t1; ++t) {
@@ -526,8 +272,11 @@ struct ForwardJob {
       const int64_t nb = std::min(N, n0 + units.block) - n0;
       const int64_t len = valid_length(lengths, b, L);
       const T* xb = as_opmath<T>(x + b * L * F, len * F, xs.data());
-      if (weight_t != nullptr) {  // fc1: the block's scores [len, nb] = X W^T, x in cache
-        gemm<kVec, R, Tile::kVecs>(len, nb, F, xb, F, 1, weight_t + n0, N, sc.data(), nb);
+      if (weight != nullptr) {  // fc1: the block's scores [len, nb] = X W^T, x in cache
+        // as dot products along F: a gemm over W^T would run a block of fewer units than a
+        // register's lanes (N = 8 on AVX-512) as scalar columns
+        dots<kVec, Tile::kDotRows, Tile::kDotCols>(len, nb, F, xb, F, weight + n0 * F, F,
+                                                   sc.data(), nb);
         softmax(sc.data(), nb, b, n0, nb, len, a.data(), mx, sum);
       } else {
         softmax(scores + b * L * N + n0, N, b, n0, nb, len, a.data(), mx, sum);
@@ -802,7 +551,7 @@ ClusterForward forward_impl(const at::Tensor& x, const at::Tensor* scores,
   const Shape s{x.size(0), x.size(1), x.size(2), N};
   check_common(x, alpha, beta, s.N);
   if (scores != nullptr) {
-    check_tensor(*scores, x.scalar_type(), "scores");
+    check_tensor(*scores, opmath_dtype(x.scalar_type()), "scores");
     TORCH_CHECK(scores->size(0) == s.B && scores->size(1) == s.L,
                 "attention_cluster cpu: scores must be [B, L, N] with x's B, L, got ", scores->sizes());
   } else {
@@ -816,7 +565,7 @@ ClusterForward forward_impl(const at::Tensor& x, const at::Tensor* scores,
   }
   const auto opmath = opmath_dtype(x.scalar_type());
   const at::Tensor al = alpha.to(opmath), be = beta.to(opmath);
-  const at::Tensor w = weight != nullptr ? weight->to(opmath).t().contiguous() : at::Tensor();
+  const at::Tensor w = weight != nullptr ? weight->to(opmath).contiguous() : at::Tensor();
   at::Tensor out = at::empty({s.B, s.N * s.F}, x.options());
   at::Tensor attn = at::empty({s.B, s.N, s.L}, x.options().dtype(opmath));
   at::Tensor norm = at::empty({s.B, s.N}, x.options().dtype(opmath));
@@ -826,7 +575,7 @@ ClusterForward forward_impl(const at::Tensor& x, const at::Tensor* scores,
                                   "attention_cluster_forward_cpu", [&] {
     using T = at::opmath_type<scalar_t>;
     const ForwardJob<scalar_t> job{s, Split(s.B, s.N, kRowAlign), x.const_data_ptr<scalar_t>(),
-                                   scores ? scores->const_data_ptr<scalar_t>() : nullptr,
+                                   scores ? scores->const_data_ptr<T>() : nullptr,
                                    weight ? w.const_data_ptr<T>() : nullptr, len,
                                    al.const_data_ptr<T>(), be.const_data_ptr<T>(), shift,
                                    static_cast<T>(eps), static_cast<T>(eps_sqrt),

@@ -12,11 +12,13 @@
 //     and both products done while they are in L1. The block is only a unit of work.
 // Everything is computed in opmath (float, or double for double); half/bfloat16 rows are
 // converted once, as they are read. Deterministic: no atomics, every sum in a fixed order, so
-// the results are bitwise reproducible for a given shape and thread count (the thread count
-// sets how a small batch is split, and how many grad_wb/grad_bb partials are summed).
+// the results are bitwise reproducible for a given shape, thread count and instruction set
+// (the thread count sets how a small batch is split, and how many grad_wb/grad_bb partials
+// are summed; the tiles and the 7x7 kernels fold their lanes in an order of their own).
 #include "attnpool.h"
 #include "cpu/isa.h"
 #include "cpu/loops.h"
+#include "cpu/tiles.h"
 #include "layout.h"
 
 #include <ATen/Dispatch.h>
@@ -244,12 +246,20 @@ struct BackwardJob {
   T* wb_parts;             // [groups, P, C], zero-filled
   T* bb_parts;             // [groups, P], zero-filled
 
-  template <int>
+  template <int kVec>
   C10_ALWAYS_INLINE void run(int64_t k0, int64_t k1) const {
+    using Tile = Tiling<kVec, T>;
     const int64_t C = g.C, n = g.n, P = g.P, PC = P * C, tasks = g.B * g.blocks;
     constexpr bool kConvert = !std::is_same_v<scalar_t, T>;
     const int64_t rows = g.channels_last ? kRows : g.block;
-    std::vector<T> hb(P * rows), dh(P * rows), tmp(std::max(C, g.block));
+    // channels-last: h and dh of a row group; n-contiguous: [h; dh] of the block [2P, ni] and
+    // [gz; wb] [2P, C], the two factors of grad_x (wb copied once; the gz rows first hold the
+    // block's grad_wb [P, C])
+    const bool cl = g.channels_last;
+    std::vector<T> hb(cl ? P * rows : 0), dh(cl ? P * rows : 0);
+    std::vector<T> tmp(cl ? std::max(C, g.block) : 0);
+    std::vector<T> hd(cl ? 0 : 2 * P * rows), gw(cl ? 0 : 2 * PC);
+    if (!cl) std::copy_n(w, PC, gw.data() + PC);
     std::vector<T> xs(kConvert ? C * rows : 0);
     for (int64_t k = k0; k < k1; ++k) {
       T* gwb = wb_parts + k * PC;
@@ -283,18 +293,23 @@ struct BackwardJob {
         } else {
           int64_t ld = n;
           const T* xr = as_opmath(xb + i0, C, ni, ld, xs.data());
+          T* hk = hd.data();
+          T* dk = hk + P * ni;
           for (int64_t p = 0; p < P; ++p) {
-            convert(ni, ghin + p * n + i0, dh.data() + p * ni);
-            convert(ni, hin + p * n + i0, hb.data() + p * ni);
+            convert(ni, ghin + p * n + i0, dk + p * ni);
+            convert(ni, hin + p * n + i0, hk + p * ni);
           }
-          gemv_t(ni, C, P, gzb, C, xr, ld, dh.data(), ni);  // dh: first read of the block
-          for (int64_t p = 0; p < P; ++p) gbb[p] += sum_short(ni, dh.data() + p * ni);
-          for (int64_t c = 0; c < C; ++c) {  // second read, from cache: grad_wb; grad_x rows
-            for (int64_t p = 0; p < P; ++p)
-              gwb[p * C + c] += dot(ni, dh.data() + p * ni, xr + c * ld);
-            grad_x_row(ni, P, gzb + c, w + c, C, hb.data(), dh.data(), ni, tmp.data(),
-                       gxb + c * n + i0);
-          }
+          gemv_t(ni, C, P, gzb, C, xr, ld, dk, ni);  // dh: first read of the block
+          for (int64_t p = 0; p < P; ++p) gbb[p] += sum_short(ni, dk + p * ni);
+          // Second read, from cache, as register tiles (per channel and rank these were
+          // P dot products and P passes over a grad_x row: the cost grew faster than P):
+          // grad_wb += dh x^T, P x C dot products along the block's positions;
+          dots<kVec, Tile::kDotRows, Tile::kDotCols>(P, C, ni, dk, ni, xr, ld, gw.data(), C);
+          for (int64_t e = 0; e < PC; ++e) gwb[e] += gw[e];
+          // grad_x = [gz; wb]^T [h; dh], a product over the 2P ranks.
+          std::copy_n(gzb, PC, gw.data());
+          gemm<kVec, Tile::kRows, Tile::kVecs>(C, ni, 2 * P, gw.data(), 1, C, hk, ni,
+                                               gxb + i0, n);
         }
       }
     }
