@@ -75,7 +75,8 @@ def extension_setup() -> dict:
                       stacklevel=1)
         return {}
 
-    sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+    # csrc/*.cpp: the module init and each op's registration; csrc/cpu: the CPU kernels
+    sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
     # The C++ standard is torch's own: cpp_extension adds the one its headers need.
     openmp = _openmp_flags()
     link = ["-fopenmp"] if "-fopenmp" in openmp else []

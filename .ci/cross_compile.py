@@ -1,6 +1,6 @@
 """Portable-build check of the C++ CPU kernels, without building or linking anything:
 
-* every csrc/cpu/*.cpp and csrc/ops.cpp compiled (-c, -O2) for aarch64 with Debian's cross
+* every csrc/cpu/*.cpp and csrc/*.cpp compiled (-c, -O2) for aarch64 with Debian's cross
   compiler against the installed torch's headers, with OpenMP (Linux on ARM) and without it
   (-fopenmp-simd, as Apple silicon's clang builds them): the x86 intrinsics must stay behind
   their guards, and the generic paths must compile for another ISA;
@@ -34,7 +34,7 @@ def main() -> int:
         print(f"{args.cxx} not found (apt-get install g++-aarch64-linux-gnu)")
         return 1
     sources = sorted(glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp"))) + \
-        [os.path.join(ROOT, "csrc", "ops.cpp")]
+        sorted(glob.glob(os.path.join(ROOT, "csrc", "*.cpp")))
     flags = ["-std=c++20", "-Wall", "-I" + os.path.join(ROOT, "csrc"),
              "-I" + sysconfig.get_paths()["include"], "-DTORCH_EXTENSION_NAME=_C",
              "-DTORCH_API_INCLUDE_EXTENSION_H"] + ["-I" + d for d in cpp_extension.include_paths()]

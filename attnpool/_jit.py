@@ -82,7 +82,7 @@ def load():
     root = _sources_root()
     if root is None:
         raise ImportError("the C++ sources are not shipped with this install")
-    sources = [root / "ops.cpp"] + sorted((root / "cpu").glob("*.cpp"))
+    sources = sorted(root.glob("*.cpp")) + sorted((root / "cpu").glob("*.cpp"))
     build = _cache_dir(root, sources)
     built = next(iter(sorted(build.glob(f"{NAME}*.so"))), None)
     if built is None:

@@ -1,21 +1,19 @@
 """The machinery every op shares, once: dtype of accumulation, memory layout, input checks,
-the kernel registry entries, and the torch.library registration (fake kernels, autograd,
-vmap, the eager fast path).
+the kernel registry entries, and the registration of each op's two halves (fake kernels,
+autograd, vmap).
 
-Each op's own file (``attnpool/<name>.py``) uses these to declare its torch op
-``attnpool::<name>`` (and ``attnpool::<name>_backward``), its kernels and its backend limits.
+Each op's own file (``attnpool/<name>.py``) uses these to declare its op ``attnpool::<name>``
+(and ``attnpool::<name>_backward``): the compiled kernels are registered in C++
+(``csrc/<name>.cpp``: schema, CPU and CUDA kernels), the Triton kernels here as
+``attnpool::<name>_triton`` (see :class:`Op`); fake kernel, autograd and vmap rule are
+registered from Python for both, so one path serves eager calls, torch.compile, torch.export
+and the other tracers, and a program that only loads the compiled library (torch.export's
+packages, AOTInductor) runs the cpp / cuda ops without Python.
 
 Every op takes the concrete backend as its last argument (resolved by
-attnpool.backends before the call), so the choice survives torch.compile.
+attnpool.backends before the call), so the choice is recorded in traced graphs.
 Forward ops return only small statistics for the backward (softmax weights,
 norms); the backward op recomputes the rest from the saved inputs.
-
-Eager calls skip the torch.library layers: :func:`call` runs a forward op as a plain
-``torch.autograd.Function`` built from the op's own function, setup and backward (the
-backward then calls the backward op's function directly). Those layers cost about 0.1 ms
-per forward + backward on the CPU, more than the small ops' kernels. Anything traced or
-transformed (torch.compile, torch.jit.trace, fake tensors, dispatch modes, tensor
-subclasses, torch.func transforms) goes through the op, so that it appears as the op.
 
 torch.func: every op (forward and backward) has a vmap rule that runs the op once per
 vmapped element (:func:`_register_vmap`), so ``vmap``, ``grad``, ``jacrev`` and batched
@@ -29,7 +27,6 @@ from collections.abc import Callable
 
 import torch
 from torch import Tensor
-from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from attnpool import backends
 
@@ -52,31 +49,68 @@ def dense_bcn(x: Tensor) -> Tensor:
     return x.contiguous()
 
 
-# ---------------------------------------------------------------- kernels
-def _cpp(op: str) -> backends.Implementation:
-    ext = backends.extension()
-    return backends.Implementation(getattr(ext, f"{op}_forward_cpu"), getattr(ext, f"{op}_backward_cpu"))
+# ---------------------------------------------------------------- ops
+class Op:
+    """One op of attnpool, in its two registrations, which share its fake kernel, autograd and
+    vmap rule: ``attnpool::<name>``, the compiled cpp / cuda kernels, defined and registered in
+    C++ (csrc/<name>.cpp; present when attnpool._C is loaded), and ``attnpool::<name>_triton``,
+    the Triton kernels, registered here from ``triton_fn`` (same arguments; None: the op has no
+    Triton kernels). Calling an Op runs the registration its last argument, the resolved
+    backend, names."""
 
+    def __init__(self, name: str, triton_fn: Callable | None):
+        self.name = name
+        self.compiled = (getattr(torch.ops.attnpool, name).default
+                         if backends.extension() is not None else None)
+        self.triton = None
+        if triton_fn is not None:
+            self.triton = torch.library.custom_op(f"attnpool::{name}_triton", mutates_args=())(
+                triton_fn)
+        for op in self.variants():
+            _register_vmap(op)
 
-def _cuda(op: str) -> backends.Implementation:
-    ext = backends.extension()
-    return backends.Implementation(getattr(ext, f"{op}_forward_cuda"), getattr(ext, f"{op}_backward_cuda"))
+    def variants(self) -> list:
+        return [op for op in (self.compiled, self.triton) if op is not None]
 
+    def for_backend(self, backend: str):
+        op = self.triton if backend == "triton" else self.compiled
+        if op is None:
+            raise backends.BackendUnavailableError(
+                f"attnpool::{self.name} has no {backend} kernels in this install "
+                f"({backends.extension_error() or 'not built'})")
+        return op
 
-def _triton(module: str, op: str) -> backends.Implementation:
-    mod = importlib.import_module(f"attnpool.kernels.{module}")
-    return backends.Implementation(getattr(mod, f"{op}_forward"), getattr(mod, f"{op}_backward"))
+    def __call__(self, *args):
+        return self.for_backend(args[-1])(*args)
+
+    def register_fake(self, fn: Callable) -> Callable:
+        for op in self.variants():
+            torch.library.register_fake(op, fn)
+        return fn
 
 
 def register_kernels(op: str, *, triton_module: str | None = None,
                      limits: Callable[..., str | None] | None = None) -> None:
-    """Declares op ``op``'s kernels: ``<op>_forward_cpu`` / ``_backward_cpu`` (and ``_cuda``) of
-    attnpool._C, ``<op>_forward`` / ``_backward`` of ``attnpool.kernels.<triton_module>``
-    (default: the op's own file); and its backend limits (see :func:`backends.register_limits`)."""
+    """Declares where op ``op``'s kernels are, for :mod:`attnpool.backends` (which asks whether
+    they load): cpp and cuda, the C++-registered ``attnpool::<op>`` (and ``<op>_backward``);
+    triton, ``<op>_forward`` / ``<op>_backward`` of ``attnpool.kernels.<triton_module>``
+    (default: the op's own name). And its backend limits (see :func:`backends.register_limits`)."""
     module = triton_module or op
-    backends.register(op, "cpp", lambda: _cpp(op))
-    backends.register(op, "cuda", lambda: _cuda(op))
-    backends.register(op, "triton", lambda: _triton(module, op))
+
+    def compiled() -> backends.Implementation:
+        if backends.extension() is None:
+            raise ImportError(backends.extension_error() or "attnpool._C is not built")
+        ops = torch.ops.attnpool
+        return backends.Implementation(getattr(ops, op).default,
+                                       getattr(ops, f"{op}_backward").default)
+
+    def triton() -> backends.Implementation:
+        mod = importlib.import_module(f"attnpool.kernels.{module}")
+        return backends.Implementation(getattr(mod, f"{op}_forward"), getattr(mod, f"{op}_backward"))
+
+    backends.register(op, "cpp", compiled)
+    backends.register(op, "cuda", compiled)
+    backends.register(op, "triton", triton)
     if limits is not None:
         backends.register_limits(op, limits)
 
@@ -101,39 +135,15 @@ def _register_vmap(op) -> None:
     torch.library.register_vmap(op, rule)
 
 
-# ---------------------------------------------------------------- registration, eager path, torch.func
-_FUNCTIONS: dict = {}   # forward op -> its eager torch.autograd.Function
-_FUNC_TRANSFORMS: dict = {}  # forward op -> its torch.autograd.Function for torch.func
-_RAW: dict = {}         # op -> the Python function it was made from
+# ---------------------------------------------------------------- autograd, torch.func
+_FUNC_TRANSFORMS: dict = {}  # forward Op -> its torch.autograd.Function for torch.func
 
 
-def custom_op(name: str):
-    """torch.library.custom_op with its vmap rule, remembering the undecorated function."""
-    def wrap(fn):
-        op = torch.library.custom_op(name, mutates_args=())(fn)
-        _RAW[op] = fn
-        _register_vmap(op)
-        return op
-    return wrap
-
-
-def register_autograd(op, backward, setup, *, eager: bool = True) -> None:
-    """op.register_autograd, plus the twins :func:`call` uses: the eager autograd.Function
-    (unless ``eager`` is False) and the torch.func one."""
-    op.register_autograd(backward, setup_context=setup)
-    raw = _RAW[op]
-
-    if eager:
-        # forward(ctx, ...) rather than a separate setup_context: apply() would otherwise bind
-        # the arguments through inspect.signature on every call (~40 us)
-        def forward(ctx, *inputs):
-            output = raw(*inputs)
-            setup(ctx, inputs, output)
-            ctx.eager = True
-            return output
-
-        _FUNCTIONS[op] = type(f"{op._name}_eager", (torch.autograd.Function,), {
-            "forward": staticmethod(forward), "backward": staticmethod(backward)})
+def register_autograd(op: Op, backward, setup) -> None:
+    """The autograd of both of ``op``'s registrations, and the twin that :func:`call` uses
+    inside torch.func transforms."""
+    for variant in op.variants():
+        torch.library.register_autograd(variant, backward, setup_context=setup)
 
     # torch.func needs an autograd.Function with setup_context, which torch.library's own
     # autograd of the op lacks (torch.func.grad fails there, and jvp gives zero tangents
@@ -167,21 +177,22 @@ def register_autograd(op, backward, setup, *, eager: bool = True) -> None:
 
     def func_jvp(ctx, *tangents):
         raise NotImplementedError(
-            f"attnpool: forward-mode AD (torch.func.jvp, jacfwd, forward_ad) through {op._name} "
-            "is not supported; use reverse mode (torch.func.grad, vjp, jacrev)")
+            f"attnpool: forward-mode AD (torch.func.jvp, jacfwd, forward_ad) through "
+            f"attnpool::{op.name} is not supported; use reverse mode (torch.func.grad, vjp, jacrev)")
 
-    _FUNC_TRANSFORMS[op] = (flatten, type(f"{op._name}_func", (torch.autograd.Function,), {
+    _FUNC_TRANSFORMS[op] = (flatten, type(f"{op.name}_func", (torch.autograd.Function,), {
         "forward": staticmethod(func_forward), "setup_context": staticmethod(func_setup),
         "backward": staticmethod(func_backward), "jvp": staticmethod(func_jvp),
         "generate_vmap_rule": True}))
 
 
-def register_backward_op(op, name: str) -> None:
+def register_backward_op(op: Op) -> None:
     """A backward op's autograd: double backward raises."""
     def backward(ctx, *grads):
-        raise RuntimeError(f"attnpool: double backward through {name} is not supported")
+        raise RuntimeError(f"attnpool: double backward through attnpool::{op.name} is not "
+                           "supported")
 
-    register_autograd(op, backward, lambda ctx, inputs, output: None, eager=False)
+    register_autograd(op, backward, lambda ctx, inputs, output: None)
 
 
 def _transformed() -> bool:
@@ -189,34 +200,20 @@ def _transformed() -> bool:
     return torch._C._functorch.peek_interpreter_stack() is not None
 
 
-def _traced(args) -> bool:
-    if (torch.compiler.is_compiling() or torch.jit.is_tracing()
-            or _get_current_dispatch_mode() is not None):
-        return True
-    return any(isinstance(a, Tensor) and type(a) not in (Tensor, torch.nn.Parameter) for a in args)
-
-
-def call(op, *args):
-    """Run forward op ``op``: as the op when traced (it must appear as itself), through its
-    torch.func Function inside a torch.func transform, else eagerly as an autograd.Function."""
+def call(op: Op, *args):
+    """Run forward op ``op``: through its torch.func Function inside a torch.func transform
+    (outside torch.compile), else as the op itself, eager or traced alike."""
     if _transformed() and not torch.compiler.is_compiling():
         flatten, function = _FUNC_TRANSFORMS[op]
         spec, flat = flatten(args)
         return function.apply(spec, *flat)
-    function = _FUNCTIONS.get(op)
-    if function is None or _traced(args):
-        return op(*args)
-    return function.apply(*args)
+    return op(*args)
 
 
-def backward_op(ctx, op):
-    """The backward op, or in an eager graph its plain function (unless create_graph: the op's
-    own autograd then raises on double backward; or under a torch.func transform, whose
-    batched tensors only the op's vmap rule handles)."""
+def backward_op(op: Op) -> Callable:
+    """How a forward op's backward calls backward op ``op``: as :func:`call` does."""
     if _transformed():
         return lambda *args: call(op, *args)
-    if getattr(ctx, "eager", False) and not torch.is_grad_enabled():
-        return lambda *args: op(*args) if legacy_batched(args) else _RAW[op](*args)
     return op
 
 

@@ -21,9 +21,9 @@ _ops.register_kernels("attention_cluster")
 
 
 def _fc1_fused(weight: Tensor | None, backend: str) -> bool:
-    """Whether attention_cluster takes the C++ kernels with the fc1 scoring layer fused."""
-    return (weight is not None and backend == "cpp"
-            and hasattr(backends.extension(), "attention_cluster_fc1_forward_cpu"))
+    """Whether attention_cluster runs the CPU kernels with the fc1 scoring layer fused (the cpp
+    op does whenever it is given the weight; csrc/attention_cluster.cpp)."""
+    return weight is not None and backend == "cpp"
 
 
 def check_lengths(lengths: Tensor, L: int) -> None:
@@ -51,8 +51,7 @@ def _int64(lengths: Tensor | None) -> Tensor | None:
     return None if lengths is None else lengths.to(torch.int64).contiguous()
 
 
-@_ops.custom_op("attnpool::attention_cluster")
-def attention_cluster_op(
+def _triton_forward(
     x: Tensor,
     scores: Tensor | None,
     weight: Tensor | None,
@@ -65,37 +64,34 @@ def attention_cluster_op(
     eps_sqrt: float,
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Fused softmax pooling + shift + L2 norm of attention clusters.
-
-    x [B, L, F] and either scores [B, L, N], or the linear scoring layer weight [N, F]
-    (+ bias [N]; "fc1": scores = x weight^T + bias, whose bias the softmax cancels) ->
-    out [B, N*F], attn [B, N, L], norm [B, N]. Taking the scoring layer in the op lets its
-    backward add grad_scores·weight into grad_x in place and skip an autograd node.
-    The norm is max(sqrt(‖u‖² + eps_sqrt), eps) (see :func:`norm_eps`).
-    """
+    """The op on the Triton kernels (the compiled ones: csrc/attention_cluster.cpp, the same
+    steps): x [B, L, F] and either scores [B, L, N], or the linear scoring layer weight [N, F]
+    (+ bias [N], which the softmax cancels) -> out [B, N*F], attn [B, N, L], norm [B, N].
+    Taking the scoring layer in the op lets its backward add grad_scores·weight into grad_x
+    in place and skip an autograd node. The norm is max(sqrt(‖u‖² + eps_sqrt), eps) (see
+    :func:`norm_eps`)."""
     B, L, F = x.shape
     N = alpha.shape[0]
     if lengths is not None:
         check_lengths(lengths, L)
     lengths = _int64(lengths)
+    stat = _ops.opmath(x.dtype)
     if B == 0:
-        stat = _ops.opmath(x.dtype)
         return (x.new_empty(0, N * F), x.new_empty(0, N, L, dtype=stat),
                 x.new_empty(0, N, dtype=stat))
-    if _fc1_fused(weight, backend):  # scores computed inside the kernel, bias cancelled
-        return backends.extension().attention_cluster_fc1_forward_cpu(
-            x.contiguous(), weight.contiguous(), lengths, alpha.contiguous(), beta.contiguous(),
-            shift, eps, eps_sqrt)
     # The kernels take the scores in opmath: rounded to half / bfloat16 they would move every
     # softmax weight by about that rounding times |score| (fp16 outputs of the GPU kernels
     # were 3x further from float64 than the fp16 reference, 50x further than the fused cpp
     # kernels, at B=4, L=300, F=2048, N=64).
-    stat = _ops.opmath(x.dtype)
     if weight is not None:  # the bias shifts every frame's score alike: the softmax cancels it
         scores = torch.nn.functional.linear(x.to(stat), weight.to(stat))
-    impl = backends.implementation("attention_cluster", backend)
+    impl = backends.implementation("attention_cluster", "triton")
     return impl.forward(x.contiguous(), scores.to(stat).contiguous(), lengths, alpha.contiguous(),
                         beta.contiguous(), shift, eps, eps_sqrt)
+
+
+# Fused softmax pooling + shift + L2 norm of attention clusters (see _triton_forward).
+attention_cluster_op = _ops.Op("attention_cluster", _triton_forward)
 
 
 @attention_cluster_op.register_fake
@@ -106,8 +102,7 @@ def _(x, scores, weight, bias, lengths, alpha, beta, shift, eps, eps_sqrt, backe
     return (x.new_empty(B, N * F), x.new_empty(B, N, L, dtype=stat), x.new_empty(B, N, dtype=stat))
 
 
-@_ops.custom_op("attnpool::attention_cluster_backward")
-def attention_cluster_backward(
+def _triton_backward(
     grad_out: Tensor,
     x: Tensor,
     attn: Tensor,
@@ -127,10 +122,13 @@ def attention_cluster_backward(
         B, L, F = x.shape
         return x.new_zeros(x.shape), x.new_zeros(B, L, attn.shape[1]), alpha.new_zeros(
             alpha.shape), beta.new_zeros(beta.shape)
-    impl = backends.implementation("attention_cluster", backend)
+    impl = backends.implementation("attention_cluster", "triton")
     return impl.backward(grad_out.contiguous(), x.contiguous(), attn.contiguous(),
                          norm.contiguous(), alpha.contiguous(), beta.contiguous(),
                          _int64(lengths), shift, eps, eps_sqrt)
+
+
+attention_cluster_backward = _ops.Op("attention_cluster_backward", _triton_backward)
 
 
 @attention_cluster_backward.register_fake
@@ -140,31 +138,9 @@ def _(grad_out, x, attn, norm, alpha, beta, lengths, shift, eps, eps_sqrt, backe
             torch.empty_like(beta))
 
 
-@_ops.custom_op("attnpool::attention_cluster_fc1_backward")
-def attention_cluster_fc1_backward(
-    grad_out: Tensor,
-    grad_attn: Tensor | None,
-    x: Tensor,
-    weight: Tensor,
-    attn: Tensor,
-    norm: Tensor,
-    alpha: Tensor,
-    beta: Tensor,
-    lengths: Tensor | None,
-    shift: bool,
-    eps: float,
-    eps_sqrt: float,
-    backend: str,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Gradients of attention_cluster with the fused fc1 scoring layer w.r.t. x, weight, alpha,
-    beta; grad_attn (optional) is the gradient w.r.t. the returned attention."""
-    if x.shape[0] == 0:
-        return (x.new_zeros(x.shape), torch.zeros_like(weight), alpha.new_zeros(alpha.shape),
-                beta.new_zeros(beta.shape))
-    return backends.extension().attention_cluster_fc1_backward_cpu(
-        grad_out.contiguous(), None if grad_attn is None else grad_attn.contiguous(),
-        x.contiguous(), weight.contiguous(), attn.contiguous(), norm.contiguous(),
-        alpha.contiguous(), beta.contiguous(), _int64(lengths), shift, eps, eps_sqrt)
+# Gradients of attention_cluster with the fused fc1 scoring layer (cpp only) w.r.t. x, weight,
+# alpha, beta; its grad_attn (optional) is the gradient w.r.t. the returned attention.
+attention_cluster_fc1_backward = _ops.Op("attention_cluster_fc1_backward", None)
 
 
 @attention_cluster_fc1_backward.register_fake
@@ -191,7 +167,7 @@ def _cluster_backward(ctx, grad_out, grad_attn, grad_norm):
     if grad_out is None:
         grad_out = x.new_zeros(x.shape[0], attn.shape[1] * x.shape[2])
     if ctx.fc1_fused:
-        grad_x, grad_weight, grad_alpha, grad_beta = _ops.backward_op(ctx, attention_cluster_fc1_backward)(
+        grad_x, grad_weight, grad_alpha, grad_beta = _ops.backward_op(attention_cluster_fc1_backward)(
             grad_out, grad_attn, x, weight, attn, norm, alpha, beta, lengths, ctx.shift, ctx.eps,
             ctx.eps_sqrt, ctx.backend)
         grad_bias = weight.new_zeros(weight.shape[0]) if ctx.has_bias else None
@@ -199,7 +175,7 @@ def _cluster_backward(ctx, grad_out, grad_attn, grad_norm):
             grad_alpha = grad_beta = None
         return (grad_x, None, grad_weight, grad_bias, None, grad_alpha, grad_beta, None, None,
                 None, None)
-    grad_x, grad_scores, grad_alpha, grad_beta = _ops.backward_op(ctx, attention_cluster_backward)(
+    grad_x, grad_scores, grad_alpha, grad_beta = _ops.backward_op(attention_cluster_backward)(
         grad_out, x, attn, norm, alpha, beta, lengths, ctx.shift, ctx.eps, ctx.eps_sqrt,
         ctx.backend
     )
@@ -224,8 +200,8 @@ def _cluster_backward(ctx, grad_out, grad_attn, grad_norm):
 
 
 _ops.register_autograd(attention_cluster_op, _cluster_backward, _cluster_setup)
-_ops.register_backward_op(attention_cluster_backward, "attention_cluster")
-_ops.register_backward_op(attention_cluster_fc1_backward, "attention_cluster")
+_ops.register_backward_op(attention_cluster_backward)
+_ops.register_backward_op(attention_cluster_fc1_backward)
 
 
 

@@ -21,8 +21,7 @@ __all__ = ["AttentionalPooling", "attentional_pooling", "pose_attentional_poolin
 _ops.register_kernels("attentional_pooling")
 
 
-@_ops.custom_op("attnpool::attentional_pooling")
-def attentional_pooling_op(x: Tensor, wb: Tensor, bb: Tensor, backend: str
+def _triton_attentional_pooling(x: Tensor, wb: Tensor, bb: Tensor, backend: str
                      ) -> tuple[Tensor, Tensor, Tensor]:
     """Factored core of attentional pooling: x [B, C, n], wb [P, C], bb [P] ->
     z [B, P, C] = (1/n) Σ_i h[:, :, i] x[:, :, i], the bottom-up maps h [B, P, n] = wb x + bb,
@@ -32,9 +31,12 @@ def attentional_pooling_op(x: Tensor, wb: Tensor, bb: Tensor, backend: str
     P = wb.shape[0]
     if B == 0:
         return x.new_empty(0, P, C), x.new_empty(0, P, n), x.new_empty(0, P, dtype=_ops.opmath(x.dtype))
-    impl = backends.implementation("attentional_pooling", backend)
+    impl = backends.implementation("attentional_pooling", "triton")
     z, h = impl.forward(_ops.dense_bcn(x), wb.contiguous(), bb.contiguous())
     return z, h, h.to(_ops.opmath(x.dtype)).mean(-1)
+
+
+attentional_pooling_op = _ops.Op("attentional_pooling", _triton_attentional_pooling)
 
 
 @attentional_pooling_op.register_fake
@@ -44,15 +46,17 @@ def _(x, wb, bb, backend):
     return x.new_empty(B, P, C), x.new_empty(B, P, n), x.new_empty(B, P, dtype=_ops.opmath(x.dtype))
 
 
-@_ops.custom_op("attnpool::attentional_pooling_backward")
-def attentional_pooling_backward(grad_z: Tensor, grad_h: Tensor, x: Tensor, h: Tensor, wb: Tensor,
+def _triton_attentional_pooling_backward(grad_z: Tensor, grad_h: Tensor, x: Tensor, h: Tensor, wb: Tensor,
                               backend: str) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients of attentional_pooling w.r.t. x (x's layout), wb and bb; grad_h may be opmath."""
     if x.shape[0] == 0:
         return torch.zeros_like(x), torch.zeros_like(wb), wb.new_zeros(wb.shape[0])
-    impl = backends.implementation("attentional_pooling", backend)
+    impl = backends.implementation("attentional_pooling", "triton")
     return impl.backward(grad_z.contiguous(), grad_h.contiguous(), _ops.dense_bcn(x), h.contiguous(),
                          wb.contiguous())
+
+
+attentional_pooling_backward = _ops.Op("attentional_pooling_backward", _triton_attentional_pooling_backward)
 
 
 @attentional_pooling_backward.register_fake
@@ -75,13 +79,13 @@ def _attentional_pooling_backward(ctx, grad_z, grad_h, grad_m):
         grad_h.to(_ops.opmath(x.dtype))
     if grad_m is not None:
         grad_h = grad_h + grad_m[..., None] / x.shape[-1]
-    grad_x, grad_wb, grad_bb = _ops.backward_op(ctx, attentional_pooling_backward)(
+    grad_x, grad_wb, grad_bb = _ops.backward_op(attentional_pooling_backward)(
         grad_z, grad_h, x, h, wb, ctx.backend)
     return grad_x, grad_wb, grad_bb, None
 
 
 _ops.register_autograd(attentional_pooling_op, _attentional_pooling_backward, _attentional_pooling_setup)
-_ops.register_backward_op(attentional_pooling_backward, "attentional_pooling")
+_ops.register_backward_op(attentional_pooling_backward)
 
 
 

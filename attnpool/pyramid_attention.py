@@ -32,8 +32,7 @@ def limits(backend: str, device: torch.device, dtype: torch.dtype, *, levels: in
 _ops.register_kernels("pyramid_attention", limits=limits)
 
 
-@_ops.custom_op("attnpool::pyramid_attention")
-def pyramid_attention_op(xs: list[Tensor], weights: list[Tensor], bias: Tensor, eps: float,
+def _triton_pyramid_attention(xs: list[Tensor], weights: list[Tensor], bias: Tensor, eps: float,
                       lam: float, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Fused pyramid attention: xs[s] [B, T, C_s, H_s, W_s], weights[s] [C_s], bias [S] ->
     out [B, Σ C_s], loss (0-dim, batch mean), and for the backward the pooled maps
@@ -44,9 +43,12 @@ def pyramid_attention_op(xs: list[Tensor], weights: list[Tensor], bias: Tensor, 
         stat = _ops.opmath(xs[0].dtype)
         return (xs[0].new_empty(0, Ctot), xs[0].new_full((), float("nan")),
                 xs[0].new_empty(0, Ctot, n, dtype=stat), xs[0].new_empty(0, len(xs), n, dtype=stat))
-    impl = backends.implementation("pyramid_attention", backend)
+    impl = backends.implementation("pyramid_attention", "triton")
     return impl.forward([x.contiguous() for x in xs], [w.contiguous() for w in weights],
                         bias.contiguous(), eps, lam)
+
+
+pyramid_attention_op = _ops.Op("pyramid_attention", _triton_pyramid_attention)
 
 
 @pyramid_attention_op.register_fake
@@ -58,17 +60,19 @@ def _(xs, weights, bias, eps, lam, backend):
             xs[0].new_empty(B, len(xs), n, dtype=stat))
 
 
-@_ops.custom_op("attnpool::pyramid_attention_backward")
-def pyramid_attention_backward(grad_out: Tensor, grad_loss: Tensor, pooled: Tensor, y: Tensor,
+def _triton_pyramid_attention_backward(grad_out: Tensor, grad_loss: Tensor, pooled: Tensor, y: Tensor,
                                weights: list[Tensor], eps: float, lam: float, sizes: list[int],
                                backend: str) -> list[Tensor]:
     """Gradients of pyramid_attention: [grad_xs..., grad_weights..., grad_bias] (S + S + 1
     tensors; sizes = [H_0, W_0, ..., H_{S-1}, W_{S-1}] of the inputs)."""
-    impl = backends.implementation("pyramid_attention", backend)
+    impl = backends.implementation("pyramid_attention", "triton")
     grad_xs, grad_ws, grad_bias = impl.backward(
         grad_out.contiguous(), grad_loss, pooled.contiguous(), y.contiguous(),
         [w.contiguous() for w in weights], eps, lam, sizes)
     return list(grad_xs) + list(grad_ws) + [grad_bias]
+
+
+pyramid_attention_backward = _ops.Op("pyramid_attention_backward", _triton_pyramid_attention_backward)
 
 
 @pyramid_attention_backward.register_fake
@@ -110,7 +114,7 @@ def _pyramid_backward(ctx, grad_out, grad_loss, grad_pooled, grad_y):
         grads = _pyramid_backward_by_autograd(grad_out, grad_loss, pooled, bias, weights, eps,
                                               lam, ctx.sizes)
     else:
-        grads = _ops.backward_op(ctx, pyramid_attention_backward)(
+        grads = _ops.backward_op(pyramid_attention_backward)(
             grad_out, grad_loss, pooled, y, weights, eps, lam, ctx.sizes, backend)
     return grads[:S], grads[S:2 * S], grads[2 * S], None, None, None
 
@@ -141,8 +145,8 @@ def _pyramid_backward_by_autograd(grad_out, grad_loss, pooled, bias, weights, ep
     return [g.to(dtype) for g in grad_xs + list(grads[len(weights):])]
 
 
-_ops.register_autograd(pyramid_attention_op, _pyramid_backward, _pyramid_setup, eager=False)
-_ops.register_backward_op(pyramid_attention_backward, "pyramid_attention")
+_ops.register_autograd(pyramid_attention_op, _pyramid_backward, _pyramid_setup)
+_ops.register_backward_op(pyramid_attention_backward)
 
 
 

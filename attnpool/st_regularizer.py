@@ -24,17 +24,19 @@ __all__ = [
 _ops.register_kernels("st_regularizer")
 
 
-@_ops.custom_op("attnpool::st_regularizer")
-def st_regularizer_op(mask: Tensor, w: Tensor, tv_weight: float, contrast_weight: float,
+def _triton_st_regularizer(mask: Tensor, w: Tensor, tv_weight: float, contrast_weight: float,
                    unimodal_weight: float, sqrt: bool, tv_mean: bool, unimodal_mean: bool,
                    backend: str) -> Tensor:
     """Total variation + contrast of mask [B, T, H, W] and unimodality of w [B, T], weighted
     and summed, in one fused kernel -> a 0-dim tensor."""
     if mask.shape[0] == 0:
         return mask.new_zeros(())
-    impl = backends.implementation("st_regularizer", backend)
+    impl = backends.implementation("st_regularizer", "triton")
     return impl.forward(mask.contiguous(), w.contiguous(), tv_weight, contrast_weight,
                         unimodal_weight, sqrt, tv_mean, unimodal_mean)
+
+
+st_regularizer_op = _ops.Op("st_regularizer", _triton_st_regularizer)
 
 
 @st_regularizer_op.register_fake
@@ -43,17 +45,19 @@ def _(mask, w, tv_weight, contrast_weight, unimodal_weight, sqrt, tv_mean, unimo
     return mask.new_empty(())
 
 
-@_ops.custom_op("attnpool::st_regularizer_backward")
-def st_regularizer_backward(grad_total: Tensor, mask: Tensor, w: Tensor, tv_weight: float,
+def _triton_st_regularizer_backward(grad_total: Tensor, mask: Tensor, w: Tensor, tv_weight: float,
                             contrast_weight: float, unimodal_weight: float, sqrt: bool,
                             tv_mean: bool, unimodal_mean: bool, backend: str
                             ) -> tuple[Tensor, Tensor]:
     """Gradients of st_regularizer w.r.t. mask and w (one fused kernel)."""
     if mask.shape[0] == 0:
         return torch.zeros_like(mask), torch.zeros_like(w)
-    impl = backends.implementation("st_regularizer", backend)
+    impl = backends.implementation("st_regularizer", "triton")
     return impl.backward(grad_total.contiguous(), mask.contiguous(), w.contiguous(), tv_weight,
                          contrast_weight, unimodal_weight, sqrt, tv_mean, unimodal_mean)
+
+
+st_regularizer_backward = _ops.Op("st_regularizer_backward", _triton_st_regularizer_backward)
 
 
 @st_regularizer_backward.register_fake
@@ -71,12 +75,12 @@ def _streg_setup(ctx, inputs, output):
 
 def _streg_backward(ctx, grad_total):
     mask, w = ctx.saved_tensors
-    grad_mask, grad_w = _ops.backward_op(ctx, st_regularizer_backward)(grad_total, mask, w, *ctx.params)
+    grad_mask, grad_w = _ops.backward_op(st_regularizer_backward)(grad_total, mask, w, *ctx.params)
     return (grad_mask, grad_w) + (None,) * len(ctx.params)
 
 
 _ops.register_autograd(st_regularizer_op, _streg_backward, _streg_setup)
-_ops.register_backward_op(st_regularizer_backward, "st_regularizer")
+_ops.register_backward_op(st_regularizer_backward)
 
 
 

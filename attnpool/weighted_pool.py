@@ -22,14 +22,16 @@ __all__ = ["masked_frame_means"]
 _ops.register_kernels("weighted_pool", triton_module="attentional_pooling")
 
 
-@_ops.custom_op("attnpool::weighted_pool")
-def weighted_pool_op(x: Tensor, h: Tensor, backend: str) -> Tensor:
+def _triton_weighted_pool(x: Tensor, h: Tensor, backend: str) -> Tensor:
     """x [B, C, n], h [B, P, n] -> z [B, P, C] = (1/n) Σ_i h[:, :, i] x[:, :, i]."""
     B, C, _ = x.shape
     if B == 0:
         return x.new_empty(0, h.shape[1], C)
-    impl = backends.implementation("weighted_pool", backend)
+    impl = backends.implementation("weighted_pool", "triton")
     return impl.forward(_ops.dense_bcn(x), h.contiguous())
+
+
+weighted_pool_op = _ops.Op("weighted_pool", _triton_weighted_pool)
 
 
 @weighted_pool_op.register_fake
@@ -37,14 +39,16 @@ def _(x, h, backend):
     return x.new_empty(x.shape[0], h.shape[1], x.shape[1])
 
 
-@_ops.custom_op("attnpool::weighted_pool_backward")
-def weighted_pool_backward(grad_z: Tensor, x: Tensor, h: Tensor, backend: str
+def _triton_weighted_pool_backward(grad_z: Tensor, x: Tensor, h: Tensor, backend: str
                            ) -> tuple[Tensor, Tensor]:
     """Gradients of weighted_pool w.r.t. x (x's layout) and h."""
     if x.shape[0] == 0:
         return torch.zeros_like(x), torch.zeros_like(h)
-    impl = backends.implementation("weighted_pool", backend)
+    impl = backends.implementation("weighted_pool", "triton")
     return impl.backward(grad_z.contiguous(), _ops.dense_bcn(x), h.contiguous())
+
+
+weighted_pool_backward = _ops.Op("weighted_pool_backward", _triton_weighted_pool_backward)
 
 
 @weighted_pool_backward.register_fake
@@ -60,12 +64,12 @@ def _weighted_pool_setup(ctx, inputs, output):
 
 def _weighted_pool_backward(ctx, grad_z):
     x, h = ctx.saved_tensors
-    grad_x, grad_h = _ops.backward_op(ctx, weighted_pool_backward)(grad_z, x, h, ctx.backend)
+    grad_x, grad_h = _ops.backward_op(weighted_pool_backward)(grad_z, x, h, ctx.backend)
     return grad_x, grad_h, None
 
 
 _ops.register_autograd(weighted_pool_op, _weighted_pool_backward, _weighted_pool_setup)
-_ops.register_backward_op(weighted_pool_backward, "weighted_pool")
+_ops.register_backward_op(weighted_pool_backward)
 
 
 def check_clip(x: Tensor, mask: Tensor) -> None:

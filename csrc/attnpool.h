@@ -9,6 +9,12 @@
 
 namespace attnpool {
 
+// The dtype the kernels accumulate in (and return their small statistics in): float64 for
+// float64, else float32 (attnpool/_ops.py's opmath).
+inline at::ScalarType opmath_type(at::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
 // Attention clusters: softmax pooling + shift + L2 norm (docs/design.md "Attention clusters").
 //   x [B, L, F], scores [B, L, N] (opmath: float for half / bfloat16), lengths int64 [B]
 //   (optional), alpha/beta [N]

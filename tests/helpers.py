@@ -71,3 +71,14 @@ def assert_close(actual: torch.Tensor, ref64: torch.Tensor, name: str,
     else:
         bound = 1e-11 * scale
     assert err <= bound, f"{name}: max error {err:.3e} > bound {bound:.3e} (scale {scale:.3e})"
+
+
+class torch_ops:
+    """``torch.ops.attnpool`` as a backend's kernels register each op: the compiled ones as
+    ``attnpool::<name>`` (C++), the Triton ones as ``attnpool::<name>_triton``."""
+
+    def __init__(self, backend: str):
+        self.suffix = "_triton" if backend == "triton" else ""
+
+    def __getattr__(self, name: str):
+        return getattr(torch.ops.attnpool, name + self.suffix)

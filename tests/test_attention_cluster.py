@@ -10,7 +10,7 @@ import sys
 
 import pytest
 import torch
-from helpers import assert_close, backends_for, rounded_to
+from helpers import assert_close, backends_for, rounded_to, torch_ops
 from hypothesis import given
 from hypothesis import strategies as st
 from op_suite import OpSuite
@@ -208,25 +208,24 @@ def test_opcheck(backend, lengths, eps):
     lens = torch.tensor([5, 2]) if lengths else None
     weight = torch.randn(N, F, generator=g, dtype=torch.float64, requires_grad=True)
     bias = torch.randn(N, generator=g, dtype=torch.float64, requires_grad=True)
-    torch.library.opcheck(torch.ops.attnpool.attention_cluster.default,
+    torch.library.opcheck(torch_ops(backend).attention_cluster.default,
                           (x, scores, None, None, lens, alpha, beta, True, *eps, backend))
-    torch.library.opcheck(torch.ops.attnpool.attention_cluster.default,  # the fused scoring layer
+    torch.library.opcheck(torch_ops(backend).attention_cluster.default,  # the fused scoring layer
                           (x, None, weight, bias, lens, alpha, beta, True, *eps, backend))
-    out, attn, norm = torch.ops.attnpool.attention_cluster(x, scores, None, None, lens, alpha, beta,
+    out, attn, norm = torch_ops(backend).attention_cluster(x, scores, None, None, lens, alpha, beta,
                                                       True, *eps, backend)
     grad_out = torch.randn(B, N * F, generator=g, dtype=torch.float64)
     torch.library.opcheck(
-        torch.ops.attnpool.attention_cluster_backward.default,
+        torch_ops(backend).attention_cluster_backward.default,
         (grad_out, x.detach(), attn.detach(), norm, alpha.detach(), beta.detach(), lens, True,
          *eps, backend))
-    if backend == "cpp" and hasattr(attnpool.backends.extension(),
-                                    "attention_cluster_fc1_forward_cpu"):
-        out, attn, norm = torch.ops.attnpool.attention_cluster(x, None, weight, bias, lens, alpha,
+    if backend == "cpp":  # the fused scoring layer's backward
+        out, attn, norm = torch_ops(backend).attention_cluster(x, None, weight, bias, lens, alpha,
                                                           beta, True, *eps, backend)
         grad_attn = torch.randn(B, N, L, generator=g, dtype=torch.float64)
         for ga in (None, grad_attn):
             torch.library.opcheck(
-                torch.ops.attnpool.attention_cluster_fc1_backward.default,
+                torch_ops(backend).attention_cluster_fc1_backward.default,
                 (grad_out, ga, x.detach(), weight.detach(), attn.detach(), norm,
                  alpha.detach(), beta.detach(), lens, True, *eps, backend))
 

@@ -7,7 +7,7 @@ import copy
 
 import pytest
 import torch
-from helpers import assert_close, backends_for, rounded_to
+from helpers import assert_close, backends_for, rounded_to, torch_ops
 from hypothesis import given
 from hypothesis import strategies as st
 from op_suite import OpSuite
@@ -169,11 +169,11 @@ def test_opcheck(backend, layout):
     x = make_x((B, C, 2, 3), layout, g).reshape(B, C, n).requires_grad_()
     wb = torch.randn(P, C, generator=g, dtype=torch.float64, requires_grad=True)
     bb = torch.randn(P, generator=g, dtype=torch.float64, requires_grad=True)
-    torch.library.opcheck(torch.ops.attnpool.attentional_pooling.default, (x, wb, bb, backend))
-    z, h, _ = torch.ops.attnpool.attentional_pooling(x, wb, bb, backend)
+    torch.library.opcheck(torch_ops(backend).attentional_pooling.default, (x, wb, bb, backend))
+    z, h, _ = torch_ops(backend).attentional_pooling(x, wb, bb, backend)
     grad_z = torch.randn(B, P, C, generator=g, dtype=torch.float64)
     grad_h = torch.randn(B, P, n, generator=g, dtype=torch.float64)
-    torch.library.opcheck(torch.ops.attnpool.attentional_pooling_backward.default,
+    torch.library.opcheck(torch_ops(backend).attentional_pooling_backward.default,
                           (grad_z, grad_h, x.detach(), h.detach(), wb.detach(), backend))
 
 

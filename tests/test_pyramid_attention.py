@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import assert_close, backends_for, rounded_to
+from helpers import assert_close, backends_for, rounded_to, torch_ops
 from hypothesis import given
 from hypothesis import strategies as st
 from op_suite import OpSuite
@@ -179,10 +179,10 @@ def test_opcheck(backend):
     maps = [m.requires_grad_() for m in maps]
     weights = [w.requires_grad_() for w in weights]
     bias.requires_grad_()
-    torch.library.opcheck(torch.ops.attnpool.pyramid_attention.default,
+    torch.library.opcheck(torch_ops(backend).pyramid_attention.default,
                           (maps, weights, bias, 1e-12, 0.7, backend))
-    _, _, pooled, y = torch.ops.attnpool.pyramid_attention(maps, weights, bias, 1e-12, 0.7, backend)
-    torch.library.opcheck(torch.ops.attnpool.pyramid_attention_backward.default,
+    _, _, pooled, y = torch_ops(backend).pyramid_attention(maps, weights, bias, 1e-12, 0.7, backend)
+    torch.library.opcheck(torch_ops(backend).pyramid_attention_backward.default,
                           (grad_out, torch.tensor(1.3, dtype=torch.float64), pooled, y,
                            [w.detach() for w in weights], 1e-12, 0.7, [5, 4, 3, 3], backend))
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import assert_close, backends_for, rounded_to
+from helpers import assert_close, backends_for, rounded_to, torch_ops
 from hypothesis import given
 from hypothesis import strategies as st
 from op_suite import OpSuite
@@ -110,8 +110,8 @@ def test_regularizer_gradcheck(backend):
 def test_regularizer_opcheck(backend):
     mask, w = make_mask_w(2, 5, 3, 4, seed=3)
     args = (mask.requires_grad_(), w.requires_grad_(), 0.1, 0.2, 1.0, True, False, True, backend)
-    torch.library.opcheck(torch.ops.attnpool.st_regularizer.default, args)
-    torch.library.opcheck(torch.ops.attnpool.st_regularizer_backward.default,
+    torch.library.opcheck(torch_ops(backend).st_regularizer.default, args)
+    torch.library.opcheck(torch_ops(backend).st_regularizer_backward.default,
                           (torch.tensor(1.5, dtype=torch.float64), mask.detach(), w.detach(),
                            *args[2:]))
 

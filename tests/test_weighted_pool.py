@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import assert_close, backends_for, rounded_to
+from helpers import assert_close, backends_for, rounded_to, torch_ops
 from hypothesis import given
 from hypothesis import strategies as st
 from op_suite import OpSuite
@@ -101,9 +101,9 @@ def test_weighted_pool_opcheck(backend):
     g = torch.Generator().manual_seed(8)
     x = torch.randn(3, 5, 6, generator=g, dtype=torch.float64, requires_grad=True)
     h = torch.rand(3, 2, 6, generator=g, dtype=torch.float64, requires_grad=True)
-    torch.library.opcheck(torch.ops.attnpool.weighted_pool.default, (x, h, backend))
+    torch.library.opcheck(torch_ops(backend).weighted_pool.default, (x, h, backend))
     grad_z = torch.randn(3, 2, 5, generator=g, dtype=torch.float64)
-    torch.library.opcheck(torch.ops.attnpool.weighted_pool_backward.default,
+    torch.library.opcheck(torch_ops(backend).weighted_pool_backward.default,
                           (grad_z, x.detach(), h.detach(), backend))
 
 

@@ -1,6 +1,6 @@
 // Torch-side helpers shared by the CUDA glue (attention_cluster_torch.cpp,
 // attentional_pooling_torch.cpp, st_regularizer_torch.cpp, pyramid_attention_torch.cpp): dtype
-// mapping to the launchers' DType, opmath dtype, input checks, workspace allocation, current
+// mapping to the launchers' DType, input checks, workspace allocation, current
 // stream and launch-status check. Host C++ with torch; the launcher headers (*.cuh) stay
 // torch-free. Not a translation unit of its own (setup.py globs *_torch.cpp).
 #pragma once
@@ -27,11 +27,6 @@ inline DType kernel_dtype(at::ScalarType t) {
   }
 }
 
-// The dtype the kernels accumulate (and keep "opmath" buffers) in: float64 for float64,
-// else float32.
-inline at::ScalarType opmath_type(at::ScalarType t) {
-  return t == at::kDouble ? at::kDouble : at::kFloat;
-}
 
 // A CUDA tensor on `device` with the given dtype and shape (any strides).
 inline void check_tensor(const at::Tensor& t, const char* name, const at::Device& device,
