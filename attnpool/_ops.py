@@ -137,13 +137,29 @@ def _register_vmap(op) -> None:
 
 # ---------------------------------------------------------------- autograd, torch.func
 _FUNC_TRANSFORMS: dict = {}  # forward Op -> its torch.autograd.Function for torch.func
+_EAGER: dict = {}  # forward Op -> its torch.autograd.Function for plain eager calls
 
 
-def register_autograd(op: Op, backward, setup) -> None:
-    """The autograd of both of ``op``'s registrations, and the twin that :func:`call` uses
-    inside torch.func transforms."""
+def register_autograd(op: Op, backward, setup, *, eager: bool = True) -> None:
+    """The autograd of both of ``op``'s registrations, and the twins that :func:`call` uses:
+    in plain eager calls (unless ``eager`` is False: tensor-list arguments) and inside
+    torch.func transforms."""
     for variant in op.variants():
         torch.library.register_autograd(variant, backward, setup_context=setup)
+
+    if eager:
+        # Plain eager calls: torch.library's own autograd of the op (a Python kernel at the
+        # Autograd key, redispatching below it) costs more per forward + backward than this
+        # Function around the same op, called below the Autograd key (benchmarks/NOTES.md,
+        # "One call path"). The op is still what runs, so dispatch modes, fake tensors and
+        # subclasses see it as under any other call.
+        def forward(ctx, *inputs):
+            output = _below_autograd(op, inputs)
+            setup(ctx, inputs, output)
+            return output
+
+        _EAGER[op] = type(f"{op.name}_eager", (torch.autograd.Function,), {
+            "forward": staticmethod(forward), "backward": staticmethod(backward)})
 
     # torch.func needs an autograd.Function with setup_context, which torch.library's own
     # autograd of the op lacks (torch.func.grad fails there, and jvp gives zero tangents
@@ -192,7 +208,7 @@ def register_backward_op(op: Op) -> None:
         raise RuntimeError(f"attnpool: double backward through attnpool::{op.name} is not "
                            "supported")
 
-    register_autograd(op, backward, lambda ctx, inputs, output: None)
+    register_autograd(op, backward, lambda ctx, inputs, output: None, eager=False)
 
 
 def _transformed() -> bool:
@@ -202,19 +218,32 @@ def _transformed() -> bool:
 
 def call(op: Op, *args):
     """Run forward op ``op``: through its torch.func Function inside a torch.func transform
-    (outside torch.compile), else as the op itself, eager or traced alike."""
+    (outside torch.compile), as the op with its registered autograd under torch.compile,
+    torch.export and torch.jit.trace, else through its eager Function (which calls the op)."""
     if _transformed() and not torch.compiler.is_compiling():
         flatten, function = _FUNC_TRANSFORMS[op]
         spec, flat = flatten(args)
         return function.apply(spec, *flat)
-    return op(*args)
+    function = _EAGER.get(op)
+    if function is None or torch.compiler.is_compiling() or torch.jit.is_tracing():
+        return op(*args)
+    return function.apply(*args)
+
+
+def _below_autograd(op: Op, args):
+    """The op's kernel, skipping its Autograd key (where the caller already is autograd)."""
+    with torch._C._AutoDispatchBelowAutograd():
+        return op(*args)
 
 
 def backward_op(op: Op) -> Callable:
-    """How a forward op's backward calls backward op ``op``: as :func:`call` does."""
+    """How a forward op's backward calls backward op ``op``: as :func:`call` does; in a plain
+    eager backward without create_graph, below its Autograd key (as the eager Function)."""
     if _transformed():
         return lambda *args: call(op, *args)
-    return op
+    if torch.is_grad_enabled() or torch.compiler.is_compiling() or torch.jit.is_tracing():
+        return op
+    return lambda *args: _below_autograd(op, args)
 
 
 _BATCHED = torch._C._parse_dispatch_key("Batched")
