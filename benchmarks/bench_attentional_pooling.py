@@ -34,7 +34,8 @@ class Factored(reference.AttentionalPooling):
         B, C, H, W = x.shape
         z, h = reference.attentional_pool(x.reshape(B, C, H * W), self.weight_bottom_up,
                                           self.bias_bottom_up)
-        return torch.einsum("bpc,pkc->bk", z, self.weight_top_down) + \
+        # per-rank products summed, as attnpool's head (an einsum copies the weight per call)
+        return torch.bmm(z.transpose(0, 1), self.weight_top_down.transpose(1, 2)).sum(0) + \
             h.mean(-1) @ self.bias_top_down
 
 
