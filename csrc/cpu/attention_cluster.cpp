@@ -412,7 +412,7 @@ struct ForwardJob {
   Split units;  // tasks are (b, block of units)
   const scalar_t* x;
   const scalar_t* scores;  // [B, L, N], or nullptr with weight
-  const T* weight_t;       // fc1: weight^T [F, N] (opmath), scores = x weight^T per task
+  const T* weight;         // fc1: weight [N, F] (opmath), scores = x weight^T per task
   const int64_t* lengths;  // or nullptr
   const T* alpha;
   const T* beta;
@@ -517,7 +517,7 @@ struct ForwardJob {
     // and their per-unit max and sum; u of one panel of units.
     std::vector<T> xs(std::is_same_v<scalar_t, T> ? 0 : L * F);
     std::vector<T> a(units.block * L + 2 * units.block), u(R * F);
-    std::vector<T> sc(weight_t != nullptr ? units.block * L : 0);
+    std::vector<T> sc(weight != nullptr ? units.block * L : 0);
     T* mx = a.data() + units.block * L;
     T* sum = mx + units.block;
     for (int64_t t = t0; t < t1; ++t) {
@@ -526,8 +526,11 @@ struct ForwardJob {
       const int64_t nb = std::min(N, n0 + units.block) - n0;
       const int64_t len = valid_length(lengths, b, L);
       const T* xb = as_opmath<T>(x + b * L * F, len * F, xs.data());
-      if (weight_t != nullptr) {  // fc1: the block's scores [len, nb] = X W^T, x in cache
-        gemm<kVec, R, Tile::kVecs>(len, nb, F, xb, F, 1, weight_t + n0, N, sc.data(), nb);
+      if (weight != nullptr) {  // fc1: the block's scores [len, nb] = X W^T, x in cache
+        // as dot products along F: a gemm over W^T would run a block of fewer units than a
+        // register's lanes (N = 8 on AVX-512) as scalar columns
+        dots<kVec, Tile::kDotRows, Tile::kDotCols>(len, nb, F, xb, F, weight + n0 * F, F,
+                                                   sc.data(), nb);
         softmax(sc.data(), nb, b, n0, nb, len, a.data(), mx, sum);
       } else {
         softmax(scores + b * L * N + n0, N, b, n0, nb, len, a.data(), mx, sum);
@@ -816,7 +819,7 @@ ClusterForward forward_impl(const at::Tensor& x, const at::Tensor* scores,
   }
   const auto opmath = opmath_dtype(x.scalar_type());
   const at::Tensor al = alpha.to(opmath), be = beta.to(opmath);
-  const at::Tensor w = weight != nullptr ? weight->to(opmath).t().contiguous() : at::Tensor();
+  const at::Tensor w = weight != nullptr ? weight->to(opmath).contiguous() : at::Tensor();
   at::Tensor out = at::empty({s.B, s.N * s.F}, x.options());
   at::Tensor attn = at::empty({s.B, s.N, s.L}, x.options().dtype(opmath));
   at::Tensor norm = at::empty({s.B, s.N}, x.options().dtype(opmath));
