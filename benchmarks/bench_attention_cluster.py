@@ -35,7 +35,7 @@ def cases(B, L, F, N, device, dtype):
 
     yield harness.Case(OP, "eager", shape, harness.call_setup(lambda: ref, x0, grad))
     yield harness.Case(OP, "compile", shape,
-                       harness.call_setup(lambda: torch.compile(ref), x0, grad))
+                       harness.call_setup(lambda: harness.compiled(ref), x0, grad))
     for backend in harness.kernel_backends(OP, device, dtype):
         def fused(backend=backend):
             m = attnpool.AttentionCluster(F, N, backend=backend).to(device, dtype)

@@ -50,7 +50,7 @@ def cases(B, C, H, W, K, P, device, dtype):
 
     yield harness.Case(OP, "eager", shape, harness.call_setup(lambda: ref, x0, grad))
     yield harness.Case(OP, "compile", shape,
-                       harness.call_setup(lambda: torch.compile(factored), x0, grad))
+                       harness.call_setup(lambda: harness.compiled(factored), x0, grad))
     for backend in harness.kernel_backends(OP, device, dtype):
         def fused(backend=backend):
             m = attnpool.AttentionalPooling(C, K, rank=P, backend=backend).to(device, dtype)

@@ -46,7 +46,7 @@ def cases(B, T, *levels, device, dtype):
     yield harness.Case("pyramid_attention", "eager", shape,
                        harness.call_setup(lambda: call(reference.pyramid_attention), inputs, grads))
     yield harness.Case("pyramid_attention", "compile", shape,
-                       harness.call_setup(lambda: call(torch.compile(reference.pyramid_attention)),
+                       harness.call_setup(lambda: call(harness.compiled(reference.pyramid_attention)),
                                           inputs, grads))
     for backend in harness.kernel_backends("pyramid_attention", device, dtype):
         fused = functools.partial(functional.pyramid_attention, backend=backend)

@@ -41,13 +41,13 @@ def cases(B, T, C, H, W, device, dtype):
     yield harness.Case("st_regularizer", "eager", reg_shape,
                        harness.call_setup(lambda: reference.st_regularizer, (mask, w), one))
     yield harness.Case("st_regularizer", "compile", reg_shape,
-                       harness.call_setup(lambda: torch.compile(reference.st_regularizer),
+                       harness.call_setup(lambda: harness.compiled(reference.st_regularizer),
                                           (mask, w), one))
     yield harness.Case("temporal_attention_pool", "eager", pool_shape,
                        harness.call_setup(lambda: reference.temporal_attention_pool,
                                           (x, mask, scores), grads))
     yield harness.Case("temporal_attention_pool", "compile", pool_shape,
-                       harness.call_setup(lambda: torch.compile(reference.temporal_attention_pool),
+                       harness.call_setup(lambda: harness.compiled(reference.temporal_attention_pool),
                                           (x, mask, scores), grads))
     for backend in harness.kernel_backends("st_regularizer", device, dtype):
         reg = functools.partial(functional.st_regularizer, backend=backend)

@@ -140,6 +140,13 @@ def peak_mb(fn: Callable[[], object], device: torch.device) -> float | None:
     return (torch.cuda.max_memory_allocated(device) - base) / 2**20
 
 
+def compiled(fn: Callable) -> Callable:
+    """The compile provider: ``torch.compile`` specialised to each shape (``dynamic=False``),
+    its best case; a sweep would otherwise recompile with dynamic shapes after the second
+    size (which is slower, and crashed inductor's lowering of the pyramid's pooling)."""
+    return torch.compile(fn, dynamic=False)
+
+
 @dataclass
 class Case:
     """One provider at one shape: ``setup()`` returns (forward, backward) closures;
