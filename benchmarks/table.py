@@ -1,8 +1,10 @@
 """Print README's CPU performance table from benchmarks/results/cpu.csv: forward + backward
 (median ms) of eager, torch.compile and attnpool's cpp kernels at each op's CPU shapes, one
 column group per CPU path measured (cpu-avx512, cpu-avx2, cpu-default), and the machine.
+With --cluster-floors, the attention-cluster sweep against its compute and memory floors.
 
     python benchmarks/table.py
+    python benchmarks/table.py --cluster-floors --peak avx512=512,avx2=260 --bandwidth 12.2
 """
 
 from __future__ import annotations
@@ -38,13 +40,46 @@ def is_cpu_shape(shape: str, sizes: tuple[int, ...]) -> bool:
     return True
 
 
+def cluster_floors(t: dict, peaks: dict[str, float], bandwidth: float) -> None:
+    """FLOPs and bytes of the cluster's forward + backward (fc1 scoring) per swept shape, the
+    floor max(FLOPs / peak, bytes / bandwidth), and the fraction of it the cpp kernels reach.
+    FLOPs: 7 products of 2·B·L·F·N each (forward: scores, pooling; backward: the pooling
+    recomputed, d attention, grad_x's two halves, grad_weight); compile's graph skips the
+    recompute (6). Bytes: x read twice, grad_x written, out written, grad_out read."""
+    print("| device | shape | GFLOP | MB | floor ms | compile ms | cpp ms | cpp / floor |")
+    print("|---|---|---|---|---|---|---|---|")
+    for (op, shape, device, prov), ms in sorted(t.items()):
+        if op != "attention_cluster" or prov != "attnpool-cpp" or device not in peaks:
+            continue
+        d = {k: int(v) for k, v in (i.split("=") for i in shape.split(","))}
+        blfn = d["B"] * d["L"] * d["F"] * d["N"]
+        flops = 14 * blfn
+        mbytes = 4 * (3 * d["B"] * d["L"] * d["F"] + 2 * d["B"] * d["N"] * d["F"]) / 1e6
+        floor = max(flops / peaks[device] / 1e6, mbytes / (bandwidth * 1.073741824))  # ms
+        comp = t.get((op, shape, device, "compile"))
+        print(f"| {device} | {shape} | {flops / 1e9:.2f} | {mbytes:.0f} | {floor:.2f} | "
+              f"{comp:.2f} | {ms:.2f} | {floor / ms:.2f} |")
+
+
 def main() -> None:
+    import argparse
+
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--cluster-floors", action="store_true")
+    p.add_argument("--peak", default="avx512=512,avx2=260,default=130",
+                   help="fp32 FMA peak per path, GFLOP/s, all threads (benchmarks/fma_peak.cpp)")
+    p.add_argument("--bandwidth", type=float, default=12.2, help="copy bandwidth, GiB/s")
+    args = p.parse_args()
     t, machine = {}, {}
     with open(os.path.join(RESULTS, "cpu.csv"), newline="") as f:
         for r in csv.DictReader(f):
             if r["metric"] == "time_ms" and r["mode"] == "full":
                 t[(r["op"], r["shape"], r["device"], r["provider"])] = float(r["p50"])
                 machine[r["device"]] = f"{r.get('machine', '')}, torch {r['torch']}"
+    if args.cluster_floors:
+        peaks = {f"cpu-{k}": float(v) for k, v in (i.split("=") for i in args.peak.split(","))}
+        cluster_floors(t, peaks, args.bandwidth)
+        return
     devices = [d for d in DEVICES if d in machine]
     rows = []
     for mod, ops in SCRIPTS.items():

@@ -17,6 +17,7 @@
 #include "attnpool.h"
 #include "cpu/isa.h"
 #include "cpu/loops.h"
+#include "cpu/tiles.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -256,12 +257,16 @@ struct BackwardJob {
   T* wb_parts;             // [groups, P, C], zero-filled
   T* bb_parts;             // [groups, P], zero-filled
 
-  template <int>
+  template <int kVec>
   C10_ALWAYS_INLINE void run(int64_t k0, int64_t k1) const {
+    using Tile = Tiling<kVec, T>;
     const int64_t C = g.C, n = g.n, P = g.P, PC = P * C, tasks = g.B * g.blocks;
     constexpr bool kConvert = !std::is_same_v<scalar_t, T>;
     const int64_t rows = g.channels_last ? kRows : g.block;
+    // channels-last: h and dh of a row group; n-contiguous: [h; dh] of the block [2P, ni] and
+    // [gz; wb] [2P, C], the two factors of grad_x, and the block's grad_wb [P, C]
     std::vector<T> hb(P * rows), dh(P * rows), tmp(std::max(C, g.block));
+    std::vector<T> hd(g.channels_last ? 0 : 2 * P * rows), gw(g.channels_last ? 0 : 2 * PC);
     std::vector<T> xs(kConvert ? C * rows : 0);
     for (int64_t k = k0; k < k1; ++k) {
       T* gwb = wb_parts + k * PC;
@@ -295,18 +300,24 @@ struct BackwardJob {
         } else {
           int64_t ld = n;
           const T* xr = as_opmath(xb + i0, C, ni, ld, xs.data());
+          T* hk = hd.data();
+          T* dk = hk + P * ni;
           for (int64_t p = 0; p < P; ++p) {
-            convert(ni, ghin + p * n + i0, dh.data() + p * ni);
-            convert(ni, hin + p * n + i0, hb.data() + p * ni);
+            convert(ni, ghin + p * n + i0, dk + p * ni);
+            convert(ni, hin + p * n + i0, hk + p * ni);
           }
-          gemv_t(ni, C, P, gzb, C, xr, ld, dh.data(), ni);  // dh: first read of the block
-          for (int64_t p = 0; p < P; ++p) gbb[p] += sum_short(ni, dh.data() + p * ni);
-          for (int64_t c = 0; c < C; ++c) {  // second read, from cache: grad_wb; grad_x rows
-            for (int64_t p = 0; p < P; ++p)
-              gwb[p * C + c] += dot(ni, dh.data() + p * ni, xr + c * ld);
-            grad_x_row(ni, P, gzb + c, w + c, C, hb.data(), dh.data(), ni, tmp.data(),
-                       gxb + c * n + i0);
-          }
+          gemv_t(ni, C, P, gzb, C, xr, ld, dk, ni);  // dh: first read of the block
+          for (int64_t p = 0; p < P; ++p) gbb[p] += sum_short(ni, dk + p * ni);
+          // Second read, from cache, as register tiles (per channel and rank these were
+          // P dot products and P passes over a grad_x row: the cost grew faster than P):
+          // grad_wb += dh x^T, P x C dot products along the block's positions;
+          dots<kVec, Tile::kDotRows, Tile::kDotCols>(P, C, ni, dk, ni, xr, ld, gw.data(), C);
+          for (int64_t e = 0; e < PC; ++e) gwb[e] += gw[e];
+          // grad_x = [gz; wb]^T [h; dh], a product over the 2P ranks.
+          std::copy_n(gzb, PC, gw.data());
+          std::copy_n(w, PC, gw.data() + PC);
+          gemm<kVec, Tile::kRows, Tile::kVecs>(C, ni, 2 * P, gw.data(), 1, C, hk, ni,
+                                               gxb + i0, n);
         }
       }
     }
