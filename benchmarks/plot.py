@@ -45,11 +45,23 @@ def sweeps(shapes: list[str]) -> list[tuple[str, list[tuple[float, str]]]]:
     return found
 
 
+def providers_of(times) -> list[str]:
+    """Providers of (provider, mode) keys: the baselines first, then attnpool's."""
+    return sorted({p for p, _ in times}, key=lambda p: (p.startswith("attnpool"), p))
+
+
+def save(fig, device: str, out: str) -> None:
+    fig.suptitle(device, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
 def bars(device: str, op: str, shapes: list[str], cell: dict, out: str) -> None:
     fig, axes = plt.subplots(1, len(shapes), figsize=(5.5 * len(shapes), 4), squeeze=False)
     for ax, shape in zip(axes[0], shapes):
         times = cell[shape]
-        providers = sorted({p for p, _ in times}, key=lambda p: (p.startswith("attnpool"), p))
+        providers = providers_of(times)
         width = 0.8 / len(providers)
         for i, prov in enumerate(providers):
             ys = [times.get((prov, m), 0.0) for m in MODES]
@@ -59,17 +71,13 @@ def bars(device: str, op: str, shapes: list[str], cell: dict, out: str) -> None:
         ax.set_ylabel("ms (median)")
         ax.set_title(f"{op}\n{shape}", fontsize=9)
         ax.legend(fontsize=7)
-    fig.suptitle(device, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+    save(fig, device, out)
 
 
 def lines(device: str, op: str, groups, cell: dict, out: str) -> None:
     fig, axes = plt.subplots(1, len(groups), figsize=(5 * len(groups), 4), squeeze=False)
     for ax, (key, points) in zip(axes[0], groups):
-        providers = sorted({p for _, s in points for p, _ in cell[s]},
-                           key=lambda p: (p.startswith("attnpool"), p))
+        providers = providers_of({key for _, s in points for key in cell[s]})
         for prov in providers:
             xy = [(v, cell[s][(prov, "full")]) for v, s in points if (prov, "full") in cell[s]]
             ax.plot(*zip(*xy), marker="o", label=prov)
@@ -80,10 +88,7 @@ def lines(device: str, op: str, groups, cell: dict, out: str) -> None:
         ax.set_ylabel("forward + backward, ms (median)")
         ax.set_title(f"{op}: {key} swept\n{fixed}", fontsize=9)
         ax.legend(fontsize=7)
-    fig.suptitle(device, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+    save(fig, device, out)
 
 
 def main() -> None:

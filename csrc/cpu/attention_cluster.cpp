@@ -48,15 +48,8 @@ ATTNPOOL_INLINE void affine_tile(int64_t K, const T* a, int64_t aks, const T* b,
                                  typename Simd<kVec, T>::type* sq) {
   using vec = typename Simd<kVec, T>::type;
   constexpr int V = kVec / sizeof(T);
-  vec acc[R][NV] = {};
-  for (int64_t k = 0; k < K; ++k) {
-    vec bk[NV];
-    ATTNPOOL_UNROLL for (int j = 0; j < NV; ++j) bk[j] = load<kVec>(b + k * ldb + j * V);
-    ATTNPOOL_UNROLL for (int r = 0; r < R; ++r) {
-      const T ark = a[r + k * aks];
-      ATTNPOOL_UNROLL for (int j = 0; j < NV; ++j) acc[r][j] += ark * bk[j];
-    }
-  }
+  vec acc[R][NV];
+  tile_products<kVec, R, NV>(K, a, 1, aks, b, ldb, acc);
   for (int r = 0; r < R; ++r)
     for (int j = 0; j < NV; ++j) {
       const vec ur = al[r] * acc[r][j] + be[r];

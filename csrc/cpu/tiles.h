@@ -122,14 +122,16 @@ ATTNPOOL_INLINE T fold_vec(const typename Simd<kVec, T>::type& v) {
   }
 }
 
-// c(r, w) = sum_{k<K} a(r, k) b[k*ldb + w] for r < R and w < NV registers of lanes, with
-// a(r, k) = a[r*ars + k*aks]; stored converted to Out. Each load of b feeds R FMAs.
-template <int kVec, int R, int NV, typename T, typename Out>
-ATTNPOOL_INLINE void gemm_tile(int64_t K, const T* a, int64_t ars, int64_t aks, const T* b,
-                               int64_t ldb, Out* c, int64_t ldc) {
+// acc[r][j] = sum_{k<K} a(r, k) b[k*ldb + j*lanes ...] for r < R and NV registers of lanes,
+// with a(r, k) = a[r*ars + k*aks], in registers for the caller's epilogue. Each load of b
+// feeds R FMAs.
+template <int kVec, int R, int NV, typename T>
+ATTNPOOL_INLINE void tile_products(int64_t K, const T* a, int64_t ars, int64_t aks, const T* b,
+                                   int64_t ldb, typename Simd<kVec, T>::type (&acc)[R][NV]) {
   using vec = typename Simd<kVec, T>::type;
   constexpr int V = kVec / sizeof(T);
-  vec acc[R][NV] = {};
+  ATTNPOOL_UNROLL for (int r = 0; r < R; ++r)
+    ATTNPOOL_UNROLL for (int j = 0; j < NV; ++j) acc[r][j] = vec{};
   for (int64_t k = 0; k < K; ++k) {
     vec bk[NV];
     ATTNPOOL_UNROLL for (int j = 0; j < NV; ++j) bk[j] = load<kVec>(b + k * ldb + j * V);
@@ -138,6 +140,17 @@ ATTNPOOL_INLINE void gemm_tile(int64_t K, const T* a, int64_t ars, int64_t aks, 
       ATTNPOOL_UNROLL for (int j = 0; j < NV; ++j) acc[r][j] += ark * bk[j];
     }
   }
+}
+
+// c(r, w) = sum_{k<K} a(r, k) b[k*ldb + w] for r < R and w < NV registers of lanes, stored
+// converted to Out.
+template <int kVec, int R, int NV, typename T, typename Out>
+ATTNPOOL_INLINE void gemm_tile(int64_t K, const T* a, int64_t ars, int64_t aks, const T* b,
+                               int64_t ldb, Out* c, int64_t ldc) {
+  using vec = typename Simd<kVec, T>::type;
+  constexpr int V = kVec / sizeof(T);
+  vec acc[R][NV];
+  tile_products<kVec, R, NV>(K, a, ars, aks, b, ldb, acc);
   for (int r = 0; r < R; ++r)
     for (int j = 0; j < NV; ++j) store<kVec, T>(c + r * ldc + j * V, acc[r][j]);
 }
