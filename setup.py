@@ -78,7 +78,8 @@ def extension_setup() -> dict:
     sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
     # The C++ standard is torch's own: cpp_extension adds the one its headers need.
     openmp = _openmp_flags()
-    if not openmp:
+    link = ["-fopenmp"] if "-fopenmp" in openmp else []
+    if not link:
         warnings.warn("attnpool: no OpenMP (ATTNPOOL_NO_OPENMP, or the compiler lacks it): the "
                       "CPU kernels will run on one thread", stacklevel=1)
     cxx = ["-O3"] + openmp
@@ -100,11 +101,11 @@ def extension_setup() -> dict:
             "attnpool._C", sources, include_dirs=include_dirs,
             define_macros=[("ATTNPOOL_WITH_CUDA", None),
                            ("ATTNPOOL_CUDA_ARCHS", "_".join(a for a in archs if a))],
-            extra_compile_args={"cxx": cxx, "nvcc": ["-O3"] + gencode},
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3"] + gencode}, extra_link_args=link,
         )
     else:
         ext = CppExtension("attnpool._C", sources, include_dirs=include_dirs,
-                           extra_compile_args={"cxx": cxx}, extra_link_args=openmp)
+                           extra_compile_args={"cxx": cxx}, extra_link_args=link)
     return {"ext_modules": [ext], "cmdclass": {"build_ext": BuildExtension.with_options(use_ninja=True)}}
 
 

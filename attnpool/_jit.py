@@ -18,6 +18,7 @@ import importlib.machinery
 import importlib.util
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import sys
@@ -28,23 +29,24 @@ NAME = "attnpool_C"  # the module's name inside the cache (PYBIND11_MODULE(TORCH
 
 
 def openmp_flags() -> list[str]:
-    """``["-fopenmp"]`` when the C++ compiler (``$CXX`` or ``c++``) builds an OpenMP program,
-    else none (Apple clang has no OpenMP; ``ATTNPOOL_NO_OPENMP=1`` also turns it off). torch's
+    """The compile flags for OpenMP: ``["-fopenmp"]`` when the C++ compiler (``$CXX`` or
+    ``c++``) builds an OpenMP program, else ``["-fopenmp-simd"]`` (Apple clang without libomp,
+    or ``ATTNPOOL_NO_OPENMP=1``: the kernels' ``omp simd`` loops still vectorise). torch's
     ``at::parallel_for`` is inlined into the kernels and runs them on the intra-op threads only
-    when they are compiled with OpenMP; without it they run on the calling thread. Shared by
-    setup.py and the build on first use."""
+    with ``-fopenmp``; without it they run on the calling thread. Shared by setup.py and the
+    build on first use; link with ``-fopenmp`` only when it is in these flags."""
     if os.environ.get("ATTNPOOL_NO_OPENMP", "0").lower() in ("1", "true", "yes"):
-        return []
-    compiler = os.environ.get("CXX", "c++")
+        return ["-fopenmp-simd"]
+    compiler = shlex.split(os.environ.get("CXX", "c++"))  # "ccache g++" is one $CXX
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp) / "omp.cpp"
         src.write_text("#include <omp.h>\nint main() { return omp_get_max_threads() > 0 ? 0 : 1; }\n")
         try:
-            run = subprocess.run([compiler, "-fopenmp", str(src), "-o", str(Path(tmp) / "omp")],
+            run = subprocess.run([*compiler, "-fopenmp", str(src), "-o", str(Path(tmp) / "omp")],
                                  capture_output=True, timeout=120)
         except (OSError, subprocess.SubprocessError):
-            return []
-    return ["-fopenmp"] if run.returncode == 0 else []
+            return ["-fopenmp-simd"]
+    return ["-fopenmp"] if run.returncode == 0 else ["-fopenmp-simd"]
 
 
 def _sources_root() -> Path | None:
@@ -60,7 +62,10 @@ def _cache_dir(root: Path, sources: list[Path]) -> Path:
     import torch
 
     digest = hashlib.sha256()
-    for item in (torch.__version__, platform.python_version(), platform.machine()):
+    # what the build depends on beyond the sources (not the OpenMP test itself: every import
+    # would run a compiler)
+    for item in (torch.__version__, platform.python_version(), platform.machine(),
+                 os.environ.get("CXX", "c++"), os.environ.get("ATTNPOOL_NO_OPENMP", "")):
         digest.update(item.encode() + b"\0")
     for path in sorted(sources + sorted(root.rglob("*.h"))):
         digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes())
@@ -90,10 +95,14 @@ def load():
         print(f"attnpool: building the C++ kernels for this torch into {build} "
               "(first use only; a few minutes)...", file=sys.stderr, flush=True)
         openmp = openmp_flags()
+        if "-fopenmp" not in openmp:
+            print("attnpool: no OpenMP for this compiler; the CPU kernels will run on one "
+                  "thread", file=sys.stderr, flush=True)
         try:
             return cpp_extension.load(
                 NAME, [str(s) for s in sources], extra_include_paths=[str(root)],
-                extra_cflags=["-O3"] + openmp, extra_ldflags=openmp, build_directory=str(build),
+                extra_cflags=["-O3"] + openmp,
+                extra_ldflags=["-fopenmp"] if "-fopenmp" in openmp else [], build_directory=str(build),
                 verbose=False)
         except Exception as e:  # a compiler error: say so, and fall back
             raise ImportError(f"building the C++ kernels failed: {e}") from e

@@ -23,10 +23,12 @@ import torch._functorch.config
 # Inductor's cache key misses ATEN_CPU_CAPABILITY: a kernel cached for another capability is
 # reused (and gave garbage or crashed here). Each capability then gets its own cache.
 if os.environ.get("ATEN_CPU_CAPABILITY") and not os.environ.get("TORCHINDUCTOR_CACHE_DIR"):
+    import getpass
     import tempfile
 
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(
-        tempfile.gettempdir(), f"torchinductor-attnpool-{os.environ['ATEN_CPU_CAPABILITY']}")
+        tempfile.gettempdir(),
+        f"torchinductor_{getpass.getuser()}_{os.environ['ATEN_CPU_CAPABILITY']}")
 
 # backward() reruns on one graph (retain_graph) so that forward and backward are timed
 # apart; compiled graphs must then keep their saved buffers.
@@ -35,7 +37,7 @@ torch._functorch.config.donated_buffer = False
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 COLUMNS = ["op", "provider", "mode", "metric", "shape", "p50", "p20", "p80", "device", "machine",
            "torch", "triton", "commit"]
-KEY = ("op", "provider", "mode", "metric", "shape", "device")
+KEY = ("op", "provider", "mode", "metric", "shape", "device", "machine")
 
 
 def device_name(device: torch.device) -> str:

@@ -26,8 +26,12 @@ MODES = ("forward", "backward", "full")
 
 
 def parse(shape: str) -> dict[str, str]:
-    """"B=8,L=25,F=1024" -> {"B": "8", ...} (sizes such as C=256/512 stay strings)."""
-    return dict(item.split("=", 1) for item in shape.split(",") if "=" in item)
+    """"B=8,L=25,F=1024" -> {"B": "8", ...} (sizes such as C=256/512 stay strings); H and W,
+    which the sweeps change together, become one size H·W."""
+    d = dict(item.split("=", 1) for item in shape.split(",") if "=" in item)
+    if d.get("H", "").isdigit() and d.get("W", "").isdigit():
+        d["H·W"] = str(int(d.pop("H")) * int(d.pop("W")))
+    return d
 
 
 def sweeps(shapes: list[str]) -> list[tuple[str, list[tuple[float, str]]]]:

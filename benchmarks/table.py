@@ -38,12 +38,14 @@ def is_cpu_shape(shape: str, sizes: tuple[int, ...]) -> bool:
 
 def cluster_floors(t: dict, peaks: dict[str, float], bandwidth: float) -> None:
     """FLOPs and bytes of the cluster's forward + backward (fc1 scoring) per swept shape, the
-    floor max(FLOPs / peak, bytes / bandwidth), and the fraction of it the cpp kernels reach.
+    floors FLOPs / peak and bytes / bandwidth (fp32; DRAM bandwidth, pessimistic for inputs that
+    fit the L3), and the fraction of the larger one the cpp kernels reach.
     FLOPs: 7 products of 2·B·L·F·N each (forward: scores, pooling; backward: the pooling
     recomputed, d attention, grad_x's two halves, grad_weight); compile's graph skips the
     recompute (6). Bytes: x read twice, grad_x written, out written, grad_out read."""
-    print("| device | shape | GFLOP | MB | floor ms | compile ms | cpp ms | cpp / floor |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| device | shape | GFLOP | MB | compute floor ms | memory floor ms | compile ms | cpp ms "
+          "| cpp / floor |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for (op, shape, device, prov), ms in sorted(t.items()):
         if op != "attention_cluster" or prov != "attnpool-cpp" or device not in peaks:
             continue
@@ -51,10 +53,11 @@ def cluster_floors(t: dict, peaks: dict[str, float], bandwidth: float) -> None:
         blfn = d["B"] * d["L"] * d["F"] * d["N"]
         flops = 14 * blfn
         mbytes = 4 * (3 * d["B"] * d["L"] * d["F"] + 2 * d["B"] * d["N"] * d["F"]) / 1e6
-        floor = max(flops / peaks[device] / 1e6, mbytes / (bandwidth * 1.073741824))  # ms
+        compute, memory = flops / peaks[device] / 1e6, mbytes / (bandwidth * 1.073741824)  # ms
         comp = t.get((op, shape, device, "compile"))
-        print(f"| {device} | {shape} | {flops / 1e9:.2f} | {mbytes:.0f} | {floor:.2f} | "
-              f"{comp:.2f} | {ms:.2f} | {floor / ms:.2f} |")
+        print(f"| {device} | {shape} | {flops / 1e9:.2f} | {mbytes:.0f} | {compute:.2f} | "
+              f"{memory:.2f} | {'-' if comp is None else f'{comp:.2f}'} | {ms:.2f} | "
+              f"{max(compute, memory) / ms:.2f} |")
 
 
 def main() -> None:
@@ -89,7 +92,7 @@ def main() -> None:
         cells = []
         for d in devices:
             e, c, k = (t.get((op, shape, d, p)) for p in ("eager", "compile", "attnpool-cpp"))
-            if k is None:
+            if k is None or (e is None and c is None):
                 cells.append("")
                 continue
             base = min(v for v in (e, c) if v is not None)

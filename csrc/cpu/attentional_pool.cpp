@@ -12,8 +12,9 @@
 //     and both products done while they are in L1. The block is only a unit of work.
 // Everything is computed in opmath (float, or double for double); half/bfloat16 rows are
 // converted once, as they are read. Deterministic: no atomics, every sum in a fixed order, so
-// the results are bitwise reproducible for a given shape and thread count (the thread count
-// sets how a small batch is split, and how many grad_wb/grad_bb partials are summed).
+// the results are bitwise reproducible for a given shape, thread count and instruction set
+// (the thread count sets how a small batch is split, and how many grad_wb/grad_bb partials
+// are summed; the tiles and the 7x7 kernels fold their lanes in an order of their own).
 #include "attnpool.h"
 #include "cpu/isa.h"
 #include "cpu/loops.h"
@@ -265,8 +266,9 @@ struct BackwardJob {
     const int64_t rows = g.channels_last ? kRows : g.block;
     // channels-last: h and dh of a row group; n-contiguous: [h; dh] of the block [2P, ni] and
     // [gz; wb] [2P, C], the two factors of grad_x, and the block's grad_wb [P, C]
-    std::vector<T> hb(P * rows), dh(P * rows), tmp(std::max(C, g.block));
-    std::vector<T> hd(g.channels_last ? 0 : 2 * P * rows), gw(g.channels_last ? 0 : 2 * PC);
+    const int64_t cl = g.channels_last ? 1 : 0;
+    std::vector<T> hb(cl * P * rows), dh(cl * P * rows), tmp(cl * std::max(C, g.block));
+    std::vector<T> hd((1 - cl) * 2 * P * rows), gw((1 - cl) * 2 * PC);
     std::vector<T> xs(kConvert ? C * rows : 0);
     for (int64_t k = k0; k < k1; ++k) {
       T* gwb = wb_parts + k * PC;

@@ -201,8 +201,11 @@ ATTNPOOL_INLINE void gemm(int64_t rows, int64_t cols, int64_t K, const T* a, int
   constexpr int W = NV * kVec / sizeof(T);
   const int64_t panels = (rows + R - 1) / R;
   int64_t w = 0;
-  if (panels > 1 && ldb != W) {
-    thread_local std::vector<T> pack;
+  // Packed only while the block stays in L2 (a long K, as the cluster's weight gradient over
+  // all B*L frames, streams b once per panel anyway).
+  constexpr int64_t kPackBytes = 256 * 1024;
+  if (panels > 1 && ldb != W && K * W * static_cast<int64_t>(sizeof(T)) <= kPackBytes) {
+    thread_local std::vector<T> pack;  // at most kPackBytes per thread and type
     if (static_cast<int64_t>(pack.size()) < K * W) pack.resize(K * W);
     T* pk = pack.data();
     for (; w + W <= cols; w += W) {
