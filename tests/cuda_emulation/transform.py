@@ -57,26 +57,34 @@ def _skip_literal_or_comment(text: str, i: int) -> int:
     return i
 
 
-def _scan(text: str, i: int, launch: bool) -> int:
-    """Index of the bracket closing the one at text[i] ( ( [ { ), or with ``launch`` of the
-    `>>>` closing a launch configuration that starts at i (after `<<<`); skips literals."""
+def _walk(text: str, i: int):
+    """From text[i] on, yields (j, k, depth, code) for each piece text[j:k]: a literal or a
+    comment (code False), or one character of code with the bracket depth after it."""
     depth = 0
     j = i
     while j < len(text):
         k = _skip_literal_or_comment(text, j)
-        if k != j:
-            j = k
+        code = k == j
+        if code:
+            k = j + 1
+            if text[j] in _OPEN:
+                depth += 1
+            elif text[j] in _CLOSE:
+                depth -= 1
+        yield j, k, depth, code
+        j = k
+
+
+def _scan(text: str, i: int, launch: bool) -> int:
+    """Index of the bracket closing the one at text[i] ( ( [ { ), or with ``launch`` of the
+    `>>>` closing a launch configuration that starts at i (after `<<<`); skips literals."""
+    for j, _, depth, code in _walk(text, i):
+        if not code or depth != 0:
             continue
-        c = text[j]
-        if c in _OPEN:
-            depth += 1
-        elif c in _CLOSE:
-            depth -= 1
-            if depth == 0 and not launch:
-                return j
-        elif launch and depth == 0 and text.startswith(">>>", j):
+        if not launch and text[j] in _CLOSE:
             return j
-        j += 1
+        if launch and text.startswith(">>>", j):
+            return j
     what = "launch configuration" if launch else "bracket"
     raise TransformError(f"unbalanced {what} at offset {i}")
 
@@ -131,25 +139,13 @@ def _find_matching_back(text: str, i: int) -> int:
 def _split_top_level(s: str) -> list[str]:
     """Splits the launch configuration at commas outside (), [], {} and outside template
     argument lists (pieces with unbalanced < > are merged back)."""
-    parts, depth, cur = [], 0, []
-    i = 0
-    while i < len(s):
-        k = _skip_literal_or_comment(s, i)
-        if k != i:
-            cur.append(s[i:k])
-            i = k
-            continue
-        c = s[i]
-        if c in _OPEN:
-            depth += 1
-        elif c in _CLOSE:
-            depth -= 1
-        if c == "," and depth == 0:
+    parts, cur = [], []
+    for j, k, depth, code in _walk(s, 0):
+        if code and s[j] == "," and depth == 0:
             parts.append("".join(cur))
             cur = []
         else:
-            cur.append(c)
-        i += 1
+            cur.append(s[j:k])
     parts.append("".join(cur))
     merged: list[str] = []
     for p in parts:
