@@ -265,10 +265,13 @@ struct BackwardJob {
     constexpr bool kConvert = !std::is_same_v<scalar_t, T>;
     const int64_t rows = g.channels_last ? kRows : g.block;
     // channels-last: h and dh of a row group; n-contiguous: [h; dh] of the block [2P, ni] and
-    // [gz; wb] [2P, C], the two factors of grad_x, and the block's grad_wb [P, C]
-    const int64_t cl = g.channels_last ? 1 : 0;
-    std::vector<T> hb(cl * P * rows), dh(cl * P * rows), tmp(cl * std::max(C, g.block));
-    std::vector<T> hd((1 - cl) * 2 * P * rows), gw((1 - cl) * 2 * PC);
+    // [gz; wb] [2P, C], the two factors of grad_x (wb copied once; the gz rows first hold the
+    // block's grad_wb [P, C])
+    const bool cl = g.channels_last;
+    std::vector<T> hb(cl ? P * rows : 0), dh(cl ? P * rows : 0);
+    std::vector<T> tmp(cl ? std::max(C, g.block) : 0);
+    std::vector<T> hd(cl ? 0 : 2 * P * rows), gw(cl ? 0 : 2 * PC);
+    if (!cl) std::copy_n(w, PC, gw.data() + PC);
     std::vector<T> xs(kConvert ? C * rows : 0);
     for (int64_t k = k0; k < k1; ++k) {
       T* gwb = wb_parts + k * PC;
@@ -317,7 +320,6 @@ struct BackwardJob {
           for (int64_t e = 0; e < PC; ++e) gwb[e] += gw[e];
           // grad_x = [gz; wb]^T [h; dh], a product over the 2P ranks.
           std::copy_n(gzb, PC, gw.data());
-          std::copy_n(w, PC, gw.data() + PC);
           gemm<kVec, Tile::kRows, Tile::kVecs>(C, ni, 2 * P, gw.data(), 1, C, hk, ni,
                                                gxb + i0, n);
         }
