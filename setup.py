@@ -82,7 +82,7 @@ def extension_setup() -> dict:
     if not link:
         warnings.warn("attnpool: no OpenMP (ATTNPOOL_NO_OPENMP, or the compiler lacks it): the "
                       "CPU kernels will run on one thread", stacklevel=1)
-    cxx = ["-O3"] + openmp
+    cxx = ["-O3", "-g0"] + openmp  # -g0: no debug info (a 3x smaller library, a faster build)
     nvcc_found = CUDA_HOME is not None and shutil.which(os.path.join(CUDA_HOME, "bin", "nvcc"))
     want_cuda = not _flag("ATTNPOOL_SKIP_CUDA") and (
         _flag("ATTNPOOL_FORCE_CUDA") or (torch.version.cuda is not None and torch.cuda.is_available())

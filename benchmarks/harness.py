@@ -89,15 +89,8 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _elapsed_ms(fn: Callable[[], object], device: torch.device) -> float:
-    """One timed call of ``fn``: CUDA events on a GPU, the wall clock on the CPU."""
-    if device.type == "cuda":
-        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        begin.record()
-        fn()
-        end.record()
-        end.synchronize()
-        return begin.elapsed_time(end)
+def _elapsed_ms(fn: Callable[[], object]) -> float:
+    """One call of ``fn`` on the wall clock (CPU)."""
     t0 = time.perf_counter()
     fn()
     return (time.perf_counter() - t0) * 1e3
@@ -107,22 +100,60 @@ def time_interleaved(fns: list[Callable[[], object]], device: torch.device, *, w
                      rep: int = 20, min_time_s: float = 0.5) -> list[tuple[float, float, float]]:
     """(p50, p20, p80) milliseconds of each of ``fns`` after warm-up. The calls are taken in
     rounds, one call of each fn per round, so that a slow spell of a shared machine lands on
-    every fn alike instead of on whichever happened to be timed then."""
+    every fn alike instead of on whichever happened to be timed then. On a GPU each call is
+    timed as ``triton.testing.do_bench`` does (_gpu_rounds)."""
     for fn in fns:
         for _ in range(warmup):
             fn()
     _sync(device)
-    samples: list[list[float]] = [[] for _ in fns]
-    start = time.perf_counter()
-    while len(samples[0]) < rep or (time.perf_counter() - start < min_time_s * len(fns)
-                                    and len(samples[0]) < 1000):
-        for fn, out in zip(fns, samples):
-            out.append(_elapsed_ms(fn, device))
+    if device.type == "cuda":
+        samples = _gpu_rounds(fns, device, rep, min_time_s)
+    else:
+        samples = [[] for _ in fns]
+        start = time.perf_counter()
+        while len(samples[0]) < rep or (time.perf_counter() - start < min_time_s * len(fns)
+                                        and len(samples[0]) < 1000):
+            for fn, out in zip(fns, samples):
+                out.append(_elapsed_ms(fn))
     stats = []
     for out in samples:
         q = statistics.quantiles(out, n=10)
         stats.append((statistics.median(out), q[1], q[7]))
     return stats
+
+
+def _gpu_rounds(fns: list[Callable[[], object]], device: torch.device, rep: int,
+                min_time_s: float) -> list[list[float]]:
+    """GPU time of each call between two events, with the L2 cache flushed before it (a
+    256 MiB write; the H200's L2 is 60 MB) and no synchronisation between calls: the host runs
+    ahead while the flush runs, so a call's own launch overhead is hidden up to the flush's
+    time, and a host-bound call (many small launches) shows its gaps, as in do_bench."""
+    flush = torch.empty(64 * 2**20, dtype=torch.int32, device=device)
+    events: list[list[tuple]] = [[] for _ in fns]
+    start = time.perf_counter()
+    rounds = 0
+    while rounds < rep or (time.perf_counter() - start < min_time_s * len(fns) and rounds < 500):
+        for fn, out in zip(fns, events):
+            flush.zero_()
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin.record()
+            fn()
+            end.record()
+            out.append((begin, end))
+        rounds += 1
+        if rounds % 10 == 0:  # keep the queue short and the host clock meaningful
+            _sync(device)
+    _sync(device)
+    return [[b.elapsed_time(e) for b, e in out] for out in events]
+
+
+def copy_bandwidth_gbs(device: torch.device, mib: int = 1024) -> float:
+    """Device memory bandwidth as a large device-to-device copy moves it: (bytes read + bytes
+    written) / p50 time, in GB/s. The measured ceiling for the memory floors."""
+    src = torch.randn(mib * 2**18, device=device)
+    dst = torch.empty_like(src)
+    p50 = time_ms(lambda: dst.copy_(src), device, min_time_s=0.3)[0]
+    return 2 * src.numel() * src.element_size() / (p50 * 1e-3) / 1e9
 
 
 def time_ms(fn: Callable[[], object], device: torch.device, **kwargs) -> tuple[float, float, float]:
@@ -301,9 +332,14 @@ def cli(doc: str, shapes: dict[str, list[tuple[int, ...]]], sweep: dict[str, lis
     p.add_argument("--sweep", action="store_true", help="also the sweeps around the default shape")
     p.add_argument("--shape", help="comma-separated sizes instead of the defaults")
     p.add_argument("--no-write", action="store_true", help="print only, do not touch the CSV")
+    p.add_argument("--providers", help="comma-separated providers to time (default: all), e.g. "
+                   "eager,compile,attnpool-triton")
     args = p.parse_args()
     _check_install()
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    if device.type == "cuda":  # the ceiling of every memory floor, measured in the same run
+        print(f"# copy bandwidth {copy_bandwidth_gbs(device):.0f} GB/s (read + write, 1 GiB)",
+              flush=True)
     chosen = [tuple(map(int, args.shape.split(",")))] if args.shape else \
         shapes[device.type] + (sweep[device.type] if args.sweep else [])
     rows = []
@@ -314,12 +350,15 @@ def cli(doc: str, shapes: dict[str, list[tuple[int, ...]]], sweep: dict[str, lis
                   flush=True)
         by_op: dict[str, list[Case]] = {}
         for case in cases(*s, args.device, dtype):
+            if args.providers and case.provider not in args.providers.split(","):
+                continue
             by_op.setdefault(case.op, []).append(case)
         for op_cases in by_op.values():  # one op's providers are timed against each other
             new = measure(op_cases, device)
             print_rows(new)
             rows += new
-    for line in speedups(rows, "attnpool-cpp" if device.type == "cpu" else "attnpool-cuda"):
-        print(line)
+    for ours in ("attnpool-cpp",) if device.type == "cpu" else ("attnpool-cuda", "attnpool-triton"):
+        for line in speedups(rows, ours):
+            print(line)
     if not args.no_write:
         print("wrote", write_rows(rows, device))

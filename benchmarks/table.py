@@ -2,14 +2,18 @@
 (median ms) of eager, torch.compile and attnpool's cpp kernels at each op's CPU shapes, one
 column group per CPU path measured (cpu-avx512, cpu-avx2, cpu-default), and the machine.
 With --cluster-floors, the attention-cluster sweep against its compute and memory floors.
+With --gpu, the same for every GPU CSV at the GPU shapes: each mode's time and the peak
+memory of eager, compile, Triton and CUDA, and each kernel backend's speedup.
 
     python benchmarks/table.py
+    python benchmarks/table.py --gpu
     python benchmarks/table.py --cluster-floors --peak avx512=512,avx2=260 --bandwidth 12.2
 """
 
 from __future__ import annotations
 
 import csv
+import glob
 import os
 import re
 import sys
@@ -60,15 +64,52 @@ def cluster_floors(t: dict, peaks: dict[str, float], bandwidth: float) -> None:
               f"{max(compute, memory) / ms:.2f} |")
 
 
+GPU_PROVIDERS = ("eager", "compile", "attnpool-triton", "attnpool-cuda")
+
+
+def gpu_tables() -> None:
+    """Per GPU CSV: forward, backward and full p50 ms and full peak MiB per provider at the GPU
+    shapes, and (full) the Triton and CUDA speedups over the better of eager and compile."""
+    for path in sorted(glob.glob(os.path.join(RESULTS, "*.csv"))):
+        if os.path.basename(path) == "cpu.csv":
+            continue
+        v, meta = {}, ""
+        with open(path, newline="") as f:
+            for r in csv.DictReader(f):
+                v[(r["op"], r["shape"], r["mode"], r["metric"], r["provider"])] = float(r["p50"])
+                meta = f"{r['device']}, torch {r['torch']}, triton {r['triton']}"
+        print(f"\n{os.path.basename(path)}: {meta}")
+        print("| op | shape | mode | " + " | ".join(GPU_PROVIDERS) + " | triton × | cuda × |")
+        print("|---|---|---|" + "---|" * (len(GPU_PROVIDERS) + 2))
+        for mod, ops in SCRIPTS.items():
+            for sizes in mod.SHAPES["cuda"]:
+                shapes = sorted({(o, sh) for o, sh, *_ in v if o in ops and is_cpu_shape(sh, sizes)})
+                for op, shape in shapes:
+                    for mode, metric in (("forward", "time_ms"), ("backward", "time_ms"),
+                                         ("full", "time_ms"), ("full", "peak_mb")):
+                        cells = [v.get((op, shape, mode, metric, p)) for p in GPU_PROVIDERS]
+                        base = [c for c in cells[:2] if c is not None]
+                        ratio = ["" if c is None or not base or metric != "time_ms" else
+                                 f"{min(base) / c:.2f}" for c in cells[2:]]
+                        unit = "MiB" if metric == "peak_mb" else "ms"
+                        print(f"| {op} | {shape} | {mode} {unit} | " + " | ".join(
+                            "-" if c is None else f"{c:.4g}" for c in cells) + " | "
+                            + " | ".join(ratio) + " |")
+
+
 def main() -> None:
     import argparse
 
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--cluster-floors", action="store_true")
+    p.add_argument("--gpu", action="store_true", help="the GPU CSVs' tables")
     p.add_argument("--peak", default="avx512=512,avx2=260,default=130",
                    help="fp32 FMA peak per path, GFLOP/s, all threads (benchmarks/fma_peak.cpp)")
     p.add_argument("--bandwidth", type=float, default=12.2, help="copy bandwidth, GiB/s")
     args = p.parse_args()
+    if args.gpu:
+        gpu_tables()
+        return
     t, machine = {}, {}
     with open(os.path.join(RESULTS, "cpu.csv"), newline="") as f:
         for r in csv.DictReader(f):
