@@ -196,8 +196,14 @@ def main() -> int:
             for dtype in (torch.float64, torch.float32):
                 if backends.why_not(op, b, device, dtype):
                     continue
-                err = _rel_err(make_case(device, dtype)(b), ref)
                 tol = 1e-10 if dtype == torch.float64 else 1e-5
+                try:
+                    err = _rel_err(make_case(device, dtype)(b), ref)
+                except Exception as e:  # one broken kernel must not hide the others' checks
+                    failures += 1
+                    last = (str(e).strip().splitlines() or [""])[-1]
+                    print(f"  parity {b:<8} {str(dtype):<14} FAIL: {type(e).__name__}: {last}")
+                    continue
                 ok = err <= tol
                 failures += not ok
                 print(f"  parity {b:<8} {str(dtype):<14} rel err {err:.2e}  "
@@ -211,7 +217,12 @@ def main() -> int:
             if b == "triton" and device.type == "cpu":
                 print("  time: triton on the CPU is Triton's interpreter, a test vehicle: not timed")
                 continue
-            t = _time(lambda b=b, timing=timing: timing(b), device)
+            try:
+                t = _time(lambda b=b, timing=timing: timing(b), device)
+            except Exception as e:
+                failures += 1
+                print(f"  time: {b} FAIL: {type(e).__name__}")
+                continue
             print(f"  time fwd+bwd at {timing_shape} fp32: {b} {t:.2f} ms ({base / t:.2f}x eager)")
     print(f"\n{'all parity checks passed' if failures == 0 else f'{failures} parity checks FAILED'}")
     return 1 if failures else 0

@@ -23,13 +23,18 @@ from attnpool import _jit
 BACKENDS = ("reference", "cpp", "cuda", "triton")
 CHOICES = ("auto",) + BACKENDS
 
-# auto's order of preference per device type; the first that can serve wins.
+# auto's order of preference per device type (and per op where it differs); the first that
+# can serve wins.
 # cpu: cpp beats the eager reference at every benchmarked shape, and torch.compile for
 #   the cluster and attentional pooling (benchmarks/NOTES.md, benchmarks/results/cpu.csv);
 #   the Triton interpreter is a test vehicle, never a speed choice.
-# cuda: not yet measured on a GPU (the GPU issue measures cuda vs triton and
-#   reorders this per op); cuda first because it needs no JIT warm-up.
+# cuda: the faster kernel per op on an H200 (fp32 forward + backward, p50 ms, cuda / triton;
+#   benchmarks/results/NVIDIA_H200.csv): attentional pooling 1.56 / 3.90, pyramid 1.60 / 1.81,
+#   regulariser 0.33 / 0.53, temporal pool 0.55 / 1.38 take cuda; the attention cluster takes
+#   triton, faster at 7 of its 8 shapes (1.40 / 2.42 at B=128, L=25, F=2048, N=64; the cuda
+#   kernels' per-unit loops grow with L x N: 353 ms at L=300, benchmarks/NOTES.md).
 AUTO_ORDER = {"cpu": ("cpp", "reference"), "cuda": ("cuda", "triton", "reference")}
+AUTO_ORDER_BY_OP = {("cuda", "attention_cluster"): ("triton", "cuda", "reference")}
 
 
 class BackendUnavailableError(RuntimeError):
@@ -227,7 +232,9 @@ def resolve(op: str, backend: str | None, device: torch.device, dtype: torch.dty
             f"{op}. Export with backend='auto' or 'reference' (the plain-PyTorch math, as "
             "standard ONNX operators), e.g. inside attnpool.use_backend('reference').")
     if choice == "auto":
-        for candidate in AUTO_ORDER.get(device.type, ("reference",)):
+        order = AUTO_ORDER_BY_OP.get((device.type, op)) or AUTO_ORDER.get(device.type,
+                                                                         ("reference",))
+        for candidate in order:
             if why_not(op, candidate, device, dtype) is None:
                 return candidate
         return "reference"

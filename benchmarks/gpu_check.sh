@@ -15,7 +15,10 @@
 # and the extension (_C.*.so) for a rerun that changes no C++/CUDA.
 #
 #   bash benchmarks/gpu_check.sh [BUDGET]      # on the GPU machine, from the repo root
-# With SKIP_BUILD=1 an attnpool/_C.*.so carried along is used as it is.
+# With SKIP_BUILD=1 an attnpool/_C.*.so carried along is used as it is. A short rerun after a
+# fix: BENCH=attention_cluster (one script; no compile warm-up, no T stage; its sweep with
+# BENCH_PROVIDERS, default eager,attnpool-cuda,attnpool-triton), or BENCH=none; TUNE=1 adds
+# the Triton tile sweep of benchmarks/gpu_tune.py (TUNE_OPS="--op cluster", say).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 BUDGET=${1:-540}
@@ -76,11 +79,14 @@ warm() {
       --providers compile,attnpool-triton
   done
 }
-warm &
-WARM_PID=$!
-run tests_triton 200 python -m pytest -q -m gpu -k triton -p no:cacheprovider tests
+BENCH=${BENCH:-all}
+BENCH_PROVIDERS=${BENCH_PROVIDERS:-eager,attnpool-cuda,attnpool-triton}
+if [[ "$BENCH" == all ]]; then warm & WARM_PID=$!; else WARM_PID=; fi
+# four workers where pytest-xdist is installed: the tests' Triton compiles are host-bound
+XDIST=$(python -c "import xdist" 2> /dev/null && echo "-n 4")
+run tests_triton 200 python -m pytest -q $XDIST -m gpu -k triton -p no:cacheprovider tests
 tail -3 "$LOG/tests_triton.txt" >> "$SUMMARY"
-wait $WARM_PID
+[[ -n "$WARM_PID" ]] && wait $WARM_PID
 
 # -- B: the CUDA kernels
 if [[ -n "$BUILD_PID" ]]; then
@@ -93,7 +99,7 @@ if ls attnpool/_C.*.so > /dev/null 2>&1; then
   grep -E "parity|time fwd|checks|Error" "$LOG/selfcheck.txt" | head -40 >> "$SUMMARY"
   # the sanitizers see every allocation only without the caching allocator
   SAN="compute-sanitizer --error-exitcode 9 --print-limit 20"
-  run tests_cuda 150 python -m pytest -q -m gpu -k cuda -p no:cacheprovider tests &
+  run tests_cuda 150 python -m pytest -q $XDIST -m gpu -k cuda -p no:cacheprovider tests &
   P1=$!
   run memcheck 150 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 $SAN --tool memcheck \
     python -m attnpool --device cuda --no-timing &
@@ -112,17 +118,26 @@ else
 fi
 
 # -- T: the benchmarks, every provider of an op timed against the others; D: the sweeps
+if [[ "$BENCH" == all ]]; then
+  for s in benchmarks/bench_*.py; do
+    run "T_$(basename "$s" .py)" 100 python "$s" --device cuda
+  done
+fi
 for s in benchmarks/bench_*.py; do
-  run "T_$(basename "$s" .py)" 100 python "$s" --device cuda
+  n=$(basename "$s" .py)
+  [[ "$BENCH" == all || "$n" == "bench_$BENCH" ]] || continue
+  run "D_$n" 90 python "$s" --device cuda --sweep --providers "$BENCH_PROVIDERS"
 done
-for s in benchmarks/bench_*.py; do
-  run "D_$(basename "$s" .py)" 90 python "$s" --device cuda --sweep \
-    --providers eager,attnpool-cuda,attnpool-triton
-done
+# TUNE=1: the Triton tile configurations (benchmarks/gpu_tune.py), with the time left
+if [[ "${TUNE:-0}" == 1 ]]; then
+  run tune 600 python benchmarks/gpu_tune.py ${TUNE_OPS:-}
+  grep " ms " "$LOG/tune.txt" | sort -k1,1 -k2,2n | awk '!seen[$1]++ {print "fastest:", $0}' \
+    >> "$SUMMARY"
+fi
 
 # -- results
 cp benchmarks/results/NVIDIA*.csv "$OUT"/ 2>/dev/null
-grep -h "copy bandwidth\|floor probes\|the better" "$LOG"/T_bench_*.txt >> "$SUMMARY" 2>/dev/null
+grep -h "copy bandwidth\|floor probes\|the better" "$LOG"/[TD]_bench_*.txt >> "$SUMMARY" 2>/dev/null
 python benchmarks/table.py --gpu 2>/dev/null >> "$SUMMARY"
 tar -czf "$OUT/logs.tgz" -C "$OUT" logs && rm -rf "$LOG"
 say "== done in $SECONDS s"

@@ -10,7 +10,8 @@
 namespace attnpool {
 
 // Attention clusters: softmax pooling + shift + L2 norm (DESIGN 3.1).
-//   x [B, L, F], scores [B, L, N], lengths int64 [B] (optional), alpha/beta [N]
+//   x [B, L, F], scores [B, L, N] (opmath: float for half / bfloat16), lengths int64 [B]
+//   (optional), alpha/beta [N]
 //   -> out [B, N*F] (dtype of x), attn [B, N, L] and norm [B, N] (float32, or
 //      float64 for float64 input). With shift, out = u / (sqrt(N) max(norm, eps)) and norm
 //      the unclamped sqrt(||u||^2 + eps_sqrt), u = alpha*v + beta (eps_sqrt = 0: torch's

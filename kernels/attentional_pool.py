@@ -138,12 +138,13 @@ def _dot_split(a_hi, a_lo, b_hi, b_lo, acc, SPLIT_A: tl.constexpr, SPLIT_B: tl.c
     would otherwise meet lo's zeros or opposite signs and make a spurious NaN (where the hi
     result is finite, the other operand is finite wherever it meets hi != 0, and hi = 0
     implies lo = 0)."""
-    r = tl.dot(a_hi, b_hi, acc, input_precision=DOT_PRECISION)
+    ACC = acc.dtype  # float64 dots need their out_dtype named
+    r = tl.dot(a_hi, b_hi, acc, input_precision=DOT_PRECISION, out_dtype=ACC)
     if SPLIT_A:
-        r_lo = tl.dot(a_lo, b_hi, tl.zeros_like(r), input_precision=DOT_PRECISION)
+        r_lo = tl.dot(a_lo, b_hi, tl.zeros_like(r), input_precision=DOT_PRECISION, out_dtype=ACC)
         r = r + tl.where(tl.abs(r) < float("inf"), r_lo, 0.0)
     elif SPLIT_B:
-        r_lo = tl.dot(a_hi, b_lo, tl.zeros_like(r), input_precision=DOT_PRECISION)
+        r_lo = tl.dot(a_hi, b_lo, tl.zeros_like(r), input_precision=DOT_PRECISION, out_dtype=ACC)
         r = r + tl.where(tl.abs(r) < float("inf"), r_lo, 0.0)
     return r
 
@@ -153,13 +154,14 @@ def _pc_x_dot(acc, m_base, offs_p, p_mask, x_base, offs_i, i_mask, C, s_c, s_i,
               LAYOUT: tl.constexpr, BLOCK_C: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """acc [BLOCK_P, BLOCK_I] + m @ x_tile: the full C reduction of a row-major [P, C] matrix
     m (wb, or grad_z of one sample) with the x columns of one position tile."""
+    ACC = acc.dtype  # float64 dots need their out_dtype named
     offs_c = tl.arange(0, BLOCK_C)
     for c0 in range(0, C, BLOCK_C):
         c = c0 + offs_c
         c_mask = c < C
         m = _load_pc(m_base, offs_p, p_mask, c, c_mask, C)  # [BLOCK_P, BLOCK_C]
         xc = _load_x(x_base, c, c_mask, offs_i, i_mask, s_c, s_i, LAYOUT)  # [BLOCK_C, BLOCK_I]
-        acc = tl.dot(m, xc, acc, input_precision=DOT_PRECISION)
+        acc = tl.dot(m, xc, acc, input_precision=DOT_PRECISION, out_dtype=ACC)
     return acc
 
 
@@ -304,7 +306,7 @@ def _attpool_bwd_kernel(
             gz_t = tl.trans(_load_pc(gz_base, offs_p, p_mask, c, c_mask, C))  # [BLOCK_C, BLOCK_P]
             w_t = tl.trans(_load_pc(wb_ptr, offs_p, p_mask, c, c_mask, C))
             gx = tl.dot(gz_t, h_dot, tl.zeros([BLOCK_C, BLOCK_I], dtype=ACC),
-                        input_precision=DOT_PRECISION)  # [BLOCK_C, BLOCK_I]
+                        input_precision=DOT_PRECISION, out_dtype=ACC)  # [BLOCK_C, BLOCK_I]
             gx = div_rn(gx, nf)
             gx = _dot_split(w_t, w_t, dh_hi, dh_lo, gx, False, SPLIT, DOT_PRECISION)
             tl.store(gx_ptr + b * g_b + _x_offsets(c, offs_i, g_c, g_i, G_LAYOUT), gx.to(DT),
@@ -341,7 +343,7 @@ def _attpool_bwd_x_kernel(
         pi_off = (b * P + offs_p[:, None]) * n + offs_i[None, :]
         gz_t = tl.trans(_load_pc(gz_base, offs_p, p_mask, c, c_mask, C))
         h_dot = tl.load(h_ptr + pi_off, mask=pi_mask, other=0.0)
-        acc_z = tl.dot(gz_t, h_dot, acc_z, input_precision=DOT_PRECISION)
+        acc_z = tl.dot(gz_t, h_dot, acc_z, input_precision=DOT_PRECISION, out_dtype=ACC)
         if WITH_WB:
             w_t = tl.trans(_load_pc(wb_ptr, offs_p, p_mask, c, c_mask, C))
             dh_hi, dh_lo = _split(tl.load(dh_ptr + pi_off, mask=pi_mask, other=0.0), DT, SPLIT)
@@ -391,7 +393,7 @@ def _wpool_bwd_kernel(
             c_mask = c < C
             gz_t = tl.trans(_load_pc(gz_base, offs_p, p_mask, c, c_mask, C))  # [BLOCK_C, BLOCK_P]
             gx = tl.dot(gz_t, h_dot, tl.zeros([BLOCK_C, BLOCK_I], dtype=ACC),
-                        input_precision=DOT_PRECISION)  # [BLOCK_C, BLOCK_I]
+                        input_precision=DOT_PRECISION, out_dtype=ACC)  # [BLOCK_C, BLOCK_I]
             tl.store(gx_ptr + b * g_b + _x_offsets(c, offs_i, g_c, g_i, G_LAYOUT),
                      div_rn(gx, nf).to(DT), mask=c_mask[:, None] & i_mask[None, :])
 

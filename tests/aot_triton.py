@@ -55,7 +55,7 @@ MAX_SPILL_BYTES = 48
 ARCHS = (80, 90)
 REGS_PER_SM = 65536
 KERNEL_MODULES = ("attention_cluster", "attentional_pool", "st_regularizer", "pyramid_attention")
-DTYPES = ("float32", "float16", "bfloat16")
+DTYPES = ("float32", "float16", "bfloat16", "float64")  # float64: its dots need out_dtype
 
 
 # =============================================================================== recording
@@ -113,7 +113,8 @@ def _cases():
 
         # ---- attention cluster: B, L, F, N (benchmark shape first, then the sweep points)
         def cluster(B, L, F, N, shift=True, lengths=False, grad_attn=False, dt=dt):
-            x, s = e(B, L, F, dtype=dt), e(B, L, N, dtype=dt)
+            stat = torch.float64 if dt == torch.float64 else f32
+            x, s = e(B, L, F, dtype=dt), e(B, L, N, dtype=stat)
             alpha, beta = e(N, dtype=dt), e(N, dtype=dt)
             ln = e(B, dtype=torch.int64) if lengths else None
             out, attn, norm = ac.cluster_pool_forward(x, s, ln, alpha, beta, shift, 1e-12, 0.0)
@@ -311,8 +312,10 @@ def _problems(r: dict, cap: int) -> list[str]:
     if r["error"]:
         return ["compile error"]
     out = []
-    # spills land in the stack frame (cuobjdump STACK; its LOCAL stays 0): all local memory
-    if max(r["local"], r["stack"], r["spill_stores"]) > MAX_SPILL_BYTES:
+    # spills land in the stack frame (cuobjdump STACK; its LOCAL stays 0): all local memory.
+    # float64 is the exact-gradient path, not a speed path: it must compile, it may spill.
+    if max(r["local"], r["stack"], r["spill_stores"]) > MAX_SPILL_BYTES and \
+            r["dtype"] != "float64":  # (a compile shared with float32 is still checked)
         out.append(f"local memory above {MAX_SPILL_BYTES} B: stack {r['stack']} B, local "
                    f"{r['local']} B, spill stores {r['spill_stores']} B, loads "
                    f"{r['spill_loads']} B")
@@ -461,7 +464,7 @@ def run(jobs: int) -> dict:
                    config=_config(job), cases=job["cases"],
                    constexprs=job["cx_named"], signature=job["signature"],
                    example=job["example"])
-        row["problems"] = _problems(r, job["cap"])
+        row["problems"] = _problems(row, job["cap"])
         rows.append(row)
     rows.sort(key=lambda r: (KERNEL_MODULES.index(r["module"]), r["kernel"],
                              DTYPES.index(r["dtype"].split("/")[0]), r["cap"], r["config"]))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
 from attnpool import backends
@@ -13,6 +15,25 @@ def backends_for(op: str, device: str, dtype: torch.dtype = torch.float32) -> li
     """Kernel backends that can serve ``op`` on this machine for this device and dtype."""
     dev = torch.device(device)
     return [b for b in KERNEL_BACKENDS if backends.why_not(op, b, dev, dtype) is None]
+
+
+def rounded_to(value, dtype: torch.dtype):
+    """``value`` (a tensor, module, or tuple / list of them) with every floating-point tensor
+    rounded to ``dtype`` and back: the inputs a kernel at that dtype really sees. Low
+    precision is judged against float64 on these, since the rounding of the inputs alone can
+    move an ill-conditioned result (a relu at a near tie, a softmax of large scores) far more
+    than any kernel's arithmetic, and a reference at that dtype may land closer by luck."""
+    if isinstance(value, torch.Tensor):
+        return value.to(dtype).to(value.dtype) if value.is_floating_point() else value
+    if isinstance(value, (tuple, list)):
+        return type(value)(rounded_to(v, dtype) for v in value)
+    if isinstance(value, torch.nn.Module):
+        value = copy.deepcopy(value)
+        with torch.no_grad():
+            for p in value.parameters():
+                p.copy_(rounded_to(p, dtype))
+        return value
+    return value
 
 
 def max_err(actual: torch.Tensor, ref: torch.Tensor) -> float:

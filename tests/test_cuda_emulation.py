@@ -112,6 +112,7 @@ def _cluster_emu(lib, x, scores, lengths, alpha, beta, grad_out, shift, eps,
     out = _empty((B, N * F), dtype)
     attn = _empty((B, N, L), om)
     norm = _empty((B, N), om)
+    scores = scores.to(om).contiguous()  # the kernels take the scores in opmath
     _check(lib, lib.emu_cluster_forward(code, _p(x), _p(scores), _p(lengths), _p(alpha), _p(beta),
                                         _p(out), _p(attn), _p(norm), B, L, F, N, int(shift), eps,
                                         eps_sqrt),

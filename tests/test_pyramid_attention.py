@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import assert_close, backends_for
+from helpers import assert_close, backends_for, rounded_to
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -294,14 +294,14 @@ def test_gpu_matches_reference(backend, dtype):
     if backend not in backends_for("pyramid_attention", "cuda", dtype):
         pytest.skip(f"{backend} not available on this GPU build")
     case = make_case(4, None, [(64, 56, 56), (128, 28, 28), (256, 14, 14), (512, 7, 7)], seed=9)
-    ref = run(case, "reference", torch.float64)
+    ref = run(rounded_to(case, dtype), "reference", torch.float64)
     cuda_case = tuple([t.cuda() for t in part] if isinstance(part, list) else part.cuda()
                       for part in case)
     ref_lowp = run(cuda_case, "reference", dtype)
     got = run(cuda_case, backend, dtype)
     compare(cpu(got), ref, cpu(ref_lowp), f"{backend}/{dtype}")
     clip_case = make_case(2, 3, [(32, 14, 14), (64, 7, 7)], seed=10)
-    ref = run(clip_case, "reference", torch.float64)
+    ref = run(rounded_to(clip_case, dtype), "reference", torch.float64)
     cuda_case = tuple([t.cuda() for t in part] if isinstance(part, list) else part.cuda()
                       for part in clip_case)
     got = run(cuda_case, backend, dtype)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import assert_close, backends_for
+from helpers import assert_close, backends_for, rounded_to
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -277,13 +277,13 @@ def test_gpu_matches_reference(backend, dtype):
     if backend not in backends_for("weighted_pool", "cuda", dtype):
         pytest.skip(f"{backend} not available on this GPU build")
     case = tuple(t.cuda() for t in make_clip(4, 20, 256, 7, 7, seed=11))
-    ref = pool_run(tuple(t.cpu() for t in case), "reference", torch.float64)
+    ref = pool_run(rounded_to(tuple(t.cpu() for t in case), dtype), "reference", torch.float64)
     ref_lowp = pool_run(case, "reference", dtype)
     got = pool_run(case, backend, dtype)
     for name in ref:
         assert_close(got[name].cpu(), ref[name], f"{backend}/{name}", ref_lowp[name].cpu())
     mask, w = (t.cuda() for t in make_mask_w(30, 20, 7, 7, seed=12))
-    reg_ref = reg_run(mask.cpu(), w.cpu(), "reference", torch.float64)
+    reg_ref = reg_run(*rounded_to((mask.cpu(), w.cpu()), dtype), "reference", torch.float64)
     reg_lowp = reg_run(mask, w, "reference", dtype)
     reg_got = reg_run(mask, w, backend, dtype)
     for name in reg_ref:

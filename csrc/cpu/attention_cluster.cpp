@@ -157,7 +157,7 @@ struct ForwardJob {
   Shape s;
   Split units;  // tasks are (b, block of units)
   const scalar_t* x;
-  const scalar_t* scores;  // [B, L, N], or nullptr with weight
+  const T* scores;         // [B, L, N] opmath, or nullptr with weight
   const T* weight;         // fc1: weight [N, F] (opmath), scores = x weight^T per task
   const int64_t* lengths;  // or nullptr
   const T* alpha;
@@ -551,7 +551,7 @@ ClusterForward forward_impl(const at::Tensor& x, const at::Tensor* scores,
   const Shape s{x.size(0), x.size(1), x.size(2), N};
   check_common(x, alpha, beta, s.N);
   if (scores != nullptr) {
-    check_tensor(*scores, x.scalar_type(), "scores");
+    check_tensor(*scores, opmath_dtype(x.scalar_type()), "scores");
     TORCH_CHECK(scores->size(0) == s.B && scores->size(1) == s.L,
                 "cluster_pool cpu: scores must be [B, L, N] with x's B, L, got ", scores->sizes());
   } else {
@@ -575,7 +575,7 @@ ClusterForward forward_impl(const at::Tensor& x, const at::Tensor* scores,
                                   "cluster_pool_forward_cpu", [&] {
     using T = at::opmath_type<scalar_t>;
     const ForwardJob<scalar_t> job{s, Split(s.B, s.N, kRowAlign), x.const_data_ptr<scalar_t>(),
-                                   scores ? scores->const_data_ptr<scalar_t>() : nullptr,
+                                   scores ? scores->const_data_ptr<T>() : nullptr,
                                    weight ? w.const_data_ptr<T>() : nullptr, len,
                                    al.const_data_ptr<T>(), be.const_data_ptr<T>(), shift,
                                    static_cast<T>(eps), static_cast<T>(eps_sqrt),

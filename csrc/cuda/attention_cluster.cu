@@ -121,7 +121,8 @@ __device__ __forceinline__ double unit_resid(const UnitCoef& k, double g, double
 // softmax weights live in this unit's row of attn (global) and are read from there.
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads)
-cluster_forward_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ scores,
+cluster_forward_kernel(const scalar_t* __restrict__ x,
+                       const typename OpMath<scalar_t>::type* __restrict__ scores,
                        const int64_t* __restrict__ lengths, const scalar_t* __restrict__ alpha,
                        const scalar_t* __restrict__ beta, scalar_t* __restrict__ out,
                        typename OpMath<scalar_t>::type* __restrict__ attn,
@@ -140,7 +141,7 @@ cluster_forward_kernel(const scalar_t* __restrict__ x, const scalar_t* __restric
     const int64_t len = valid_length(lengths, b, L);
     acc_t* attn_row = attn + unit * L;
     acc_t* a = attn_in_smem ? reinterpret_cast<acc_t*>(smem_raw) : attn_row;
-    const scalar_t* s = scores + b * L * N + n;  // scores[b, l, n] = s[l * N]
+    const acc_t* s = scores + b * L * N + n;  // scores[b, l, n] = s[l * N]
 
     // Softmax over the valid frames. Each thread touches the same frames l in
     // the three loops below, so a[l] needs no barrier until the pooling.
@@ -373,7 +374,7 @@ cudaError_t forward_impl(const void* x, const void* scores, const int64_t* lengt
   const bool in_smem = forward_in_smem(sizeof(acc_t), L);
   const size_t smem = in_smem ? static_cast<size_t>(L) * sizeof(acc_t) : 0;
   cluster_forward_kernel<scalar_t><<<grid_x(B * N), kThreads, smem, stream>>>(
-      static_cast<const scalar_t*>(x), static_cast<const scalar_t*>(scores), lengths,
+      static_cast<const scalar_t*>(x), static_cast<const acc_t*>(scores), lengths,
       static_cast<const scalar_t*>(alpha), static_cast<const scalar_t*>(beta),
       static_cast<scalar_t*>(out), static_cast<acc_t*>(attn), static_cast<acc_t*>(norm), B, L, F,
       N, shift, static_cast<acc_t>(eps), static_cast<acc_t>(eps_sqrt), in_smem);

@@ -22,7 +22,7 @@ namespace cluster_cuda {
 using cuda_common::DType;  // kFloat32, kFloat64, kFloat16, kBFloat16
 
 // Forward. Requires B, L, F, N >= 1 (cudaErrorInvalidValue otherwise).
-//   x [B, L, F], scores [B, L, N], alpha/beta [N]: scalar;
+//   x [B, L, F], alpha/beta [N]: scalar; scores [B, L, N] opmath;
 //   lengths int64 [B] or nullptr (all frames valid); clamped to [0, L] in the kernel.
 //   -> out [B, N*F] scalar, attn [B, N, L] and norm [B, N] opmath.
 // alpha/beta are not read when shift is false. With shift, out = u / (sqrt(N) max(norm, eps)),

@@ -23,7 +23,7 @@ ClusterForward cluster_pool_forward_cuda(const at::Tensor& x, const at::Tensor& 
   const at::ScalarType dtype = x.scalar_type();
   const cc::DType kdtype = kernel_dtype(dtype);
   check_input(x, "x", device, dtype, {B, L, F});
-  check_input(scores, "scores", device, dtype, {B, L, N});
+  check_input(scores, "scores", device, opmath_type(dtype), {B, L, N});
   check_input(alpha, "alpha", device, dtype, {N});
   check_input(beta, "beta", device, dtype, {N});
   if (lengths.has_value()) check_input(*lengths, "lengths", device, at::kLong, {B});
