@@ -62,7 +62,7 @@ if [[ "${SKIP_BUILD:-0}" == 1 ]] && ls attnpool/_C.*.so > /dev/null 2>&1; then
   BUILD_PID=
 else
   rm -f attnpool/_C.*.so
-  (ATTNPOOL_FORCE_CUDA=1 ATTNPOOL_CUDA_ARCHS=90 MAX_JOBS=12 timeout -k 5 $(($(left) - 120)) \
+  (ATTNPOOL_FORCE_CUDA=1 ATTNPOOL_CUDA_ARCHS=90 MAX_JOBS=12 timeout -k 5 $(($(left) - 30)) \
     python setup.py build_ext --inplace > "$LOG/build.txt" 2>&1; echo "build rc $?" >> "$LOG/build.txt") &
   BUILD_PID=$!
 fi
@@ -91,7 +91,7 @@ tail -3 "$LOG/tests_triton.txt" >> "$SUMMARY"
 # -- B: the CUDA kernels
 if [[ -n "$BUILD_PID" ]]; then
   say "-- waiting for the build"
-  while kill -0 "$BUILD_PID" 2> /dev/null && (($(left) > 200)); do sleep 2; done
+  while kill -0 "$BUILD_PID" 2> /dev/null && (($(left) > 60)); do sleep 2; done
   tail -1 "$LOG/build.txt" | tee -a "$SUMMARY"
 fi
 if ls attnpool/_C.*.so > /dev/null 2>&1; then

@@ -51,14 +51,17 @@ from .common import block, div_rn, dot_precision, opmath, sqrt_rn
 __all__ = ["cluster_pool_forward", "cluster_pool_backward"]
 
 # Caps (BLOCK_N, BLOCK_L, BLOCK_F, num_warps) per kernel and dtype class; blocks are powers of
-# two >= 16, shrunk to the problem. Chosen from an offline ptxas sweep (Triton 3.9, sm_90 and
-# sm_80) so that no kernel spills registers (at most 32 bytes on sm_80); fp32 "ieee" dots run
-# on FMA units, hence its smaller tiles. Not tuned for speed (no GPU measurements yet).
+# two >= 16, shrunk to the problem. lowp / fp64: from an offline ptxas sweep (Triton 3.9, sm_90
+# and sm_80) so that no kernel spills registers (at most 32 bytes on sm_80). fp32 ("ieee" dots
+# on FMA units): the fastest of 12 tiles per kernel on an H200 (benchmarks/gpu_tune.py, forward
+# + backward at B=128, L=25, F=2048, N=64, one kernel varied at a time against the old caps'
+# 1.56-1.69 ms: fwd 1.33 ms, bwd_x 1.32 ms; bwd_scores' best 1.62 ms is within that spread, so
+# it keeps its caps; benchmarks/NOTES.md), still spill-free.
 # Module-level so that tests can force the chunked paths.
 CONFIGS = {
-    "fwd": {"lowp": (32, 64, 128, 8), "fp32": (32, 32, 64, 8), "fp64": (16, 32, 32, 8)},
+    "fwd": {"lowp": (32, 64, 128, 8), "fp32": (16, 64, 64, 4), "fp64": (16, 32, 32, 8)},
     "bwd_scores": {"lowp": (32, 64, 32, 8), "fp32": (16, 32, 32, 8), "fp64": (16, 32, 32, 8)},
-    "bwd_x": {"lowp": (32, 64, 128, 8), "fp32": (32, 64, 32, 8), "fp64": (16, 32, 32, 8)},
+    "bwd_x": {"lowp": (32, 64, 128, 8), "fp32": (16, 64, 64, 4), "fp64": (16, 32, 32, 8)},
 }
 
 # =============================================================================== helpers
@@ -106,6 +109,17 @@ def _fwd_v_tile(x_base, s_base, a_dot, offs_n, n_mask, offs_l, f, f_mask, length
 
 
 @triton.jit
+def _valid_length(len_ptr, b, L, HAS_LENGTHS: tl.constexpr):
+    """Sample b's valid frames: lengths[b] clamped to L, or L without lengths. Frames past it
+    (attention 0) are never read: a NaN there must reach no gradient as 0 * NaN."""
+    if HAS_LENGTHS:
+        length = tl.minimum(tl.load(len_ptr + b), L)
+    else:
+        length = L
+    return length
+
+
+@triton.jit
 def _bwd_v_tile(v_base, a_dot, xt, offs_n, n_mask, f, f_mask, F,
                 SINGLE_L: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_F: tl.constexpr,
                 ACC: tl.constexpr, DOT_PRECISION: tl.constexpr):
@@ -140,10 +154,7 @@ def _cluster_v_kernel(
     f = tl.program_id(2) * BLOCK_F + tl.arange(0, BLOCK_F)
     f_mask = f < F
     offs_l = tl.arange(0, BLOCK_L)
-    if HAS_LENGTHS:
-        length = tl.minimum(tl.load(len_ptr + b), L)
-    else:
-        length = L
+    length = _valid_length(len_ptr, b, L, HAS_LENGTHS)
     x_base = x_ptr + b * L * F
     attn_base = attn_ptr + b * N * L
     acc = tl.zeros([BLOCK_N, BLOCK_F], dtype=ACC)
@@ -177,10 +188,7 @@ def _cluster_fwd_kernel(
     n_mask = offs_n < N
     offs_l = tl.arange(0, BLOCK_L)
     offs_f = tl.arange(0, BLOCK_F)
-    if HAS_LENGTHS:
-        length = tl.minimum(tl.load(len_ptr + b), L)
-    else:
-        length = L
+    length = _valid_length(len_ptr, b, L, HAS_LENGTHS)
     x_base = x_ptr + b * L * F
     s_base = s_ptr + b * L * N
     attn_base = attn_ptr + b * N * L
@@ -276,10 +284,7 @@ def _cluster_bwd_scores_kernel(
     offs_l = tl.arange(0, BLOCK_L)
     lc = pid_l * BLOCK_L + offs_l
     lc_mask = lc < L
-    if HAS_LENGTHS:
-        length = tl.minimum(tl.load(len_ptr + b), L)
-    else:
-        length = L
+    length = _valid_length(len_ptr, b, L, HAS_LENGTHS)
     lv_mask = lc < length
     offs_f = tl.arange(0, BLOCK_F)
     x_base = x_ptr + b * L * F
@@ -411,10 +416,7 @@ def _cluster_bwd_x_kernel(
     attn_base = attn_ptr + b * N * L
     go_base = go_ptr + b * N * F
     v_base = v_ptr + b * N * F  # read only when the frames span several chunks
-    if HAS_LENGTHS:  # padded frames (a = 0) are never read
-        length = tl.minimum(tl.load(len_ptr + b), L)
-    else:
-        length = L
+    length = _valid_length(len_ptr, b, L, HAS_LENGTHS)
 
     xc = tl.load(x_base + lc[:, None] * F + f[None, :],
                  mask=(lc < length)[:, None] & f_mask[None, :], other=0.0)
