@@ -31,8 +31,9 @@ CHOICES = ("auto",) + BACKENDS
 # cuda: the faster kernel per op on an H200 (fp32 forward + backward, p50 ms, cuda / triton;
 #   benchmarks/results/NVIDIA_H200.csv): attentional pooling 1.56 / 3.90, pyramid 1.60 / 1.81,
 #   regulariser 0.33 / 0.53, temporal pool 0.55 / 1.38 take cuda; the attention cluster takes
-#   triton, faster at 7 of its 8 shapes (1.40 / 2.42 at B=128, L=25, F=2048, N=64; the cuda
-#   kernels' per-unit loops grow with L x N: 353 ms at L=300, benchmarks/NOTES.md).
+#   triton: 2.42 / 1.40 at B=128, L=25, F=2048, N=64, faster at 6 of its 8 swept shapes (cuda
+#   at N=8 and L=8), and by far at long clips, where the cuda kernels' per-unit loops grow
+#   with L x N (L=300: 353 / 8.1 ms; benchmarks/NOTES.md).
 AUTO_ORDER = {"cpu": ("cpp", "reference"), "cuda": ("cuda", "triton", "reference")}
 AUTO_ORDER_BY_OP = {("cuda", "attention_cluster"): ("triton", "cuda", "reference")}
 
