@@ -19,10 +19,10 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness  # noqa: E402
-
-from attnpool import functional, reference  # noqa: E402
 from attnpool.kernels import attention_cluster as ac  # noqa: E402
 from attnpool.kernels import attentional_pool as ap  # noqa: E402
+
+from attnpool import functional, reference  # noqa: E402
 
 DEV = torch.device("cuda")
 
