@@ -94,6 +94,9 @@ def extension_setup() -> dict:
         want_cuda = False
 
     include_dirs = [os.path.join(ROOT, "csrc")]
+    # py_limited_api: Python's stable ABI only and no libtorch_python, so that a process
+    # without Python (a C++ program running an AOTInductor package) can load the library
+    # (csrc/ops.cpp); one build serves every Python version.
     if want_cuda:
         archs = os.environ.get("ATTNPOOL_CUDA_ARCHS", "80;90").split(";")
         gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs if a]
@@ -103,10 +106,12 @@ def extension_setup() -> dict:
             define_macros=[("ATTNPOOL_WITH_CUDA", None),
                            ("ATTNPOOL_CUDA_ARCHS", "_".join(a for a in archs if a))],
             extra_compile_args={"cxx": cxx, "nvcc": ["-O3"] + gencode}, extra_link_args=link,
+            py_limited_api=True,
         )
     else:
         ext = CppExtension("attnpool._C", sources, include_dirs=include_dirs,
-                           extra_compile_args={"cxx": cxx}, extra_link_args=link)
+                           extra_compile_args={"cxx": cxx}, extra_link_args=link,
+                           py_limited_api=True)
     return {"ext_modules": [ext], "cmdclass": {"build_ext": BuildExtension.with_options(use_ninja=True)}}
 
 

@@ -255,6 +255,20 @@ def legacy_batched(args) -> bool:
     return any(isinstance(a, Tensor) and torch._C._dispatch_keys(a).has(_BATCHED) for a in args)
 
 
+# ---------------------------------------------------------------- modules
+class NotScriptable:
+    """Base of the modules: torch.jit.script cannot compile their forward (Python that picks
+    a backend and calls the ops), so it stops with an error that says what works instead."""
+
+    def __prepare_scriptable__(self):
+        raise RuntimeError(
+            f"attnpool: torch.jit.script cannot compile {type(self).__name__} (TorchScript is "
+            "deprecated and cannot follow attnpool's backend dispatch). To deploy, use "
+            "torch.export.export (then torch.export.save, or AOTInductor for a Python-free C++ "
+            "runtime) or torch.onnx.export(..., dynamo=True); torch.jit.trace also records "
+            "the ops. See README, 'Deploying'.")
+
+
 # ---------------------------------------------------------------- input checks
 # Error messages are built only when raising: under torch.compile sizes are symbolic, and
 # formatting them would break the graph.

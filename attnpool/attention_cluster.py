@@ -309,7 +309,7 @@ def attention_cluster(
     return out, attn.to(x.dtype)
 
 
-class AttentionCluster(reference.AttentionCluster):
+class AttentionCluster(_ops.NotScriptable, reference.AttentionCluster):
     """Attention clusters (Long et al., CVPR 2018) with fused kernels.
 
     N attention units each softmax-pool the frames of ``x [B, L, F]``; with
@@ -347,7 +347,7 @@ class AttentionCluster(reference.AttentionCluster):
         return (out, attn) if return_attention else out
 
 
-class MultimodalAttentionClusters(reference.MultimodalAttentionClusters):
+class MultimodalAttentionClusters(_ops.NotScriptable, reference.MultimodalAttentionClusters):
     """One fused :class:`AttentionCluster` per modality, outputs concatenated in the
     order of ``modalities``: ``MultimodalAttentionClusters({"rgb": (2048, 64), "audio": (128, 32)})``."""
 

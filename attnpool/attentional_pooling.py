@@ -214,7 +214,7 @@ def pose_attentional_pooling(
     return _factored_logits(x, z, h, h.mean(-1), weight_top_down, bias_top_down)
 
 
-class AttentionalPooling(reference.AttentionalPooling):
+class AttentionalPooling(_ops.NotScriptable, reference.AttentionalPooling):
     """Rank-P attentional pooling (Girdhar & Ramanan, NeurIPS 2017) with fused kernels.
 
     A drop-in for ``AdaptiveAvgPool2d(1) + flatten + Linear(C, K)`` on ``[B, C, H, W]``

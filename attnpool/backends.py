@@ -237,26 +237,17 @@ def why_not(op: str, backend: str, device: torch.device, dtype: torch.dtype, **s
     return _load_error(op, backend)
 
 
-def _legacy_onnx_export() -> bool:
-    """Inside torch.onnx.export(..., dynamo=False), which traces with torch.jit."""
-    return torch.jit.is_tracing() and torch.onnx.is_in_onnx_export()
-
-
 def resolve(op: str, backend: str | None, device: torch.device, dtype: torch.dtype,
             **sizes) -> str:
     """The concrete backend that runs ``op`` on this device, dtype and sizes (the op's limits,
     see :func:`register_limits`); raises if an explicit choice cannot."""
     choice = requested(backend)
-    if _legacy_onnx_export():
-        # The TorchScript-based exporter has no translation of attnpool's ops; "auto" exports
-        # the reference, which is plain torch (standard ONNX operators, same results).
-        if choice in ("auto", "reference"):
-            return "reference"
-        raise BackendUnavailableError(
-            f"attnpool backend {choice!r} cannot be exported by torch.onnx.export(..., "
-            f"dynamo=False): the TorchScript-based exporter has no translation of attnpool::"
-            f"{op}. Export with backend='auto' or 'reference' (the plain-PyTorch math, as "
-            "standard ONNX operators), e.g. inside attnpool.use_backend('reference').")
+    if torch.onnx.is_in_onnx_export():
+        # An ONNX model holds no attnpool kernel: under either exporter (dynamo=True or the
+        # TorchScript-based one) every op is exported as its reference math, plain torch that
+        # becomes standard ONNX operators, which any ONNX runtime runs. The backend only
+        # chooses kernels for the same math, so this holds whatever it names.
+        return "reference"
     if choice == "auto":
         order = AUTO_ORDER_BY_OP.get((device.type, op)) or AUTO_ORDER.get(device.type,
                                                                          ("reference",))

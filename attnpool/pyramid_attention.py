@@ -202,7 +202,7 @@ def pyramid_attention(
     return out, loss
 
 
-class PyramidAttention(reference.PyramidAttention):
+class PyramidAttention(_ops.NotScriptable, reference.PyramidAttention):
     """Interaction-aware pyramid attention (our formulation of Du et al., ECCV 2018) with
     fused kernels.
 

@@ -755,7 +755,7 @@ def check_pyramid_maps(maps, in_channels: list[int]) -> None:
             raise TypeError(f"maps[{s}] must be a Tensor of shape {want()}, got {type(x).__name__}")
         if x.dim() != first.dim() or list(x.shape[:x.dim() - 3]) != lead or x.shape[-3] != c:
             raise ValueError(f"maps[{s}] must have shape {want()}, got {list(x.shape)}")
-        if min(x.shape[-2:]) < 1 or (x.dim() == 5 and x.shape[1] < 1):
+        if any(s < 1 for s in x.shape[-2:]) or (x.dim() == 5 and x.shape[1] < 1):
             raise ValueError(f"maps[{s}] must have T, H, W >= 1, got {list(x.shape)}")
         if not x.is_floating_point():
             raise TypeError(f"maps[{s}] must be a floating-point tensor of shape {want()}, "

@@ -177,7 +177,7 @@ def unimodality(w: Tensor, sqrt: bool = True, reduction: str = "mean", *,
                                      unimodal_reduction=reduction, backend=backend)
 
 
-class SpatioTemporalRegularizer(reference.SpatioTemporalRegularizer):
+class SpatioTemporalRegularizer(_ops.NotScriptable, reference.SpatioTemporalRegularizer):
     """``forward(mask [B, T, H, W], w [B, T])`` -> tv_weight·TV(mask) +
     contrast_weight·contrast(mask) + unimodal_weight·unimodality(w), fused.
     Defaults follow the official code."""
@@ -194,7 +194,7 @@ class SpatioTemporalRegularizer(reference.SpatioTemporalRegularizer):
             backend=self.backend)
 
 
-class SpatioTemporalAttention(reference.SpatioTemporalAttention):
+class SpatioTemporalAttention(_ops.NotScriptable, reference.SpatioTemporalAttention):
     """Spatio-temporal attention (Meng et al., "Where and When to Look?") with fused kernels.
 
     The official mask network (three 3×3 convs with BN + ReLU, sigmoid) gives a spatial mask

@@ -77,7 +77,7 @@ def check_clip(x: Tensor, mask: Tensor) -> None:
     if x.dim() != 5:
         raise ValueError(f"x must have shape [B, T, C, H, W], got {list(x.shape)}")
     B, T, _, H, W = x.shape
-    if min(T, H, W) < 1:
+    if T < 1 or H < 1 or W < 1:  # not min(): under torch.export it would order the sizes
         raise ValueError(f"x must have T, H, W >= 1, got {list(x.shape)}")
     _ops.check_like("mask", mask, x, (B, T, H, W))
 

@@ -2,7 +2,7 @@
 // the op's file (attnpool/<name>.py) has already validated: one floating dtype for all of an op's
 // float inputs, every size >= 1; layouts as each op says below.
 #pragma once
-#include <torch/extension.h>
+#include <ATen/ATen.h>  // no torch/extension.h: it brings pybind11 (see ops.cpp)
 
 #include <tuple>
 #include <vector>

@@ -193,28 +193,21 @@ def test_jit_trace_records_the_op(backend):
     torch.testing.assert_close(traced(x2, lengths2), m(x2, lengths2))
 
 
-@pytest.mark.parametrize("backend", CPU_KERNELS)
-def test_legacy_onnx_export_raises_for_a_kernel_backend(backend, tmp_path):
-    """torch.onnx.export(dynamo=False) has no translation of the fused ops: an explicit
-    kernel backend raises a clear error instead of writing a wrong model."""
-    m = _cluster(backend).float()
-    x = torch.randn(2, 5, 6)
-    with pytest.raises(attnpool.BackendUnavailableError, match="dynamo=False"):
-        torch.onnx.export(m, (x,), str(tmp_path / "m.onnx"), dynamo=False)
-
-
-def test_legacy_onnx_export_auto_exports_the_reference(tmp_path):
-    """With backend "auto" the legacy exporter exports the reference math: the graph has the
-    model's input and computes from it (no constant stands for the output); ONNX's own
-    reference evaluator runs it to the module's output on another input."""
+@pytest.mark.parametrize("backend", [None] + CPU_KERNELS)
+def test_legacy_onnx_export_exports_the_reference(backend, tmp_path):
+    """The TorchScript-based exporter (dynamo=False) exports the reference math whatever the
+    backend (an ONNX model holds no attnpool kernel): the graph has the model's input and
+    computes from it (no constant stands for the output); ONNX's own reference evaluator
+    runs it to the module's output on another input. (dynamo=True: tests/test_deploy.py.)"""
     import onnx
     from onnx.reference import ReferenceEvaluator
 
-    m = _cluster(None).float()
+    m = _cluster(backend).float()
     path = str(tmp_path / "m.onnx")
     torch.onnx.export(m, (torch.randn(2, 5, 6),), path, dynamo=False, input_names=["x"])
     model = onnx.load(path)
     assert [i.name for i in model.graph.input] == ["x"]
+    assert not any(n.domain for n in model.graph.node), "only standard ONNX operators"
     x = torch.randn(2, 5, 6)
     (got,) = ReferenceEvaluator(model).run(None, {"x": x.numpy()})
     torch.testing.assert_close(torch.from_numpy(got), m(x).detach(), rtol=1e-5, atol=1e-6)
