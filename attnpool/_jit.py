@@ -75,6 +75,20 @@ def _cache_dir(root: Path, sources: list[Path]) -> Path:
     return Path(base) / f"torch{torch.__version__}-py{platform.python_version()}-{digest.hexdigest()[:16]}"
 
 
+def _units(root: Path, sources: list[Path], build: Path) -> list[str]:
+    """One file per source that includes it, named after its path: cpp_extension.load names each
+    object after its source's base name, and csrc/<name>.cpp (an op's registration) and
+    csrc/cpu/<name>.cpp (its kernels) would collide."""
+    units = build / "units"
+    units.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for source in sources:
+        unit = units / "_".join(source.relative_to(root).parts)
+        unit.write_text(f'#include "{source}"\n')
+        paths.append(str(unit))
+    return paths
+
+
 def load():
     """The compiled module (from the cache, or built now), or raises ImportError saying why."""
     if os.environ.get("ATTNPOOL_NO_JIT", "0").lower() in ("1", "true", "yes"):
@@ -100,7 +114,7 @@ def load():
                   "thread", file=sys.stderr, flush=True)
         try:
             return cpp_extension.load(
-                NAME, [str(s) for s in sources], extra_include_paths=[str(root)],
+                NAME, _units(root, sources, build), extra_include_paths=[str(root)],
                 extra_cflags=["-O3"] + openmp,
                 extra_ldflags=["-fopenmp"] if "-fopenmp" in openmp else [], build_directory=str(build),
                 verbose=False)

@@ -204,8 +204,6 @@ _ops.register_backward_op(attention_cluster_backward)
 _ops.register_backward_op(attention_cluster_fc1_backward)
 
 
-
-
 def attention_cluster(
     x: Tensor,
     weight: Tensor | None,

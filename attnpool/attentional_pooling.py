@@ -88,8 +88,6 @@ _ops.register_autograd(attentional_pooling_op, _attentional_pooling_backward, _a
 _ops.register_backward_op(attentional_pooling_backward)
 
 
-
-
 def attentional_pooling(
     x: Tensor,
     weight_bottom_up: Tensor,

@@ -149,7 +149,6 @@ _ops.register_autograd(pyramid_attention_op, _pyramid_backward, _pyramid_setup, 
 _ops.register_backward_op(pyramid_attention_backward)
 
 
-
 def pyramid_attention(
     maps: list[Tensor],
     score_weights: list[Tensor],

@@ -83,8 +83,6 @@ _ops.register_autograd(st_regularizer_op, _streg_backward, _streg_setup)
 _ops.register_backward_op(st_regularizer_backward)
 
 
-
-
 def st_regularizer(
     mask: Tensor | None,
     w: Tensor | None,

@@ -42,11 +42,7 @@ ClusterForward forward(const at::Tensor& x, const c10::optional<at::Tensor>& sco
   const auto stat = x.options().dtype(opmath_type(x.scalar_type()));
   if (B == 0) return {at::empty({0, N * F}, x.options()), at::empty({0, N, L}, stat),
                       at::empty({0, N}, stat)};
-#ifdef ATTNPOOL_WITH_CUDA
-  constexpr auto kernel = kCuda ? attention_cluster_forward_cuda : attention_cluster_forward_cpu;
-#else
-  constexpr auto kernel = attention_cluster_forward_cpu;
-#endif
+  constexpr auto kernel = ATTNPOOL_KERNEL(kCuda, attention_cluster_forward);
   if (!kCuda && weight) {  // the CPU kernels compute the scores per task, never stored
     return attention_cluster_fc1_forward_cpu(x.contiguous(), weight->contiguous(), len,
                                              alpha.contiguous(), beta.contiguous(), shift, eps,
@@ -71,11 +67,7 @@ ClusterBackward backward(const at::Tensor& grad_out, const at::Tensor& x, const 
     return {at::zeros_like(x), at::zeros({0, x.size(1), attn.size(1)}, x.options()),
             at::zeros_like(alpha), at::zeros_like(beta)};
   }
-#ifdef ATTNPOOL_WITH_CUDA
-  constexpr auto kernel = kCuda ? attention_cluster_backward_cuda : attention_cluster_backward_cpu;
-#else
-  constexpr auto kernel = attention_cluster_backward_cpu;
-#endif
+  constexpr auto kernel = ATTNPOOL_KERNEL(kCuda, attention_cluster_backward);
   return kernel(grad_out.contiguous(), x.contiguous(), attn.contiguous(), norm.contiguous(),
                 alpha.contiguous(), beta.contiguous(), as_int64(lengths), shift, eps, eps_sqrt);
 }

@@ -18,11 +18,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(const at::Tensor& x, cons
   const auto stat = opmath_type(x.scalar_type());
   if (B == 0) return {at::empty({0, P, C}, x.options()), at::empty({0, P, n}, x.options()),
                       at::empty({0, P}, x.options().dtype(stat))};
-#ifdef ATTNPOOL_WITH_CUDA
-  constexpr auto kernel = kCuda ? attentional_pooling_forward_cuda : attentional_pooling_forward_cpu;
-#else
-  constexpr auto kernel = attentional_pooling_forward_cpu;
-#endif
+  constexpr auto kernel = ATTNPOOL_KERNEL(kCuda, attentional_pooling_forward);
   auto [z, h] = kernel(x, wb.contiguous(), bb.contiguous());
   at::Tensor m = h.to(stat).mean(-1);
   return {z, h, m};
@@ -34,12 +30,7 @@ AttpoolBackward backward(const at::Tensor& grad_z, const at::Tensor& grad_h, con
   check_backend(backend, kCuda ? "cuda" : "cpp", "attentional_pooling_backward");
   if (x.size(0) == 0) return {at::zeros_like(x), at::zeros_like(wb), at::zeros({wb.size(0)},
                                                                               wb.options())};
-#ifdef ATTNPOOL_WITH_CUDA
-  constexpr auto kernel =
-      kCuda ? attentional_pooling_backward_cuda : attentional_pooling_backward_cpu;
-#else
-  constexpr auto kernel = attentional_pooling_backward_cpu;
-#endif
+  constexpr auto kernel = ATTNPOOL_KERNEL(kCuda, attentional_pooling_backward);
   return kernel(grad_z.contiguous(), grad_h.contiguous(), x, h.contiguous(), wb.contiguous());
 }
 

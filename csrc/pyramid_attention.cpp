@@ -31,11 +31,7 @@ PyramidForward forward(const std::vector<at::Tensor>& xs, const std::vector<at::
             at::empty({0, Ctot, n}, stat),
             at::empty({0, static_cast<int64_t>(xs.size()), n}, stat)};
   }
-#ifdef ATTNPOOL_WITH_CUDA
-  constexpr auto kernel = kCuda ? pyramid_attention_forward_cuda : pyramid_attention_forward_cpu;
-#else
-  constexpr auto kernel = pyramid_attention_forward_cpu;
-#endif
+  constexpr auto kernel = ATTNPOOL_KERNEL(kCuda, pyramid_attention_forward);
   return kernel(contiguous(xs), contiguous(weights), bias.contiguous(), eps, lam);
 }
 
@@ -47,11 +43,7 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& g
                                  const std::vector<at::Tensor>& weights, double eps, double lam,
                                  c10::SymIntArrayRef sizes, std::string_view backend) {
   check_backend(backend, kCuda ? "cuda" : "cpp", "pyramid_attention_backward");
-#ifdef ATTNPOOL_WITH_CUDA
-  constexpr auto kernel = kCuda ? pyramid_attention_backward_cuda : pyramid_attention_backward_cpu;
-#else
-  constexpr auto kernel = pyramid_attention_backward_cpu;
-#endif
+  constexpr auto kernel = ATTNPOOL_KERNEL(kCuda, pyramid_attention_backward);
   std::vector<int64_t> hw;
   hw.reserve(sizes.size());
   for (const auto& s : sizes) hw.push_back(s.expect_int());

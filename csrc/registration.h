@@ -23,3 +23,11 @@ inline void check_backend(std::string_view backend, std::string_view expected, c
 }
 
 }  // namespace attnpool
+
+// The entry point `name`_cpu or `name`_cuda (attnpool.h) of the device an adapter serves: an op's
+// adapters are templates over kCuda, and the CUDA entry points exist only in a CUDA build.
+#ifdef ATTNPOOL_WITH_CUDA
+#define ATTNPOOL_KERNEL(kCuda, name) ((kCuda) ? name##_cuda : name##_cpu)
+#else
+#define ATTNPOOL_KERNEL(kCuda, name) (name##_cpu)
+#endif

@@ -13,11 +13,7 @@ at::Tensor forward(const at::Tensor& mask, const at::Tensor& w, double tv_weight
                    bool unimodal_mean, std::string_view backend) {
   check_backend(backend, kCuda ? "cuda" : "cpp", "st_regularizer");
   if (mask.size(0) == 0) return at::zeros({}, mask.options());
-#ifdef ATTNPOOL_WITH_CUDA
-  constexpr auto kernel = kCuda ? st_regularizer_forward_cuda : st_regularizer_forward_cpu;
-#else
-  constexpr auto kernel = st_regularizer_forward_cpu;
-#endif
+  constexpr auto kernel = ATTNPOOL_KERNEL(kCuda, st_regularizer_forward);
   return kernel(mask.contiguous(), w.contiguous(), tv_weight, contrast_weight, unimodal_weight,
                 sqrt, tv_mean, unimodal_mean);
 }
@@ -30,11 +26,7 @@ std::tuple<at::Tensor, at::Tensor> backward(const at::Tensor& grad_total, const 
                                             std::string_view backend) {
   check_backend(backend, kCuda ? "cuda" : "cpp", "st_regularizer_backward");
   if (mask.size(0) == 0) return {at::zeros_like(mask), at::zeros_like(w)};
-#ifdef ATTNPOOL_WITH_CUDA
-  constexpr auto kernel = kCuda ? st_regularizer_backward_cuda : st_regularizer_backward_cpu;
-#else
-  constexpr auto kernel = st_regularizer_backward_cpu;
-#endif
+  constexpr auto kernel = ATTNPOOL_KERNEL(kCuda, st_regularizer_backward);
   return kernel(grad_total.contiguous(), mask.contiguous(), w.contiguous(), tv_weight,
                 contrast_weight, unimodal_weight, sqrt, tv_mean, unimodal_mean);
 }

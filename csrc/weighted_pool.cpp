@@ -11,11 +11,7 @@ template <bool kCuda>
 at::Tensor forward(const at::Tensor& x, const at::Tensor& h, std::string_view backend) {
   check_backend(backend, kCuda ? "cuda" : "cpp", "weighted_pool");
   if (x.size(0) == 0) return at::empty({0, h.size(1), x.size(1)}, x.options());
-#ifdef ATTNPOOL_WITH_CUDA
-  constexpr auto kernel = kCuda ? weighted_pool_forward_cuda : weighted_pool_forward_cpu;
-#else
-  constexpr auto kernel = weighted_pool_forward_cpu;
-#endif
+  constexpr auto kernel = ATTNPOOL_KERNEL(kCuda, weighted_pool_forward);
   return kernel(x, h.contiguous());
 }
 
@@ -24,11 +20,7 @@ std::tuple<at::Tensor, at::Tensor> backward(const at::Tensor& grad_z, const at::
                                             const at::Tensor& h, std::string_view backend) {
   check_backend(backend, kCuda ? "cuda" : "cpp", "weighted_pool_backward");
   if (x.size(0) == 0) return {at::zeros_like(x), at::zeros_like(h)};
-#ifdef ATTNPOOL_WITH_CUDA
-  constexpr auto kernel = kCuda ? weighted_pool_backward_cuda : weighted_pool_backward_cpu;
-#else
-  constexpr auto kernel = weighted_pool_backward_cpu;
-#endif
+  constexpr auto kernel = ATTNPOOL_KERNEL(kCuda, weighted_pool_backward);
   return kernel(grad_z.contiguous(), x, h.contiguous());
 }
 
