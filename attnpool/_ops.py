@@ -60,8 +60,12 @@ class Op:
 
     def __init__(self, name: str, triton_fn: Callable | None):
         self.name = name
-        self.compiled = (getattr(torch.ops.attnpool, name).default
-                         if backends.extension() is not None else None)
+        self.compiled = None
+        if backends.extension() is not None:
+            try:
+                self.compiled = getattr(torch.ops.attnpool, name).default
+            except AttributeError:  # an attnpool._C built from older sources: backends says so
+                pass
         self.triton = None
         if triton_fn is not None:
             self.triton = torch.library.custom_op(f"attnpool::{name}_triton", mutates_args=())(

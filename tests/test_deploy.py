@@ -113,9 +113,10 @@ def test_export_dynamic_save_load(name):
     loaded = torch.export.load(buffer).module()
     for b, i in ((5, 1), (1, 2)):
         args = inputs(b, i)
-        with torch.no_grad():
-            for got, want in zip(_flat(loaded(*args)), _flat(model(*args))):
-                torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        with attnpool.use_backend("reference"), torch.no_grad():  # the plain-PyTorch math
+            want = _flat(model(*args))
+        for got, w in zip(_flat(loaded(*args)), want):
+            torch.testing.assert_close(got, w, rtol=1e-5, atol=1e-5)
 
 
 # ------------------------------------------------------------------ ONNX
@@ -150,7 +151,7 @@ def test_onnx_dynamo_export_runs_in_onnxruntime(name, tmp_path):
     assert domains <= {"", "ai.onnx"}, f"only standard ONNX operators, got {domains}"
     session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
     names = [i.name for i in session.get_inputs()]
-    for b, i in ((5, 0), (2, 0)):
+    for b, i in ((5, 1), (2, 2)):  # other batch sizes, and frames / H×W where dynamic
         args = inputs(b, i)
         got = session.run(None, dict(zip(names, _onnx_inputs(args))))
         with torch.no_grad():
@@ -184,7 +185,7 @@ def test_aoti_package_runs_in_a_process_that_never_imports_attnpool(tmp_path):
         ep = torch.export.export(model, inputs(2, 0), dynamic_shapes=dynamic)
     package = torch._inductor.aoti_compile_and_package(ep, package_path=str(tmp_path / "m.pt2"))
     args = inputs(5, 1)
-    with torch.no_grad():
+    with attnpool.use_backend("reference"), torch.no_grad():  # the plain-PyTorch math
         want = model(*args)
     torch.testing.assert_close(torch._inductor.aoti_load_package(package)(*args), want,
                                rtol=1e-5, atol=1e-5)

@@ -53,7 +53,9 @@ def export_package(out: str, device: str) -> tuple[str, list, list]:
     model = VideoHead().eval().to(device)
     example = torch.randn(2, 6, 32, 7, 7, device=device)
     dims = {0: Dim("batch", min=1, max=256), 1: Dim("frames", min=3, max=512)}
-    with torch.no_grad():
+    # the device's compiled kernels: on a GPU "auto" may pick Triton (the attention cluster),
+    # whose ops are registered from Python and so cannot run in a C++ program
+    with attnpool.use_backend("cpp" if device == "cpu" else "cuda"), torch.no_grad():
         exported = torch.export.export(model, (example,), dynamic_shapes=({**dims},))
     ops = sorted({str(n.target) for n in exported.graph.nodes
                   if str(n.target).startswith("attnpool.")})
@@ -61,7 +63,7 @@ def export_package(out: str, device: str) -> tuple[str, list, list]:
     package = torch._inductor.aoti_compile_and_package(
         exported, package_path=os.path.join(out, "model.pt2"))
     inputs = [torch.randn(5, 9, 32, 7, 7, device=device)]
-    with torch.no_grad():
+    with attnpool.use_backend("reference"), torch.no_grad():  # the plain-PyTorch math
         expected = [model(*inputs)]
     return package, inputs, expected
 
