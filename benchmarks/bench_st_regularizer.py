@@ -17,14 +17,10 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness  # noqa: E402
+# the regulariser runs on the masks of the temporal pool's clips (their C is unused here)
+from bench_weighted_pool import SHAPES, SWEEP  # noqa: E402
 
 from attnpool import functional, reference  # noqa: E402
-
-# (B, T, C, H, W): the GPU shape on both devices (x is 230 MiB, far beyond the CPU's caches, as in
-# training), and on the CPU also a 30 MiB x, which fits this machine's 32 MiB L3 on its own.
-SHAPES = {"cpu": [(30, 20, 2048, 7, 7), (8, 20, 1024, 7, 7)], "cuda": [(30, 20, 2048, 7, 7)]}
-SWEEP = {"cpu": [(8, t, 1024, 7, 7) for t in (8, 40, 80)] + [(8, 20, 1024, 14, 14)],
-         "cuda": [(30, 20, 2048, 14, 14), (30, 64, 2048, 7, 7)]}
 
 
 def cases(B, T, C, H, W, device, dtype):
