@@ -17,6 +17,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness  # noqa: E402
+
 # the regulariser runs on the masks of the temporal pool's clips (their C is unused here)
 from bench_weighted_pool import SHAPES, SWEEP  # noqa: E402
 
