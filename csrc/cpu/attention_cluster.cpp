@@ -53,7 +53,7 @@ ATTNPOOL_INLINE void affine_tile(int64_t K, const T* a, int64_t aks, const T* b,
   for (int r = 0; r < R; ++r)
     for (int j = 0; j < NV; ++j) {
       const vec ur = al[r] * acc[r][j] + be[r];
-      std::memcpy(u + r * ldu + j * V, &ur, kVec);
+      store<kVec, T>(u + r * ldu + j * V, ur);
       sq[r] += ur * ur;
     }
 }
@@ -157,8 +157,10 @@ struct ForwardJob {
   Shape s;
   Split units;  // tasks are (b, block of units)
   const scalar_t* x;
-  const T* scores;         // [B, L, N] opmath, or nullptr with weight
-  const T* weight;         // fc1: weight [N, F] (opmath), scores = x weight^T per task
+  const T* scores;         // [B, L, N] opmath, or nullptr with weight_t
+  // fc1: weight^T [F, ldw] (opmath, columns past N zero), scores = x weight^T per task
+  const T* weight_t;
+  int64_t ldw;
   const int64_t* lengths;  // or nullptr
   const T* alpha;
   const T* beta;
@@ -263,7 +265,8 @@ struct ForwardJob {
     // and their per-unit max and sum; u of one panel of units.
     std::vector<T> xs(std::is_same_v<scalar_t, T> ? 0 : L * F);
     std::vector<T> a(units.block * L + 2 * units.block), u(R * F);
-    std::vector<T> sc(weight != nullptr ? units.block * L : 0);
+    constexpr int V = kVec / sizeof(T);
+    std::vector<T> sc(weight_t != nullptr ? (units.block + V) * L : 0);
     T* mx = a.data() + units.block * L;
     T* sum = mx + units.block;
     for (int64_t t = t0; t < t1; ++t) {
@@ -272,12 +275,14 @@ struct ForwardJob {
       const int64_t nb = std::min(N, n0 + units.block) - n0;
       const int64_t len = valid_length(lengths, b, L);
       const T* xb = as_opmath<T>(x + b * L * F, len * F, xs.data());
-      if (weight != nullptr) {  // fc1: the block's scores [len, nb] = X W^T, x in cache
-        // as dot products along F: a gemm over W^T would run a block of fewer units than a
-        // register's lanes (N = 8 on AVX-512) as scalar columns
-        dots<kVec, Tile::kDotRows, Tile::kDotCols>(len, nb, F, xb, F, weight + n0 * F, F,
-                                                   sc.data(), nb);
-        softmax(sc.data(), nb, b, n0, nb, len, a.data(), mx, sum);
+      if (weight_t != nullptr) {  // fc1: the block's scores [len, nb] = X W^T, x in cache
+        // as a gemm over whole registers of W^T's zero-padded columns (N = 8 on AVX-512
+        // would run as scalar columns otherwise). Dot products along F instead reached half
+        // its speed: each pass of a dot tile streams its rows of x and W from L2.
+        const int64_t cols = std::min(ldw - n0, (nb + V - 1) / V * V);
+        gemm<kVec, Tile::kRows, Tile::kVecs>(len, cols, F, xb, F, 1, weight_t + n0, ldw,
+                                             sc.data(), cols, /*pack_b=*/false);
+        softmax(sc.data(), cols, b, n0, nb, len, a.data(), mx, sum);
       } else {
         softmax(scores + b * L * N + n0, N, b, n0, nb, len, a.data(), mx, sum);
       }
@@ -496,7 +501,9 @@ struct WeightGradJob {
     using Tile = Tiling<kVec, T>;
     const int64_t K = s.B * s.L, F = s.F, N = s.N;
     constexpr bool kInPlace = std::is_same_v<scalar_t, T>;
-    std::vector<T> xs(kInPlace && lengths == nullptr ? 0 : K * kColBlock);
+    thread_local std::vector<T> xs;  // kept: a fresh one page-faulted on every call
+    if (!(kInPlace && lengths == nullptr) && static_cast<int64_t>(xs.size()) < K * kColBlock)
+      xs.resize(K * kColBlock);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t f0 = t * kColBlock, fw = std::min(F, f0 + kColBlock) - f0;
       if constexpr (kInPlace) {
@@ -565,7 +572,14 @@ ClusterForward forward_impl(const at::Tensor& x, const at::Tensor* scores,
   }
   const auto opmath = opmath_dtype(x.scalar_type());
   const at::Tensor al = alpha.to(opmath), be = beta.to(opmath);
-  const at::Tensor w = weight != nullptr ? weight->to(opmath).contiguous() : at::Tensor();
+  // fc1: weight^T, its columns past N zero for at least a register (16 floats at most), so
+  // that every block of units computes whole registers of scores.
+  const int64_t ldw = (N + 16 + 15) / 16 * 16;
+  at::Tensor wt;
+  if (weight != nullptr) {
+    wt = at::zeros({s.F, ldw}, x.options().dtype(opmath));
+    wt.narrow(1, 0, N).copy_(weight->t());
+  }
   at::Tensor out = at::empty({s.B, s.N * s.F}, x.options());
   at::Tensor attn = at::empty({s.B, s.N, s.L}, x.options().dtype(opmath));
   at::Tensor norm = at::empty({s.B, s.N}, x.options().dtype(opmath));
@@ -576,7 +590,7 @@ ClusterForward forward_impl(const at::Tensor& x, const at::Tensor* scores,
     using T = at::opmath_type<scalar_t>;
     const ForwardJob<scalar_t> job{s, Split(s.B, s.N, kRowAlign), x.const_data_ptr<scalar_t>(),
                                    scores ? scores->const_data_ptr<T>() : nullptr,
-                                   weight ? w.const_data_ptr<T>() : nullptr, len,
+                                   weight ? wt.const_data_ptr<T>() : nullptr, ldw, len,
                                    al.const_data_ptr<T>(), be.const_data_ptr<T>(), shift,
                                    static_cast<T>(eps), static_cast<T>(eps_sqrt),
                                    out.mutable_data_ptr<scalar_t>(),
