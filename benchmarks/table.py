@@ -1,6 +1,6 @@
-"""Print README's CPU performance table from benchmarks/results/cpu.csv: forward + backward
-(median ms) of eager, torch.compile and attnpool's cpp kernels at each op's CPU shapes, one
-column group per CPU path measured (cpu-avx512, cpu-avx2, cpu-default), and the machine.
+"""Print README's CPU performance tables from benchmarks/results/cpu.csv, one per machine:
+forward + backward (median ms) of eager, torch.compile and attnpool's cpp kernels at each
+op's CPU shapes, one column group per CPU path measured (cpu-avx512, cpu-avx2, cpu-default).
 With --cluster-floors, the attention-cluster sweep against its compute and memory floors.
 With --gpu, the same for every GPU CSV at the GPU shapes: each mode's time and the peak
 memory of eager, compile, Triton and CUDA, and each kernel backend's speedup.
@@ -112,17 +112,27 @@ def main() -> None:
     if args.gpu:
         gpu_tables()
         return
-    t, machine = {}, {}
+    # one table per machine (the CSV key holds it): CPUs differ in more than the ISA
+    by_machine: dict[str, dict] = {}
+    versions = {}
     with open(os.path.join(RESULTS, "cpu.csv"), newline="") as f:
         for r in csv.DictReader(f):
             if r["metric"] == "time_ms" and r["mode"] == "full":
+                t = by_machine.setdefault(r.get("machine", ""), {})
                 t[(r["op"], r["shape"], r["device"], r["provider"])] = float(r["p50"])
-                machine[r["device"]] = f"{r.get('machine', '')}, torch {r['torch']}"
-    if args.cluster_floors:
-        peaks = {f"cpu-{k}": float(v) for k, v in (i.split("=") for i in args.peak.split(","))}
-        cluster_floors(t, peaks, args.bandwidth)
-        return
-    devices = [d for d in DEVICES if d in machine]
+                versions[r.get("machine", "")] = r["torch"]
+    for machine, t in by_machine.items():
+        print(f"\n{machine}, torch {versions[machine]}")
+        if args.cluster_floors:
+            peaks = {f"cpu-{k}": float(v) for k, v in (i.split("=") for i in args.peak.split(","))}
+            cluster_floors(t, peaks, args.bandwidth)
+        else:
+            cpu_table(t)
+
+
+def cpu_table(t: dict) -> None:
+    """README's CPU table of one machine: per op and CPU shape, eager / compile / cpp per path."""
+    devices = [d for d in DEVICES if any(k[2] == d for k in t)]
     rows = []
     for mod, ops in SCRIPTS.items():
         for sizes in mod.SHAPES["cpu"]:
@@ -142,9 +152,6 @@ def main() -> None:
             fmt = lambda v: "-" if v is None else f"{v:.3g}"  # noqa: E731
             cells.append(f"{fmt(e)} / {fmt(c)} / **{fmt(k)}** ({base / k:.2f}×)")
         print(f"| {op} | {shape} | " + " | ".join(cells) + " |")
-    for d in devices:
-        print(f"\n{d}: {machine[d]}")
-
 
 if __name__ == "__main__":
     main()

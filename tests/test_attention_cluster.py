@@ -157,6 +157,19 @@ def test_larger_than_one_tile(backend):
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("B", [1, 6])
+@pytest.mark.parametrize("lengths", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_many_frames(backend, B, lengths, dtype):
+    """100 frames: the cpp backward's d attention as a gemm (64 valid frames or more) or as dot
+    tiles (fewer, with lengths), one sample's units split over the threads (B=1); B*L = 600
+    frames: the weight gradient sums them in several L1-sized chunks on every instruction set
+    (csrc/cpu/tiles.h, gemm), and 20 units make several row panels."""
+    case = make_case(B, 100, 40, 20, lengths=lengths, seed=4)
+    check_backend(case, backend, dtype)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_clamped_norm(backend):
     """alpha = beta = 0 makes the norm 0 < eps: the clamped branch."""
     mod, x, lens, go, ga = make_case(2, 4, 5, 3, seed=1)
