@@ -1,5 +1,5 @@
-"""Draw the plots of benchmarks/results/*.csv, per device (a GPU, or a CPU instruction set such
-as cpu-avx2) and op:
+"""Draw the plots of benchmarks/results/*.csv, per device (a GPU, or a CPU instruction set and
+CPU model such as cpu-avx2_AMD_EPYC) and op:
 
 * ``<device>_<op>.png``: time per provider for forward, backward and forward + backward at
   each shape that is not on a sweep;
@@ -14,6 +14,7 @@ from __future__ import annotations
 import csv
 import glob
 import os
+import re
 from collections import defaultdict
 
 import matplotlib
@@ -95,16 +96,28 @@ def lines(device: str, op: str, groups, cell: dict, out: str) -> None:
     save(fig, device, out)
 
 
+def name_of(device: str, machine: str) -> str:
+    """A GPU's name, or ``cpu-<isa>_<CPU model>`` (one CSV holds every CPU: the ISA and the
+    model tell its row sets apart), with spaces as underscores."""
+    if device.startswith("cpu-"):
+        model = re.sub(r"\((R|TM)\)", "", machine.split(",")[0])
+        device = f"{device}_{model}"
+    return re.sub(r"[^A-Za-z0-9.-]+", "_", device).strip("_")
+
+
 def main() -> None:
     for path in sorted(glob.glob(os.path.join(RESULTS, "*.csv"))):
-        cells = defaultdict(lambda: defaultdict(dict))  # (device, op) -> shape -> {(prov, mode): ms}
+        # (device, machine, op) -> shape -> {(prov, mode): ms}
+        cells = defaultdict(lambda: defaultdict(dict))
         with open(path, newline="") as f:
             for r in csv.DictReader(f):
                 if r["metric"] == "time_ms":
-                    cells[(r["device"], r["op"])][r["shape"]][(r["provider"], r["mode"])] = \
-                        float(r["p50"])
-        for (device, op), cell in sorted(cells.items()):
-            stem = os.path.join(RESULTS, f"{device.replace(' ', '_')}_{op}")
+                    cells[(r["device"], r.get("machine", ""), r["op"])][r["shape"]][
+                        (r["provider"], r["mode"])] = float(r["p50"])
+        for (device, machine, op), cell in sorted(cells.items()):
+            name = name_of(device, machine)
+            device = f"{device}, {machine}" if device.startswith("cpu-") else device
+            stem = os.path.join(RESULTS, f"{name}_{op}")
             groups = sweeps(list(cell))
             on_sweep = {s for _, points in groups for _, s in points}
             alone = sorted(s for s in cell if s not in on_sweep)
