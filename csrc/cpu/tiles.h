@@ -222,17 +222,18 @@ ATTNPOOL_INLINE void gemm(int64_t rows, int64_t cols, int64_t K, const T* a, int
   constexpr int W = NV * kVec / sizeof(T);
   const int64_t panels = (rows + R - 1) / R;
   int64_t w = 0;
-  // Chunks of 16 KiB (8 and 16 measured alike, 32 slower); c can hold a running sum only
-  // in T, so for another Out a K longer than one chunk streams b unpacked.
-  constexpr int64_t kChunk = 16 * 1024 / (W * sizeof(T));
+  // Chunks of 16 KiB (8 and 16 measured alike, 32 slower). c can hold a running sum only
+  // in T: for another Out, K is packed whole while it fits 256 KiB (L2), else unpacked.
   constexpr bool kChunked = std::is_same_v<T, Out>;
-  if (pack_b && panels > 1 && ldb != W && (kChunked || K <= kChunk)) {
+  const int64_t chunk = kChunked ? 16 * 1024 / (W * static_cast<int64_t>(sizeof(T))) : K;
+  if (pack_b && panels > 1 && ldb != W && K > 0 &&  // K = 0: the tiles below write zeros
+      (kChunked || K * W * static_cast<int64_t>(sizeof(T)) <= 256 * 1024)) {
     thread_local std::vector<T> pack;
-    if (static_cast<int64_t>(pack.size()) < kChunk * W) pack.resize(kChunk * W);
+    if (static_cast<int64_t>(pack.size()) < chunk * W) pack.resize(chunk * W);
     T* pk = pack.data();
     for (; w + W <= cols; w += W) {
-      for (int64_t k0 = 0; k0 < K; k0 += kChunk) {
-        const int64_t kc = std::min(kChunk, K - k0);
+      for (int64_t k0 = 0; k0 < K; k0 += chunk) {
+        const int64_t kc = std::min(chunk, K - k0);
         for (int64_t k = 0; k < kc; ++k)
           std::memcpy(pk + k * W, b + (k0 + k) * ldb + w, W * sizeof(T));
         for (int64_t i = 0, r = 0; i < panels; ++i) {
