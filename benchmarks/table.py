@@ -7,7 +7,7 @@ memory of eager, compile, Triton and CUDA, and each kernel backend's speedup.
 
     python benchmarks/table.py
     python benchmarks/table.py --gpu
-    python benchmarks/table.py --cluster-floors --peak avx512=512,avx2=260 --bandwidth 12.2
+    python benchmarks/table.py --cluster-floors --machine AMD --peak avx512=512,avx2=260 --bandwidth 12.2
 """
 
 from __future__ import annotations
@@ -108,6 +108,8 @@ def main() -> None:
     p.add_argument("--peak", default="avx512=512,avx2=260,default=130",
                    help="fp32 FMA peak per path, GFLOP/s, all threads (benchmarks/fma_peak.cpp)")
     p.add_argument("--bandwidth", type=float, default=12.2, help="copy bandwidth, GiB/s")
+    p.add_argument("--machine", default="", help="only the CPUs whose model contains this "
+                   "(the floors take one machine's --peak and --bandwidth)")
     args = p.parse_args()
     if args.gpu:
         gpu_tables()
@@ -122,6 +124,8 @@ def main() -> None:
                 t[(r["op"], r["shape"], r["device"], r["provider"])] = float(r["p50"])
                 versions[r.get("machine", "")] = r["torch"]
     for machine, t in by_machine.items():
+        if args.machine not in machine:
+            continue
         print(f"\n{machine}, torch {versions[machine]}")
         if args.cluster_floors:
             peaks = {f"cpu-{k}": float(v) for k, v in (i.split("=") for i in args.peak.split(","))}

@@ -157,16 +157,17 @@ def test_larger_than_one_tile(backend):
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
-@pytest.mark.parametrize("B", [1, 6])
-@pytest.mark.parametrize("lengths", [False, True])
+@pytest.mark.parametrize("lengths", [None, [70], [100, 70, 30, 64, 63, 1]])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_many_frames(backend, B, lengths, dtype):
-    """100 frames: the cpp backward's d attention as a gemm (64 valid frames or more) or as dot
-    tiles (fewer, with lengths), one sample's units split over the threads (B=1); B*L = 600
-    frames: the weight gradient sums them in several L1-sized chunks on every instruction set
-    (csrc/cpu/tiles.h, gemm), and 20 units make several row panels."""
-    case = make_case(B, 100, 40, 20, lengths=lengths, seed=4)
-    check_backend(case, backend, dtype)
+def test_many_frames(backend, lengths, dtype):
+    """100 frames: the cpp backward's d attention as a gemm (64 valid frames or more, with
+    padding at 70) or as dot tiles (fewer), one sample's units split over the threads (B=1);
+    B*L = 600 frames: the weight gradient sums them in several L1-sized chunks on every
+    instruction set (csrc/cpu/tiles.h, gemm), and 20 units make several row panels."""
+    B = 6 if lengths is None else len(lengths)
+    mod, x, _, go, ga = make_case(B, 100, 40, 20, seed=4)
+    lens = None if lengths is None else torch.tensor(lengths)
+    check_backend((mod, x, lens, go, ga), backend, dtype)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -438,19 +439,22 @@ def test_single_feature(backend):
 # ------------------------------------------------------------------ padded frames
 @pytest.mark.parametrize("backend", ["reference"] + CPU_BACKENDS)
 @pytest.mark.parametrize("attention", ["fc1", "fc2", "average"])
-@pytest.mark.parametrize("L", [6, 40])  # 40: several frame chunks in the Triton kernels
+# 40: several frame chunks in the Triton kernels; 100: 70 valid frames take the cpp
+# backward's d-attention gemm
+@pytest.mark.parametrize("L", [6, 40, 100])
 def test_nan_in_padded_frames_reaches_nothing(backend, attention, L):
     """Frames past lengths are never read, forward or backward: NaN and Inf there give the
     outputs and gradients of zeros there (gradients of those frames: exactly 0)."""
     mod, x, _, go, ga = make_case(3, L, 6, 2, attention=attention, hidden=4, seed=11)
-    lens = torch.tensor([2, L, 1])
+    first = 70 if L > 70 else 2
+    lens = torch.tensor([first, L, 1])
     case = (mod, x.clone(), lens, go, ga)
-    x[0, 2:] = float("nan")
+    x[0, first:] = float("nan")
     x[2, 1:] = float("inf")
     x[2, L - 1] = -float("inf")
     check_backend(case, backend, torch.float64, x=x)
     got = run(mod, x, lens, go, ga, backend=backend, dtype=torch.float64)
-    assert torch.count_nonzero(got["grad_x"][0, 2:]) == 0
+    assert torch.count_nonzero(got["grad_x"][0, first:]) == 0
     assert torch.count_nonzero(got["grad_x"][2, 1:]) == 0
 
 

@@ -525,9 +525,7 @@ struct WeightGradJob {
     using Tile = Tiling<kVec, T>;
     const int64_t K = s.B * s.L, F = s.F, N = s.N;
     constexpr bool kInPlace = std::is_same_v<scalar_t, T>;
-    thread_local std::vector<T> xs;  // kept: a fresh one page-faulted on every call
-    if (!(kInPlace && lengths == nullptr) && static_cast<int64_t>(xs.size()) < K * kColBlock)
-      xs.resize(K * kColBlock);
+    std::vector<T> xs(kInPlace && lengths == nullptr ? 0 : K * kColBlock);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t f0 = t * kColBlock, fw = std::min(F, f0 + kColBlock) - f0;
       if constexpr (kInPlace) {
