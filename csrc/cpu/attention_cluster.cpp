@@ -489,21 +489,28 @@ struct BackwardJob {
     if (weight != nullptr && phase == kSample) std::memcpy(dv.data() + N * F, weight, N * F * sizeof(T));
     std::vector<T> da(phase == kFrames ? 0 : N * L);
     std::vector<T> ca(weight != nullptr && phase != kUnits ? 2 * N * L : 0);
+    // One call site each for do_units and do_frames, whatever the phase: GCC compiles every
+    // inlined copy on its own (contracting a * b + c into an FMA in one copy and not in
+    // another), so a copy per phase gave results that changed with the thread count, which
+    // picks the phases.
     for (int64_t t = t0; t < t1; ++t) {
-      if (phase == kSample) {
-        const T* xb = as_opmath<T>(x + t * L * F, L * F, xs.data());
-        do_units<kVec>(t, 0, N, xb, dv.data(), da.data());
-        do_frames<kVec>(t, 0, L, dv.data(), ca.data());
-      } else if (phase == kUnits) {
-        const int64_t b = t / units.blocks, n0 = (t % units.blocks) * units.block;
-        const T* xb = as_opmath<T>(x + b * L * F, L * F, xs.data());
-        do_units<kVec>(b, n0, std::min(N, n0 + units.block), xb, workspace + b * D * F,
-                       da.data());
-      } else {
-        const int64_t b = t / frames.blocks, l0 = (t % frames.blocks) * frames.block;
-        do_frames<kVec>(b, l0, std::min(L, l0 + frames.block), workspace + b * D * F,
-                        ca.data());
+      int64_t b = t, n0 = 0, n1 = N, l0 = 0, l1 = L;
+      T* dvb = phase == kSample ? dv.data() : nullptr;
+      if (phase == kUnits) {
+        b = t / units.blocks;
+        n0 = (t % units.blocks) * units.block;
+        n1 = std::min(N, n0 + units.block);
+      } else if (phase == kFrames) {
+        b = t / frames.blocks;
+        l0 = (t % frames.blocks) * frames.block;
+        l1 = std::min(L, l0 + frames.block);
       }
+      if (dvb == nullptr) dvb = workspace + b * D * F;
+      if (phase != kFrames) {
+        const T* xb = as_opmath<T>(x + b * L * F, L * F, xs.data());
+        do_units<kVec>(b, n0, n1, xb, dvb, da.data());
+      }
+      if (phase != kUnits) do_frames<kVec>(b, l0, l1, dvb, ca.data());
     }
   }
 };
