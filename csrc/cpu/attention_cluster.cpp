@@ -490,9 +490,9 @@ struct BackwardJob {
     std::vector<T> da(phase == kFrames ? 0 : N * L);
     std::vector<T> ca(weight != nullptr && phase != kUnits ? 2 * N * L : 0);
     // One call site each for do_units and do_frames, whatever the phase: GCC compiles every
-    // inlined copy on its own (contracting a * b + c into an FMA in one copy and not in
-    // another), so a copy per phase gave results that changed with the thread count, which
-    // picks the phases.
+    // inlined copy on its own (contraction into FMAs and vectorisation may differ between
+    // copies), so a copy per phase gave results that changed in the last bits with the
+    // thread count, which picks the phases.
     for (int64_t t = t0; t < t1; ++t) {
       int64_t b = t, n0 = 0, n1 = N, l0 = 0, l1 = L;
       T* dvb = phase == kSample ? dv.data() : nullptr;
