@@ -123,12 +123,12 @@ def main() -> None:
                 t = by_machine.setdefault(r.get("machine", ""), {})
                 t[(r["op"], r["shape"], r["device"], r["provider"])] = float(r["p50"])
                 versions[r.get("machine", "")] = r["torch"]
+    peaks = {f"cpu-{k}": float(v) for k, v in (i.split("=") for i in args.peak.split(","))}
     for machine, t in by_machine.items():
         if args.machine not in machine:
             continue
         print(f"\n{machine}, torch {versions[machine]}")
         if args.cluster_floors:
-            peaks = {f"cpu-{k}": float(v) for k, v in (i.split("=") for i in args.peak.split(","))}
             cluster_floors(t, peaks, args.bandwidth)
         else:
             cpu_table(t)
@@ -156,6 +156,7 @@ def cpu_table(t: dict) -> None:
             fmt = lambda v: "-" if v is None else f"{v:.3g}"  # noqa: E731
             cells.append(f"{fmt(e)} / {fmt(c)} / **{fmt(k)}** ({base / k:.2f}×)")
         print(f"| {op} | {shape} | " + " | ".join(cells) + " |")
+
 
 if __name__ == "__main__":
     main()
