@@ -144,8 +144,8 @@ attention_cluster_fc1_backward = _ops.Op("attention_cluster_fc1_backward", None)
 
 
 @attention_cluster_fc1_backward.register_fake
-def _(grad_out, grad_attn, x, weight, attn, norm, alpha, beta, lengths, shift, eps, eps_sqrt,
-      backend):
+def _(grad_out, grad_attn, x, weight, out, attn, norm, alpha, beta, lengths, shift, eps,
+      eps_sqrt, backend):
     return (torch.empty_like(x, memory_format=torch.contiguous_format),
             torch.empty_like(weight, memory_format=torch.contiguous_format),
             torch.empty_like(alpha), torch.empty_like(beta))
@@ -153,23 +153,26 @@ def _(grad_out, grad_attn, x, weight, attn, norm, alpha, beta, lengths, shift, e
 
 def _cluster_setup(ctx, inputs, output):
     x, _, weight, bias, lengths, alpha, beta, shift, eps, eps_sqrt, backend = inputs
-    _, attn, norm = output
-    ctx.save_for_backward(x, attn, norm, alpha, beta, weight, lengths)
+    out, attn, norm = output
+    ctx.fc1_fused = _fc1_fused(weight, backend)
+    # the fused fc1 backward takes du from the output rather than recomputing v (an in-place
+    # change of the output then raises autograd's error, as after torch.sigmoid)
+    ctx.save_for_backward(x, attn, norm, alpha, beta, weight, lengths,
+                          out if ctx.fc1_fused else None)
     ctx.shift, ctx.eps, ctx.eps_sqrt, ctx.backend = shift, eps, eps_sqrt, backend
     ctx.has_bias = bias is not None
-    ctx.fc1_fused = _fc1_fused(weight, backend)
     ctx.mark_non_differentiable(norm)
     ctx.set_materialize_grads(False)  # an unused attention output costs nothing
 
 
 def _cluster_backward(ctx, grad_out, grad_attn, grad_norm):
-    x, attn, norm, alpha, beta, weight, lengths = ctx.saved_tensors
+    x, attn, norm, alpha, beta, weight, lengths, out = ctx.saved_tensors
     if grad_out is None:
         grad_out = x.new_zeros(x.shape[0], attn.shape[1] * x.shape[2])
     if ctx.fc1_fused:
         grad_x, grad_weight, grad_alpha, grad_beta = _ops.backward_op(attention_cluster_fc1_backward)(
-            grad_out, grad_attn, x, weight, attn, norm, alpha, beta, lengths, ctx.shift, ctx.eps,
-            ctx.eps_sqrt, ctx.backend)
+            grad_out, grad_attn, x, weight, out, attn, norm, alpha, beta, lengths, ctx.shift,
+            ctx.eps, ctx.eps_sqrt, ctx.backend)
         grad_bias = weight.new_zeros(weight.shape[0]) if ctx.has_bias else None
         if not ctx.shift:  # alpha and beta are unused without the shift, as in the reference
             grad_alpha = grad_beta = None

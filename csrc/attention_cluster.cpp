@@ -75,7 +75,8 @@ ClusterBackward backward(const at::Tensor& grad_out, const at::Tensor& x, const 
 // The CPU kernels with the fc1 scoring layer fused (forward: `forward` with a weight).
 ClusterBackward fc1_backward_cpu(const at::Tensor& grad_out,
                                  const c10::optional<at::Tensor>& grad_attn, const at::Tensor& x,
-                                 const at::Tensor& weight, const at::Tensor& attn,
+                                 const at::Tensor& weight, const at::Tensor& out,
+                                 const at::Tensor& attn,
                                  const at::Tensor& norm, const at::Tensor& alpha,
                                  const at::Tensor& beta, const c10::optional<at::Tensor>& lengths,
                                  bool shift, double eps, double eps_sqrt,
@@ -88,8 +89,8 @@ ClusterBackward fc1_backward_cpu(const at::Tensor& grad_out,
   c10::optional<at::Tensor> ga;
   if (grad_attn) ga = grad_attn->contiguous();
   return attention_cluster_fc1_backward_cpu(
-      grad_out.contiguous(), ga, x.contiguous(), weight.contiguous(), attn.contiguous(),
-      norm.contiguous(), alpha.contiguous(), beta.contiguous(), as_int64(lengths), shift, eps,
+      grad_out.contiguous(), ga, x.contiguous(), weight.contiguous(), out.contiguous(),
+      attn.contiguous(), norm.contiguous(), alpha.contiguous(), beta.contiguous(), as_int64(lengths), shift, eps,
       eps_sqrt);
 }
 
@@ -103,8 +104,9 @@ TORCH_LIBRARY_FRAGMENT(attnpool, m) {
         "Tensor alpha, Tensor beta, Tensor? lengths, bool shift, float eps, float eps_sqrt, "
         "str backend) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("attention_cluster_fc1_backward(Tensor grad_out, Tensor? grad_attn, Tensor x, "
-        "Tensor weight, Tensor attn, Tensor norm, Tensor alpha, Tensor beta, Tensor? lengths, "
-        "bool shift, float eps, float eps_sqrt, str backend) -> (Tensor, Tensor, Tensor, Tensor)");
+        "Tensor weight, Tensor out, Tensor attn, Tensor norm, Tensor alpha, Tensor beta, "
+        "Tensor? lengths, bool shift, float eps, float eps_sqrt, str backend) "
+        "-> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(attnpool, CPU, m) {

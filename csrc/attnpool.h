@@ -45,13 +45,14 @@ ClusterForward attention_cluster_fc1_forward_cpu(const at::Tensor& x, const at::
                                             const c10::optional<at::Tensor>& lengths,
                                             const at::Tensor& alpha, const at::Tensor& beta,
                                             bool shift, double eps, double eps_sqrt);
-// grad_attn [B, N, L] (optional; any float dtype): gradient w.r.t. the returned attention.
+// grad_attn [B, N, L] (optional; any float dtype): gradient w.r.t. the returned attention;
+// out, attn, norm: the forward's results (du follows from out: no recompute of v).
 //   -> grad_x [B, L, F], grad_weight [N, F] (deterministic), grad_alpha [N], grad_beta [N].
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_cluster_fc1_backward_cpu(
     const at::Tensor& grad_out, const c10::optional<at::Tensor>& grad_attn, const at::Tensor& x,
-    const at::Tensor& weight, const at::Tensor& attn, const at::Tensor& norm,
-    const at::Tensor& alpha, const at::Tensor& beta, const c10::optional<at::Tensor>& lengths,
-    bool shift, double eps, double eps_sqrt);
+    const at::Tensor& weight, const at::Tensor& out, const at::Tensor& attn,
+    const at::Tensor& norm, const at::Tensor& alpha, const at::Tensor& beta,
+    const c10::optional<at::Tensor>& lengths, bool shift, double eps, double eps_sqrt);
 
 // Attentional pooling, factored core (docs/design.md "Attentional pooling"):
 //   x [B, C, n] (n-contiguous, or C-contiguous = channels-last), wb [P, C], bb [P]

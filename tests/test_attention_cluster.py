@@ -240,7 +240,7 @@ def test_opcheck(backend, lengths, eps):
         for ga in (None, grad_attn):
             torch.library.opcheck(
                 torch_ops(backend).attention_cluster_fc1_backward.default,
-                (grad_out, ga, x.detach(), weight.detach(), attn.detach(), norm,
+                (grad_out, ga, x.detach(), weight.detach(), out.detach(), attn.detach(), norm,
                  alpha.detach(), beta.detach(), lens, True, *eps, backend))
 
 
@@ -468,6 +468,17 @@ def test_without_shift_alpha_and_beta_get_no_gradient(backend, attention):
     m(torch.randn(2, 4, 6)).square().sum().backward()
     assert m.alpha.grad is None and m.beta.grad is None
     assert m.weight.grad is not None
+
+
+@pytest.mark.skipif("cpp" not in CPU_BACKENDS, reason="the cpp extension is not built")
+def test_output_changed_in_place_is_an_error_not_a_wrong_gradient():
+    """The cpp fc1 backward takes du from the saved output (no recompute of v): an in-place
+    change of the output must raise autograd's error rather than give wrong gradients."""
+    m = attnpool.AttentionCluster(6, 2, backend="cpp")
+    out = m(torch.randn(2, 4, 6))
+    out.mul_(2)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.sum().backward()
 
 
 def test_auto_on_cuda_prefers_the_measured_faster_kernel(monkeypatch):

@@ -6,7 +6,10 @@
 //
 // The [B, N, F] intermediate never reaches memory. Three products per sample carry the work:
 //   forward   V = A X          [N, L] x [L, F]       (A: softmax weights, V: rows v)
-//   backward  V = A X (recomputed),  da = DV X^T  [N, F] x [F, L],  grad_x = A^T DV  [L, N] x [N, F]
+//   backward  da = DV X^T  [N, F] x [F, L],  grad_x = A^T DV  [L, N] x [N, F], and V = A X
+//             recomputed for the given-scores op; with the fc1 scoring layer fused, also
+//             scores = X W^T, grad_x += GS W, grad_weight = GS^T X, and no recompute: du
+//             follows from the forward's output (BackwardJob::unit_du)
 // They run as register-blocked tiles over one sample's x, which stays in L2 between them.
 //
 // Forward: a task is (sample, block of units), so a small batch still keeps every core busy.
@@ -308,6 +311,25 @@ constexpr int kSumLanes = 16;
 // AVX2 0.25 against 0.44 ms at L=25, 0.72 against 0.65 at L=64, 3.4 against 1.9 at L=300).
 constexpr int64_t kDaGemmFrames = 64;
 
+// One kVec-byte register of doubles from p. The fc1 backward's sums over f run on these:
+// written as plain per-lane loops, GCC vectorised o*g but left the sums of o and of g as 32
+// scalar chains (a third of the backward's time at B=32, L=25, F=1024, N=32), and a 16-lane
+// generic vector spilled on AVX2.
+template <int kVec, typename T, typename scalar_t>
+ATTNPOOL_INLINE typename Simd<kVec, double>::type double_lanes(const scalar_t* p) {
+  using dvec = typename Simd<kVec, double>::type;
+#if defined(__GNUC__)
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    return __builtin_convertvector((load<kVec / 2, float>(p)), dvec);
+  } else if constexpr (std::is_same_v<scalar_t, double>) {
+    return load<kVec, double>(p);
+  }
+#endif
+  dvec v;
+  for (int l = 0; l < kVec / int(sizeof(double)); ++l) v[l] = static_cast<T>(p[l]);
+  return v;
+}
+
 template <typename scalar_t>
 struct BackwardJob {
   using T = at::opmath_type<scalar_t>;
@@ -328,9 +350,11 @@ struct BackwardJob {
   scalar_t* grad_x;
   scalar_t* grad_scores;
   double* partials;  // [B, N, 2]: per-sample grad_alpha, grad_beta
-  // fc1 (weight != nullptr): grad_x = A^T DV + GS W as one gemm over [A^T | GS] [DV; W];
-  // grad_scores go to gs_op (opmath [B, L, N]) instead of grad_scores.
-  const T* weight = nullptr;     // [N, F]
+  // fc1 (weight != nullptr): du comes from the forward's output (no V = A X recompute), and
+  // grad_x = A^T DV + GS W = [A^T diag(alpha) | GS] [DU; W] is one gemm; grad_scores go to
+  // gs_op (opmath [B, L, N]) instead of grad_scores.
+  const T* weight = nullptr;       // [N, F]
+  const scalar_t* out = nullptr;   // [B, N*F], the forward's output
   const T* grad_attn = nullptr;  // [B, N, L] or nullptr: added to da before the softmax backward
   T* gs_op = nullptr;
   // [B] or nullptr. Padded frames are never read: NaN or Inf there must not reach a gradient
@@ -401,8 +425,65 @@ struct BackwardJob {
     }
   }
 
-  // Units [n0, n1) of sample b: their dv rows into dv (row n at dv + n*F), grad_scores
-  // columns and alpha/beta partials. da: scratch of (n1 - n0) * L.
+  // fc1: du of unit (b, n) into du (opmath) from the forward's output o = u / (sqrt(N) d),
+  // d = max(r, eps): u = sqrt(N) d o turns k u (unit_backward) into N (o.g) o, so
+  // du = (g - N (o.g) o) / (sqrt(N) d) unclamped and g / (sqrt(N) eps) clamped. Writes the
+  // unit's beta partial; its alpha partial, sum_f du v = sum_l a_l (du . x_l), follows from
+  // the d attention (do_units). Sums in double, as in unit_backward.
+  template <int kVec>
+  ATTNPOOL_INLINE void unit_du(int64_t b, int64_t n, T* du) const {
+    using dvec = typename Simd<kVec, double>::type;
+    constexpr int W = kVec / int(sizeof(double)), J = kSumLanes / W;
+    const int64_t F = s.F;
+    const scalar_t* g = grad_out + (b * s.N + n) * F;
+    double* part = partials + (b * s.N + n) * 2;
+    if (!shift) {
+      for (int64_t f = 0; f < F; ++f) du[f] = static_cast<T>(g[f]);
+      part[1] = 0;
+      return;
+    }
+    const scalar_t* o = out + (b * s.N + n) * F;
+    // Sums over f of o g, o, g, in kSumLanes lanes (J registers each).
+    dvec acc[3][J] = {};
+    double sums[3] = {};
+    int64_t f = 0;
+    for (; f + kSumLanes <= F; f += kSumLanes) {
+      ATTNPOOL_UNROLL
+      for (int j = 0; j < J; ++j) {
+        const dvec of = double_lanes<kVec, T>(o + f + j * W);
+        const dvec gf = double_lanes<kVec, T>(g + f + j * W);
+        acc[0][j] += of * gf;
+        acc[1][j] += of;
+        acc[2][j] += gf;
+      }
+    }
+    for (; f < F; ++f) {
+      const double of = static_cast<T>(o[f]), gf = static_cast<T>(g[f]);
+      sums[0] += of * gf;
+      sums[1] += of;
+      sums[2] += gf;
+    }
+    for (int i = 0; i < 3; ++i) {
+      double lanes[kSumLanes];
+      for (int j = 0; j < J; ++j) std::memcpy(lanes + j * W, &acc[i][j], kVec);
+      sums[i] += fold<kSumLanes>(lanes);
+    }
+    const T nrm = norm[b * s.N + n];
+    const bool unclamped = !(nrm < eps);  // a NaN norm stays NaN this way
+    const double d1 =
+        1.0 / (std::sqrt(static_cast<double>(s.N)) * static_cast<double>(unclamped ? nrm : eps));
+    const double k = unclamped ? static_cast<double>(s.N) * sums[0] : 0.0;
+    part[1] = d1 * (sums[2] - k * sums[1]);  // sum_f du
+    const T p = static_cast<T>(d1), q = static_cast<T>(d1 * k);
+    if (k == 0.0) {  // g alone: an Inf in o must not turn du NaN through 0 * Inf
+      for (f = 0; f < F; ++f) du[f] = p * static_cast<T>(g[f]);
+    } else {
+      for (f = 0; f < F; ++f) du[f] = p * static_cast<T>(g[f]) - q * static_cast<T>(o[f]);
+    }
+  }
+
+  // Units [n0, n1) of sample b: their dv rows (fc1: du rows) into dv (row n at dv + n*F),
+  // grad_scores columns and alpha/beta partials. da: scratch of (n1 - n0) * L.
   template <int kVec>
   ATTNPOOL_INLINE void do_units(int64_t b, int64_t n0, int64_t n1, const T* xb, T* dv,
                                 T* da) const {
@@ -411,10 +492,13 @@ struct BackwardJob {
     const int64_t len = valid_length(lengths, b, L);
     const T* ab = attn + (b * N + n0) * L;
     T* dvb = dv + n0 * F;
-    // v = A X over the valid frames, then dv in place.
-    gemm<kVec, Tile::kRows, Tile::kVecs>(rows, F, len, ab, L, 1, xb, F, dvb, F);
-    for (int64_t n = n0; n < n1; ++n) unit_backward(b, n, dv + n * F);
-    // da = DV X^T (0 on padded frames), then the softmax backward
+    if (weight != nullptr) {
+      for (int64_t n = n0; n < n1; ++n) unit_du<kVec>(b, n, dv + n * F);
+    } else {  // v = A X over the valid frames, then dv in place
+      gemm<kVec, Tile::kRows, Tile::kVecs>(rows, F, len, ab, L, 1, xb, F, dvb, F);
+      for (int64_t n = n0; n < n1; ++n) unit_backward(b, n, dv + n * F);
+    }
+    // da = DV X^T (fc1: alpha DU X^T; 0 on padded frames), then the softmax backward
     // grad_scores_l = a_l (da_l - sum_l' a_l' da_l').
     if (len >= kDaGemmFrames) {
       // as a gemm of x and DV^T (transposed here, columns past rows zero) into da^T: the dot
@@ -435,6 +519,18 @@ struct BackwardJob {
         for (int64_t l = 0; l < len; ++l) da[r * L + l] = dat[l * cols + r];
     } else {
       dots<kVec, Tile::kDotRows, Tile::kDotCols>(rows, len, F, dvb, F, xb, F, da, L);
+    }
+    if (weight != nullptr) {  // da holds DU X^T: the alpha partials, then da itself
+      for (int64_t r = 0; r < rows; ++r) {
+        T* dr = da + r * L;
+        double ga = 0;
+        for (int64_t l = 0; l < len; ++l) ga += static_cast<double>(ab[r * L + l]) * dr[l];
+        partials[(b * N + n0 + r) * 2] = shift ? ga : 0.0;
+        if (shift) {
+          const T al = alpha[n0 + r];
+          for (int64_t l = 0; l < len; ++l) dr[l] *= al;
+        }
+      }
     }
     for (int64_t r = 0; r < rows; ++r)
       for (int64_t l = len; l < L; ++l) da[r * L + l] = T(0);
@@ -459,7 +555,7 @@ struct BackwardJob {
   }
 
   // grad_x rows [l0, l1) of sample b: A^T DV.
-  // fc1: dv holds [DV; W] (2N rows) and ca is scratch of (l1 - l0) * 2N.
+  // fc1: dv holds [DU; W] (2N rows), and ca, scratch of (l1 - l0) * 2N, [A^T diag(alpha) | GS].
   template <int kVec>
   ATTNPOOL_INLINE void do_frames(int64_t b, int64_t l0, int64_t l1, const T* dv, T* ca) const {
     using Tile = Tiling<kVec, T>;
@@ -473,7 +569,7 @@ struct BackwardJob {
     const T* gso = gs_op + b * L * N;
     for (int64_t l = l0; l < l1; ++l) {
       T* row = ca + (l - l0) * 2 * N;
-      for (int64_t n = 0; n < N; ++n) row[n] = ab[n * L + l];
+      for (int64_t n = 0; n < N; ++n) row[n] = shift ? ab[n * L + l] * alpha[n] : ab[n * L + l];
       for (int64_t n = 0; n < N; ++n) row[N + n] = gso[l * N + n];
     }
     gemm<kVec, Tile::kRows, Tile::kVecs>(l1 - l0, F, 2 * N, ca, 2 * N, 1, dv, F,
@@ -634,7 +730,7 @@ ClusterBackward backward_impl(const at::Tensor& grad_out, const at::Tensor& x,
                               const at::Tensor& attn, const at::Tensor& norm,
                               const at::Tensor& alpha, const at::Tensor& beta, bool shift,
                               double eps, double eps_sqrt, const at::Tensor* weight,
-                              const c10::optional<at::Tensor>& grad_attn,
+                              const at::Tensor* out, const c10::optional<at::Tensor>& grad_attn,
                               const c10::optional<at::Tensor>& lengths) {
   TORCH_CHECK(x.dim() == 3, "attention_cluster cpu: x must be [B, L, F], got ", x.sizes());
   TORCH_CHECK(attn.dim() == 3, "attention_cluster cpu: attn must be [B, N, L]");
@@ -655,6 +751,8 @@ ClusterBackward backward_impl(const at::Tensor& grad_out, const at::Tensor& x,
     TORCH_CHECK(weight->dim() == 2 && weight->size(0) == s.N && weight->size(1) == s.F,
                 "attention_cluster cpu: weight must be [N, F], got ", weight->sizes());
     w = weight->to(opmath).contiguous();
+    check_tensor(*out, x.scalar_type(), "out");
+    TORCH_CHECK(out->numel() == s.B * s.N * s.F, "attention_cluster cpu: out must be [B, N*F]");
     if (grad_attn.has_value()) {
       TORCH_CHECK(grad_attn->numel() == s.B * s.N * s.L,
                   "attention_cluster cpu: grad_attn must be [B, N, L]");
@@ -700,6 +798,7 @@ ClusterBackward backward_impl(const at::Tensor& grad_out, const at::Tensor& x,
     job.lengths = len;
     if (fc1) {
       job.weight = w.const_data_ptr<T>();
+      job.out = out->const_data_ptr<scalar_t>();
       job.grad_attn = gat.defined() ? gat.const_data_ptr<T>() : nullptr;
       job.gs_op = grad_scores.mutable_data_ptr<T>();
     }
@@ -750,7 +849,7 @@ ClusterBackward attention_cluster_backward_cpu(const at::Tensor& grad_out, const
                                           const c10::optional<at::Tensor>& lengths, bool shift,
                                           double eps, double eps_sqrt) {
   return backward_impl(grad_out, x, attn, norm, alpha, beta, shift, eps, eps_sqrt, nullptr,
-                       c10::nullopt, lengths);
+                       nullptr, c10::nullopt, lengths);
 }
 
 ClusterForward attention_cluster_fc1_forward_cpu(const at::Tensor& x, const at::Tensor& weight,
@@ -762,10 +861,10 @@ ClusterForward attention_cluster_fc1_forward_cpu(const at::Tensor& x, const at::
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_cluster_fc1_backward_cpu(
     const at::Tensor& grad_out, const c10::optional<at::Tensor>& grad_attn, const at::Tensor& x,
-    const at::Tensor& weight, const at::Tensor& attn, const at::Tensor& norm,
-    const at::Tensor& alpha, const at::Tensor& beta, const c10::optional<at::Tensor>& lengths,
-    bool shift, double eps, double eps_sqrt) {
-  return backward_impl(grad_out, x, attn, norm, alpha, beta, shift, eps, eps_sqrt, &weight,
+    const at::Tensor& weight, const at::Tensor& out, const at::Tensor& attn,
+    const at::Tensor& norm, const at::Tensor& alpha, const at::Tensor& beta,
+    const c10::optional<at::Tensor>& lengths, bool shift, double eps, double eps_sqrt) {
+  return backward_impl(grad_out, x, attn, norm, alpha, beta, shift, eps, eps_sqrt, &weight, &out,
                        grad_attn, lengths);
 }
 
