@@ -88,6 +88,20 @@ def test_pool_low_precision(backend, dtype):
         assert_close(got[name], ref[name], f"{backend}/{dtype}/{name}", ref_lowp[name])
 
 
+@pytest.mark.parametrize("backend,shape", [(b, (2, 3, 40, 7, 7)) for b in POOL_BACKENDS] +
+                         [(b, (1, 2, 86016, 7, 7)) for b in POOL_BACKENDS if b != "triton"])
+def test_pool_float32_7x7(backend, shape):
+    """fp32 7x7 maps, C >= 16: the AVX-512 grad_x kernel of cpp, with streaming stores into a
+    grad_x under 32 MiB and plain ones into a larger one (33.7 MB; csrc kStreamBelow). The
+    large one is cpp only (42 s under the Triton interpreter)."""
+    case = make_clip(*shape, seed=8)
+    ref = pool_run(case, "reference", torch.float64)
+    ref_lowp = pool_run(case, "reference", torch.float32)
+    got = pool_run(case, backend, torch.float32)
+    for name in ref:
+        assert_close(got[name], ref[name], f"{backend}/{name}", ref_lowp[name])
+
+
 @pytest.mark.parametrize("backend", ["reference"] + POOL_BACKENDS)
 def test_pool_gradcheck(backend):
     x, mask, scores, _, _ = make_clip(2, 3, 4, 2, 3, seed=7, channels_last=True)

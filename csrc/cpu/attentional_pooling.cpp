@@ -423,9 +423,11 @@ ATTNPOOL_TARGET_AVX2 __attribute__((noinline)) void weighted_rows_avx2(
 }
 
 // dst[c*n + i] = g[c] * h[i] for c < C (one contiguous [C, n] block), 16 rows (n vectors) at a
-// time; streaming stores when dst is 64-byte aligned. Same products as outer_row with P = 1.
+// time. Same products as outer_row with P = 1. Streaming stores (when asked, and dst is 64-byte
+// aligned) skip the read of each line that a plain store makes into memory used before; into
+// fresh pages, which the OS has just zeroed in cache, they are slower (see kStreamBelow).
 ATTNPOOL_TARGET_AVX512 __attribute__((noinline)) void outer_block_avx512(
-    int64_t C, int64_t n, const float* g, const float* h, float* dst) {
+    int64_t C, int64_t n, const float* g, const float* h, float* dst, bool stream) {
   alignas(64) float hp[64 * 16];
   alignas(64) int32_t ci[64 * 16];
   for (int64_t e = 0; e < 16 * n; ++e) {
@@ -436,8 +438,7 @@ ATTNPOOL_TARGET_AVX512 __attribute__((noinline)) void outer_block_avx512(
   for (; c + 16 <= C; c += 16) {
     const __m512 gv = _mm512_loadu_ps(g + c);
     float* d = dst + c * n;
-    const bool al = reinterpret_cast<uintptr_t>(d) % 64 == 0;
-    if (al) {
+    if (stream && reinterpret_cast<uintptr_t>(d) % 64 == 0) {
       for (int64_t j = 0; j < n; ++j)
         _mm512_stream_ps(d + 16 * j,
                          _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_load_si512(ci + 16 * j), gv),
@@ -451,7 +452,7 @@ ATTNPOOL_TARGET_AVX512 __attribute__((noinline)) void outer_block_avx512(
   }
   for (; c < C; ++c)
     for (int64_t i = 0; i < n; ++i) dst[c * n + i] = g[c] * h[i];
-  _mm_sfence();
+  if (stream) _mm_sfence();
 }
 #endif
 
@@ -564,6 +565,15 @@ struct ForwardJob {
 
 // ---------------------------------------------------------------- weighted backward
 
+// grad_x below this size is written with streaming stores (outer_block_avx512). glibc serves
+// blocks from 32 MiB on (its largest mmap threshold) as fresh mmaps, whose pages the OS zeroes
+// in cache on first touch, and streaming stores there must evict those lines; smaller ones
+// come back from the heap, where streaming saves the read of every line. Backward at
+// [B, T, 1024, 7, 7], 2 threads, Intel Xeon (AVX-512), streaming / plain: B=8, T=8 (12 MiB)
+// 1.2 / 1.6 ms; T=20 (31 MiB) 3.3 / 4.3 ms; T=40 (61 MiB) 28.8 / 19.4 ms; [30, 20, 2048, 7, 7]
+// (230 MiB) 102 / 66 ms.
+constexpr int64_t kStreamBelow = int64_t(32) << 20;
+
 // grad_h = grad_z x / n reads x once; grad_x = grad_z^T h / n needs no x and is written as the
 // task goes. Neither sums over tasks, so there are no partials.
 template <typename scalar_t>
@@ -575,6 +585,7 @@ struct WeightedBackwardJob {
   const T* gz;        // [B, P, C], grad_z / n
   scalar_t* grad_x;   // x's layout
   scalar_t* grad_h;   // [B, P, n]
+  bool stream;        // grad_x smaller than kStreamBelow
 
   template <int>
   C10_ALWAYS_INLINE void run(int64_t t0, int64_t t1) const {
@@ -616,7 +627,7 @@ struct WeightedBackwardJob {
 #if ATTNPOOL_MULTI_ISA
         if constexpr (std::is_same_v<scalar_t, float>) {
           if (runtime_isa() == Isa::kAvx512 && P == 1 && ni == n && n <= 64) {
-            outer_block_avx512(C, n, gzb, hb.data(), gxb);
+            outer_block_avx512(C, n, gzb, hb.data(), gxb, stream);
             continue;
           }
         }
@@ -760,7 +771,8 @@ std::tuple<at::Tensor, at::Tensor> weighted_pool_backward_cpu(const at::Tensor& 
     const WeightedBackwardJob<scalar_t> job{g, x.const_data_ptr<scalar_t>(),
                                             h.const_data_ptr<scalar_t>(), gz.const_data_ptr<T>(),
                                             grad_x.mutable_data_ptr<scalar_t>(),
-                                            grad_h.mutable_data_ptr<scalar_t>()};
+                                            grad_h.mutable_data_ptr<scalar_t>(),
+                                            grad_x.nbytes() < kStreamBelow};
     parallel_run(g.B * g.blocks, job);
   });
   return {grad_x, grad_h};
