@@ -46,9 +46,10 @@ def cluster_floors(t: dict, peaks: dict[str, float], bandwidth: float) -> None:
     """FLOPs and bytes of the cluster's forward + backward (fc1 scoring) per swept shape, the
     floors FLOPs / peak and bytes / bandwidth (fp32; DRAM bandwidth, pessimistic for inputs that
     fit the L3), and the fraction of the larger one the cpp kernels reach.
-    FLOPs: 7 products of 2·B·L·F·N each (forward: scores, pooling; backward: the pooling
-    recomputed, d attention, grad_x's two halves, grad_weight); compile's graph skips the
-    recompute (6). Bytes: x read twice, grad_x written, out written, grad_out read."""
+    FLOPs: 6 products of 2·B·L·F·N each (forward: scores, pooling; backward: d attention,
+    grad_x's two halves, grad_weight), what both compile's graph and the cpp kernels do
+    (before the sixth session the cpp backward recomputed the pooling, a seventh). Bytes: x
+    read twice, grad_x written, out written and read back, grad_out read."""
     print("| device | shape | GFLOP | MB | compute floor ms | memory floor ms | compile ms | cpp ms "
           "| cpp / floor |")
     print("|---|---|---|---|---|---|---|---|---|")
@@ -57,8 +58,8 @@ def cluster_floors(t: dict, peaks: dict[str, float], bandwidth: float) -> None:
             continue
         d = {k: int(v) for k, v in (i.split("=") for i in shape.split(","))}
         blfn = d["B"] * d["L"] * d["F"] * d["N"]
-        flops = 14 * blfn
-        mbytes = 4 * (3 * d["B"] * d["L"] * d["F"] + 2 * d["B"] * d["N"] * d["F"]) / 1e6
+        flops = 12 * blfn
+        mbytes = 4 * (3 * d["B"] * d["L"] * d["F"] + 3 * d["B"] * d["N"] * d["F"]) / 1e6
         compute, memory = flops / peaks[device] / 1e6, mbytes / (bandwidth * 1.073741824)  # ms
         comp = t.get((op, shape, device, "compile"))
         print(f"| {device} | {shape} | {flops / 1e9:.2f} | {mbytes:.0f} | {compute:.2f} | "
