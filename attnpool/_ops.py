@@ -13,7 +13,8 @@ packages, AOTInductor) runs the cpp / cuda ops without Python.
 Every op takes the concrete backend as its last argument (resolved by
 attnpool.backends before the call), so the choice is recorded in traced graphs.
 Forward ops return only small statistics for the backward (softmax weights,
-norms); the backward op recomputes the rest from the saved inputs.
+norms); the backward op recomputes the rest from the saved inputs (one exception: the
+cluster's fused fc1 CPU backward also takes the op's output, attnpool/attention_cluster.py).
 
 torch.func: every op (forward and backward) has a vmap rule that runs the op once per
 vmapped element (:func:`_register_vmap`), so ``vmap``, ``grad``, ``jacrev`` and batched

@@ -156,9 +156,10 @@ def _cluster_setup(ctx, inputs, output):
     out, attn, norm = output
     ctx.fc1_fused = _fc1_fused(weight, backend)
     # the fused fc1 backward takes du from the output rather than recomputing v (an in-place
-    # change of the output then raises autograd's error, as after torch.sigmoid)
+    # change of the output then raises autograd's error, as after torch.sigmoid); without the
+    # shift du is grad_out itself
     ctx.save_for_backward(x, attn, norm, alpha, beta, weight, lengths,
-                          out if ctx.fc1_fused else None)
+                          out if ctx.fc1_fused and shift else None)
     ctx.shift, ctx.eps, ctx.eps_sqrt, ctx.backend = shift, eps, eps_sqrt, backend
     ctx.has_bias = bias is not None
     ctx.mark_non_differentiable(norm)

@@ -75,8 +75,8 @@ ClusterBackward backward(const at::Tensor& grad_out, const at::Tensor& x, const 
 // The CPU kernels with the fc1 scoring layer fused (forward: `forward` with a weight).
 ClusterBackward fc1_backward_cpu(const at::Tensor& grad_out,
                                  const c10::optional<at::Tensor>& grad_attn, const at::Tensor& x,
-                                 const at::Tensor& weight, const at::Tensor& out,
-                                 const at::Tensor& attn,
+                                 const at::Tensor& weight,
+                                 const c10::optional<at::Tensor>& out, const at::Tensor& attn,
                                  const at::Tensor& norm, const at::Tensor& alpha,
                                  const at::Tensor& beta, const c10::optional<at::Tensor>& lengths,
                                  bool shift, double eps, double eps_sqrt,
@@ -86,10 +86,11 @@ ClusterBackward fc1_backward_cpu(const at::Tensor& grad_out,
     return {at::zeros_like(x), at::zeros_like(weight), at::zeros_like(alpha),
             at::zeros_like(beta)};
   }
-  c10::optional<at::Tensor> ga;
+  c10::optional<at::Tensor> ga, o;
   if (grad_attn) ga = grad_attn->contiguous();
+  if (out) o = out->contiguous();
   return attention_cluster_fc1_backward_cpu(
-      grad_out.contiguous(), ga, x.contiguous(), weight.contiguous(), out.contiguous(),
+      grad_out.contiguous(), ga, x.contiguous(), weight.contiguous(), o,
       attn.contiguous(), norm.contiguous(), alpha.contiguous(), beta.contiguous(), as_int64(lengths), shift, eps,
       eps_sqrt);
 }
@@ -104,7 +105,7 @@ TORCH_LIBRARY_FRAGMENT(attnpool, m) {
         "Tensor alpha, Tensor beta, Tensor? lengths, bool shift, float eps, float eps_sqrt, "
         "str backend) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("attention_cluster_fc1_backward(Tensor grad_out, Tensor? grad_attn, Tensor x, "
-        "Tensor weight, Tensor out, Tensor attn, Tensor norm, Tensor alpha, Tensor beta, "
+        "Tensor weight, Tensor? out, Tensor attn, Tensor norm, Tensor alpha, Tensor beta, "
         "Tensor? lengths, bool shift, float eps, float eps_sqrt, str backend) "
         "-> (Tensor, Tensor, Tensor, Tensor)");
 }

@@ -46,11 +46,12 @@ ClusterForward attention_cluster_fc1_forward_cpu(const at::Tensor& x, const at::
                                             const at::Tensor& alpha, const at::Tensor& beta,
                                             bool shift, double eps, double eps_sqrt);
 // grad_attn [B, N, L] (optional; any float dtype): gradient w.r.t. the returned attention;
-// out, attn, norm: the forward's results (du follows from out: no recompute of v).
+// out, attn, norm: the forward's results (du follows from out: no recompute of v; out may be
+// absent without shift, where du = grad_out).
 //   -> grad_x [B, L, F], grad_weight [N, F] (deterministic), grad_alpha [N], grad_beta [N].
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_cluster_fc1_backward_cpu(
     const at::Tensor& grad_out, const c10::optional<at::Tensor>& grad_attn, const at::Tensor& x,
-    const at::Tensor& weight, const at::Tensor& out, const at::Tensor& attn,
+    const at::Tensor& weight, const c10::optional<at::Tensor>& out, const at::Tensor& attn,
     const at::Tensor& norm, const at::Tensor& alpha, const at::Tensor& beta,
     const c10::optional<at::Tensor>& lengths, bool shift, double eps, double eps_sqrt);
 

@@ -181,6 +181,39 @@ def test_clamped_norm(backend):
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("eps_placement,eps", [("sqrt", 1e-3), ("clamp", 0.5)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_eps_placements_and_a_zero_unit(backend, eps_placement, eps, dtype):
+    """Gradients under both eps placements, large enough to matter, with unit 1 at u = 0
+    (alpha = beta = 0: under "sqrt" its output is 0 and its norm sqrt(eps), under "clamp" the
+    norm is clamped). The cpp fc1 backward derives du from the output (no projection where
+    the output is 0)."""
+    mod, x, lens, go, _ = make_case(3, 6, 20, 3, lengths=True, seed=9)
+    with torch.no_grad():
+        mod.alpha[1] = 0.0
+        mod.beta[1] = 0.0
+
+    def grads(backend, dtype):
+        m = copy.deepcopy(mod).to(dtype)
+        xx = x.to(dtype).requires_grad_()
+        out, _ = AF.attention_cluster(xx, m.weight, m.bias, m.alpha, m.beta, lens, eps=eps,
+                                      eps_placement=eps_placement, backend=backend)
+        names = ["out", "grad_x", "grad_weight", "grad_alpha", "grad_beta"]
+        got = [out] + list(torch.autograd.grad(out, [xx, m.weight, m.alpha, m.beta],
+                                               go.to(dtype)))
+        return dict(zip(names, (t.detach() for t in got)))
+
+    ref = grads("reference", torch.float64)
+    ref_lowp = grads("reference", dtype)
+    got = grads(backend, dtype)
+    floor = 0.1 * max(ref[k].abs().max().item() for k in ("grad_weight", "grad_alpha",
+                                                           "grad_beta"))
+    for name in ref:
+        assert_close(got[name], ref[name], f"{backend}/{eps_placement}/{name}", ref_lowp[name],
+                     scale_floor=floor if name != "out" and name != "grad_x" else 0.0)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_nan_propagates(backend):
     mod, x, lens, go, ga = make_case(3, 4, 6, 2, seed=2)
     x[1, 2, 3] = float("nan")

@@ -9,13 +9,14 @@
 //   backward  da = DV X^T  [N, F] x [F, L],  grad_x = A^T DV  [L, N] x [N, F], and V = A X
 //             recomputed for the given-scores op; with the fc1 scoring layer fused, also
 //             scores = X W^T, grad_x += GS W, grad_weight = GS^T X, and no recompute: du
-//             follows from the forward's output (BackwardJob::unit_du)
+//             follows from the forward's output (BackwardJob::unit_du), and DU stands in
+//             for DV (alpha folded into the products)
 // They run as register-blocked tiles over one sample's x, which stays in L2 between them.
 //
 // Forward: a task is (sample, block of units), so a small batch still keeps every core busy.
 // Units go in panels of a few: their v rows wait in a small buffer only until their norms are
 // known, then out is written once.
-// Backward: a task is one sample; its DV [N, F] lives in a per-thread buffer and one thread
+// Backward: a task is one sample; its DV [N, F] (fc1: DU) lives in a per-thread buffer and one thread
 // writes its grad_x (no races). With too few samples to keep the threads busy, the task's two
 // halves (units: dv, grad_scores; frames: grad_x) run as two parallel phases over blocks.
 //
@@ -314,20 +315,13 @@ constexpr int64_t kDaGemmFrames = 64;
 // One kVec-byte register of doubles from p. The fc1 backward's sums over f run on these:
 // written as plain per-lane loops, GCC vectorised o*g but left the sums of o and of g as 32
 // scalar chains (a third of the backward's time at B=32, L=25, F=1024, N=32), and a 16-lane
-// generic vector spilled on AVX2.
+// generic vector spilled on AVX2. Converted through an array: GCC 12 turns this loop into one
+// vcvtps2pd from memory, where __builtin_convertvector of a float vector split it in halves.
 template <int kVec, typename T, typename scalar_t>
 ATTNPOOL_INLINE typename Simd<kVec, double>::type double_lanes(const scalar_t* p) {
-  using dvec = typename Simd<kVec, double>::type;
-#if defined(__GNUC__)
-  if constexpr (std::is_same_v<scalar_t, float>) {
-    return __builtin_convertvector((load<kVec / 2, float>(p)), dvec);
-  } else if constexpr (std::is_same_v<scalar_t, double>) {
-    return load<kVec, double>(p);
-  }
-#endif
-  dvec v;
-  for (int l = 0; l < kVec / int(sizeof(double)); ++l) v[l] = static_cast<T>(p[l]);
-  return v;
+  double lanes[kVec / sizeof(double)];
+  for (int l = 0; l < kVec / int(sizeof(double)); ++l) lanes[l] = static_cast<T>(p[l]);
+  return load<kVec, double>(lanes);
 }
 
 template <typename scalar_t>
@@ -346,7 +340,7 @@ struct BackwardJob {
   bool shift;
   T eps;
   T eps_sqrt;
-  T* workspace;  // kUnits -> kFrames: DV of every sample [B, N, F] (fc1: [B, 2N, F], DV; W)
+  T* workspace;  // kUnits -> kFrames: DV of every sample [B, N, F] (fc1: [B, 2N, F], DU; W)
   scalar_t* grad_x;
   scalar_t* grad_scores;
   double* partials;  // [B, N, 2]: per-sample grad_alpha, grad_beta
@@ -354,7 +348,7 @@ struct BackwardJob {
   // grad_x = A^T DV + GS W = [A^T diag(alpha) | GS] [DU; W] is one gemm; grad_scores go to
   // gs_op (opmath [B, L, N]) instead of grad_scores.
   const T* weight = nullptr;       // [N, F]
-  const scalar_t* out = nullptr;   // [B, N*F], the forward's output
+  const scalar_t* out = nullptr;   // [B, N*F], the forward's output (with shift)
   const T* grad_attn = nullptr;  // [B, N, L] or nullptr: added to da before the softmax backward
   T* gs_op = nullptr;
   // [B] or nullptr. Padded frames are never read: NaN or Inf there must not reach a gradient
@@ -426,10 +420,13 @@ struct BackwardJob {
   }
 
   // fc1: du of unit (b, n) into du (opmath) from the forward's output o = u / (sqrt(N) d),
-  // d = max(r, eps): u = sqrt(N) d o turns k u (unit_backward) into N (o.g) o, so
-  // du = (g - N (o.g) o) / (sqrt(N) d) unclamped and g / (sqrt(N) eps) clamped. Writes the
-  // unit's beta partial; its alpha partial, sum_f du v = sum_l a_l (du . x_l), follows from
-  // the d attention (do_units). Sums in double, as in unit_backward.
+  // d = max(r, eps). o is parallel to u, so k u (unit_backward) = (u.g) u / r^2
+  // = c (o.g) o / (o.o) with c = ||u||^2 / r^2 = 1 - eps_sqrt / r^2, and
+  // du = (g - k' o) / (sqrt(N) d), k' = c (o.g) / (o.o), unclamped; g / (sqrt(N) eps) clamped.
+  // k' takes o.o from the stored o itself rather than its known value 1 / N, so that g - k' o
+  // is orthogonal to o as stored (the rounding of out and of the norm would otherwise leak
+  // into grad_beta's cancelling sum). Writes the unit's beta partial; its alpha partial,
+  // sum_f du v = sum_l a_l (du . x_l), follows from the d attention (do_units).
   template <int kVec>
   ATTNPOOL_INLINE void unit_du(int64_t b, int64_t n, T* du) const {
     using dvec = typename Simd<kVec, double>::type;
@@ -443,9 +440,9 @@ struct BackwardJob {
       return;
     }
     const scalar_t* o = out + (b * s.N + n) * F;
-    // Sums over f of o g, o, g, in kSumLanes lanes (J registers each).
-    dvec acc[3][J] = {};
-    double sums[3] = {};
+    // Sums over f of o g, o, g, o o, in kSumLanes lanes (J registers each).
+    dvec acc[4][J] = {};
+    double sums[4] = {};
     int64_t f = 0;
     for (; f + kSumLanes <= F; f += kSumLanes) {
       ATTNPOOL_UNROLL
@@ -455,6 +452,7 @@ struct BackwardJob {
         acc[0][j] += of * gf;
         acc[1][j] += of;
         acc[2][j] += gf;
+        acc[3][j] += of * of;
       }
     }
     for (; f < F; ++f) {
@@ -462,8 +460,9 @@ struct BackwardJob {
       sums[0] += of * gf;
       sums[1] += of;
       sums[2] += gf;
+      sums[3] += of * of;
     }
-    for (int i = 0; i < 3; ++i) {
+    for (int i = 0; i < 4; ++i) {
       double lanes[kSumLanes];
       for (int j = 0; j < J; ++j) std::memcpy(lanes + j * W, &acc[i][j], kVec);
       sums[i] += fold<kSumLanes>(lanes);
@@ -472,7 +471,11 @@ struct BackwardJob {
     const bool unclamped = !(nrm < eps);  // a NaN norm stays NaN this way
     const double d1 =
         1.0 / (std::sqrt(static_cast<double>(s.N)) * static_cast<double>(unclamped ? nrm : eps));
-    const double k = unclamped ? static_cast<double>(s.N) * sums[0] : 0.0;
+    const double r = nrm;
+    // o = 0 (u = 0 with eps in the root): no projection, as k = 0 / r^2 in unit_backward
+    const double k = unclamped && sums[3] != 0.0
+                         ? sums[0] / sums[3] * (1.0 - static_cast<double>(eps_sqrt) / (r * r))
+                         : 0.0;
     part[1] = d1 * (sums[2] - k * sums[1]);  // sum_f du
     const T p = static_cast<T>(d1), q = static_cast<T>(d1 * k);
     if (k == 0.0) {  // g alone: an Inf in o must not turn du NaN through 0 * Inf
@@ -730,7 +733,8 @@ ClusterBackward backward_impl(const at::Tensor& grad_out, const at::Tensor& x,
                               const at::Tensor& attn, const at::Tensor& norm,
                               const at::Tensor& alpha, const at::Tensor& beta, bool shift,
                               double eps, double eps_sqrt, const at::Tensor* weight,
-                              const at::Tensor* out, const c10::optional<at::Tensor>& grad_attn,
+                              const c10::optional<at::Tensor>* out,
+                              const c10::optional<at::Tensor>& grad_attn,
                               const c10::optional<at::Tensor>& lengths) {
   TORCH_CHECK(x.dim() == 3, "attention_cluster cpu: x must be [B, L, F], got ", x.sizes());
   TORCH_CHECK(attn.dim() == 3, "attention_cluster cpu: attn must be [B, N, L]");
@@ -751,8 +755,12 @@ ClusterBackward backward_impl(const at::Tensor& grad_out, const at::Tensor& x,
     TORCH_CHECK(weight->dim() == 2 && weight->size(0) == s.N && weight->size(1) == s.F,
                 "attention_cluster cpu: weight must be [N, F], got ", weight->sizes());
     w = weight->to(opmath).contiguous();
-    check_tensor(*out, x.scalar_type(), "out");
-    TORCH_CHECK(out->numel() == s.B * s.N * s.F, "attention_cluster cpu: out must be [B, N*F]");
+    if (shift) {
+      TORCH_CHECK(out->has_value(), "attention_cluster cpu: the fc1 backward needs out (shift)");
+      check_tensor(**out, x.scalar_type(), "out");
+      TORCH_CHECK((*out)->numel() == s.B * s.N * s.F,
+                  "attention_cluster cpu: out must be [B, N*F]");
+    }
     if (grad_attn.has_value()) {
       TORCH_CHECK(grad_attn->numel() == s.B * s.N * s.L,
                   "attention_cluster cpu: grad_attn must be [B, N, L]");
@@ -798,7 +806,7 @@ ClusterBackward backward_impl(const at::Tensor& grad_out, const at::Tensor& x,
     job.lengths = len;
     if (fc1) {
       job.weight = w.const_data_ptr<T>();
-      job.out = out->const_data_ptr<scalar_t>();
+      job.out = out->has_value() ? (*out)->const_data_ptr<scalar_t>() : nullptr;
       job.grad_attn = gat.defined() ? gat.const_data_ptr<T>() : nullptr;
       job.gs_op = grad_scores.mutable_data_ptr<T>();
     }
@@ -861,7 +869,7 @@ ClusterForward attention_cluster_fc1_forward_cpu(const at::Tensor& x, const at::
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_cluster_fc1_backward_cpu(
     const at::Tensor& grad_out, const c10::optional<at::Tensor>& grad_attn, const at::Tensor& x,
-    const at::Tensor& weight, const at::Tensor& out, const at::Tensor& attn,
+    const at::Tensor& weight, const c10::optional<at::Tensor>& out, const at::Tensor& attn,
     const at::Tensor& norm, const at::Tensor& alpha, const at::Tensor& beta,
     const c10::optional<at::Tensor>& lengths, bool shift, double eps, double eps_sqrt) {
   return backward_impl(grad_out, x, attn, norm, alpha, beta, shift, eps, eps_sqrt, &weight, &out,

@@ -42,7 +42,6 @@ struct Simd {
   struct type {
     T v[kVec / sizeof(T)];
     T operator[](int l) const { return v[l]; }
-    T& operator[](int l) { return v[l]; }
     type& operator+=(const type& o) {
       for (int l = 0; l < kVec / int(sizeof(T)); ++l) v[l] += o.v[l];
       return *this;
