@@ -90,8 +90,8 @@ ClusterBackward fc1_backward_cpu(const at::Tensor& grad_out,
   if (grad_attn) ga = grad_attn->contiguous();
   if (out) o = out->contiguous();
   return attention_cluster_fc1_backward_cpu(
-      grad_out.contiguous(), ga, x.contiguous(), weight.contiguous(), o,
-      attn.contiguous(), norm.contiguous(), alpha.contiguous(), beta.contiguous(), as_int64(lengths), shift, eps,
+      grad_out.contiguous(), ga, x.contiguous(), weight.contiguous(), o, attn.contiguous(),
+      norm.contiguous(), alpha.contiguous(), beta.contiguous(), as_int64(lengths), shift, eps,
       eps_sqrt);
 }
 

@@ -16,9 +16,10 @@
 // Forward: a task is (sample, block of units), so a small batch still keeps every core busy.
 // Units go in panels of a few: their v rows wait in a small buffer only until their norms are
 // known, then out is written once.
-// Backward: a task is one sample; its DV [N, F] (fc1: DU) lives in a per-thread buffer and one thread
-// writes its grad_x (no races). With too few samples to keep the threads busy, the task's two
-// halves (units: dv, grad_scores; frames: grad_x) run as two parallel phases over blocks.
+// Backward: a task is one sample; its DV [N, F] (fc1: DU) lives in a per-thread buffer and
+// one thread writes its grad_x (no races). With too few samples to keep the threads busy, the
+// task's two halves (units: dv, grad_scores; frames: grad_x) run as two parallel phases over
+// blocks.
 //
 // Opmath (float, or double for double) throughout; half/bfloat16 x is converted once per task.
 // Deterministic: no atomics, every sum in a fixed order that depends neither on the number of
@@ -467,11 +468,9 @@ struct BackwardJob {
       for (int j = 0; j < J; ++j) std::memcpy(lanes + j * W, &acc[i][j], kVec);
       sums[i] += fold<kSumLanes>(lanes);
     }
-    const T nrm = norm[b * s.N + n];
-    const bool unclamped = !(nrm < eps);  // a NaN norm stays NaN this way
-    const double d1 =
-        1.0 / (std::sqrt(static_cast<double>(s.N)) * static_cast<double>(unclamped ? nrm : eps));
-    const double r = nrm;
+    const double r = norm[b * s.N + n];
+    const bool unclamped = !(r < eps);  // a NaN norm stays NaN this way
+    const double d1 = 1.0 / (std::sqrt(static_cast<double>(s.N)) * (unclamped ? r : eps));
     // o = 0 (u = 0 with eps in the root): no projection, as k = 0 / r^2 in unit_backward
     const double k = unclamped && sums[3] != 0.0
                          ? sums[0] / sums[3] * (1.0 - static_cast<double>(eps_sqrt) / (r * r))
@@ -527,12 +526,12 @@ struct BackwardJob {
       for (int64_t r = 0; r < rows; ++r) {
         T* dr = da + r * L;
         double ga = 0;
-        for (int64_t l = 0; l < len; ++l) ga += static_cast<double>(ab[r * L + l]) * dr[l];
-        partials[(b * N + n0 + r) * 2] = shift ? ga : 0.0;
         if (shift) {
+          for (int64_t l = 0; l < len; ++l) ga += static_cast<double>(ab[r * L + l]) * dr[l];
           const T al = alpha[n0 + r];
           for (int64_t l = 0; l < len; ++l) dr[l] *= al;
         }
+        partials[(b * N + n0 + r) * 2] = ga;
       }
     }
     for (int64_t r = 0; r < rows; ++r)
