@@ -163,7 +163,8 @@ def test_many_frames(backend, lengths, dtype):
     """100 frames: the cpp backward's d attention as a gemm (64 valid frames or more, with
     padding at 70) or as dot tiles (fewer), one sample's units split over the threads (B=1);
     B*L = 600 frames: the weight gradient sums them in several L1-sized chunks on every
-    instruction set (csrc/cpu/tiles.h, gemm), and 20 units make several row panels."""
+    instruction set (WeightGradJob), over a full and a partial column block, and 20 units
+    make several row panels."""
     B = 6 if lengths is None else len(lengths)
     mod, x, _, go, ga = make_case(B, 100, 40, 20, seed=4)
     lens = None if lengths is None else torch.tensor(lengths)
