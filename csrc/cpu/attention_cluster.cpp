@@ -341,7 +341,12 @@ struct BackwardJob {
   bool shift;
   T eps;
   T eps_sqrt;
-  T* workspace;  // kUnits -> kFrames: DV of every sample [B, N, F] (fc1: [B, 2N, F], DU; W)
+  // Rows of DV (fc1: [DU; W]) ldv apart: F rounded up to a cache line, plus one line where that
+  // is a multiple of 512 bytes, so that the rows a gemm tile streams (4 KiB apart at
+  // F = 1024) do not share an L1 set and grad_x's gemm runs unpacked (packing DV took 8 % of
+  // the AVX2 backward at B=32, L=25, F=1024, N=32).
+  int64_t ldv;
+  T* workspace;  // kUnits -> kFrames: DV of every sample [B, N, ldv] (fc1: [B, 2N, ldv], DU; W)
   scalar_t* grad_x;
   scalar_t* grad_scores;
   double* partials;  // [B, N, 2]: per-sample grad_alpha, grad_beta
@@ -501,7 +506,7 @@ struct BackwardJob {
     const int64_t L = s.L, F = s.F, N = s.N, rows = n1 - n0;
     const int64_t len = valid_length(lengths, b, L);
     const T* ab = attn + (b * N + n0) * L;
-    T* dvb = dv + n0 * F;
+    T* dvb = dv + n0 * ldv;
     if (weight != nullptr) {
       // Each unit's step streams its rows of g and out (a 4 KiB page each at F = 1024, where
       // the hardware prefetchers stop) and asks for the next unit's, and for a slice of this
@@ -511,11 +516,11 @@ struct BackwardJob {
       const char* xr = reinterpret_cast<const char*>(x + b * L * F);
       const int64_t slice = (xbytes / (n1 - n0) + 63) / 64 * 64;
       for (int64_t n = n0; n < n1; ++n)
-        unit_du<kVec>(b, n, dv + n * F, xr + (n - n0) * slice,
+        unit_du<kVec>(b, n, dv + n * ldv, xr + (n - n0) * slice,
                       std::min(slice, std::max<int64_t>(0, xbytes - (n - n0) * slice)));
     } else {  // v = A X over the valid frames, then dv in place
-      gemm<kVec, Tile::kRows, Tile::kVecs>(rows, F, len, ab, L, 1, xb, F, dvb, F);
-      for (int64_t n = n0; n < n1; ++n) unit_backward(b, n, dv + n * F);
+      gemm<kVec, Tile::kRows, Tile::kVecs>(rows, F, len, ab, L, 1, xb, F, dvb, ldv);
+      for (int64_t n = n0; n < n1; ++n) unit_backward(b, n, dv + n * ldv);
     }
     // da = DV X^T (fc1: alpha DU X^T; 0 on padded frames), then the softmax backward
     // grad_scores_l = a_l (da_l - sum_l' a_l' da_l').
@@ -531,13 +536,13 @@ struct BackwardJob {
       for (int64_t f0 = 0; f0 < F; f0 += 16)  // 16 columns at a time: the rows' lines stay in L1
         for (int64_t r = 0; r < cols; ++r)
           for (int64_t f = f0; f < std::min(F, f0 + 16); ++f)
-            dvt[f * ldt + r] = r < rows ? dvb[r * F + f] : T(0);
+            dvt[f * ldt + r] = r < rows ? dvb[r * ldv + f] : T(0);
       gemm<kVec, Tile::kRows, Tile::kVecs>(len, cols, F, xb, F, 1, dvt.data(), ldt, dat.data(),
                                            cols, /*pack_b=*/false);
       for (int64_t r = 0; r < rows; ++r)
         for (int64_t l = 0; l < len; ++l) da[r * L + l] = dat[l * cols + r];
     } else {
-      dots<kVec, Tile::kDotRows, Tile::kDotCols>(rows, len, F, dvb, F, xb, F, da, L);
+      dots<kVec, Tile::kDotRows, Tile::kDotCols>(rows, len, F, dvb, ldv, xb, F, da, L);
     }
     if (weight != nullptr) {  // da holds DU X^T: the alpha partials, then da itself
       for (int64_t r = 0; r < rows; ++r) {
@@ -580,8 +585,8 @@ struct BackwardJob {
     using Tile = Tiling<kVec, T>;
     const int64_t L = s.L, F = s.F, N = s.N;
     if (weight == nullptr) {
-      gemm<kVec, Tile::kRows, Tile::kVecs>(l1 - l0, F, N, attn + b * N * L + l0, 1, L, dv, F,
-                                     grad_x + (b * L + l0) * F, F);
+      gemm<kVec, Tile::kRows, Tile::kVecs>(l1 - l0, F, N, attn + b * N * L + l0, 1, L, dv, ldv,
+                                           grad_x + (b * L + l0) * F, F, /*pack_b=*/false);
       return;
     }
     const T* ab = attn + b * N * L;
@@ -591,8 +596,8 @@ struct BackwardJob {
       for (int64_t n = 0; n < N; ++n) row[n] = shift ? ab[n * L + l] * alpha[n] : ab[n * L + l];
       for (int64_t n = 0; n < N; ++n) row[N + n] = gso[l * N + n];
     }
-    gemm<kVec, Tile::kRows, Tile::kVecs>(l1 - l0, F, 2 * N, ca, 2 * N, 1, dv, F,
-                                   grad_x + (b * L + l0) * F, F);
+    gemm<kVec, Tile::kRows, Tile::kVecs>(l1 - l0, F, 2 * N, ca, 2 * N, 1, dv, ldv,
+                                         grad_x + (b * L + l0) * F, F, /*pack_b=*/false);
   }
 
   template <int kVec>
@@ -603,8 +608,10 @@ struct BackwardJob {
     // Kept by the thread between calls: allocated afresh, its pages came back zeroed from the
     // kernel on most calls (minor faults, ~0.1 ms per backward at B=32, L=25, F=1024, N=32).
     thread_local std::vector<T> dv;
-    if (phase == kSample && static_cast<int64_t>(dv.size()) < D * F) dv.resize(D * F);
-    if (weight != nullptr && phase == kSample) std::memcpy(dv.data() + N * F, weight, N * F * sizeof(T));
+    if (phase == kSample && static_cast<int64_t>(dv.size()) < D * ldv) dv.resize(D * ldv);
+    if (weight != nullptr && phase == kSample)
+      for (int64_t n = 0; n < N; ++n)
+        std::memcpy(dv.data() + (N + n) * ldv, weight + n * F, F * sizeof(T));
     std::vector<T> da(phase == kFrames ? 0 : N * L);
     std::vector<T> ca(weight != nullptr && phase != kUnits ? 2 * N * L : 0);
     // One call site each for do_units and do_frames, whatever the phase: GCC compiles every
@@ -623,7 +630,7 @@ struct BackwardJob {
         l0 = (t % frames.blocks) * frames.block;
         l1 = std::min(L, l0 + frames.block);
       }
-      if (dvb == nullptr) dvb = workspace + b * D * F;
+      if (dvb == nullptr) dvb = workspace + b * D * ldv;
       if (phase != kFrames) {
         const T* xb = as_opmath<T>(x + b * L * F, L * F, xs.data());
         do_units<kVec>(b, n0, n1, xb, dvb, da.data());
@@ -821,10 +828,14 @@ ClusterBackward backward_impl(const at::Tensor& grad_out, const at::Tensor& x,
   // units of each sample and, after them, its frames are split over the threads, through a
   // DV workspace of B < 2 * threads samples.
   const bool split = s.B < 2 * at::get_num_threads();
+  const int64_t line = 64 / at::elementSize(opmath);  // BackwardJob::ldv
+  int64_t ldv = (s.F + line - 1) / line * line;
+  if (ldv * at::elementSize(opmath) % 512 == 0) ldv += line;
   at::Tensor workspace;
   if (split) {
-    workspace = at::empty({s.B, fc1 ? 2 * s.N : s.N, s.F}, x.options().dtype(opmath));
-    if (fc1) workspace.narrow(1, s.N, s.N).copy_(w.unsqueeze(0).expand({s.B, s.N, s.F}));
+    workspace = at::empty({s.B, fc1 ? 2 * s.N : s.N, ldv}, x.options().dtype(opmath));
+    if (fc1)
+      workspace.narrow(1, s.N, s.N).narrow(2, 0, s.F).copy_(w.unsqueeze(0).expand({s.B, s.N, s.F}));
   }
   at::Tensor grad_weight;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(),
@@ -834,7 +845,7 @@ ClusterBackward backward_impl(const at::Tensor& grad_out, const at::Tensor& x,
     Job job{s, Job::kSample, Split(s.B, s.N, kRowAlign), Split(s.B, s.L, kRowAlign),
             grad_out.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
             attn.const_data_ptr<T>(), norm.const_data_ptr<T>(), al.const_data_ptr<T>(),
-            be.const_data_ptr<T>(), shift, static_cast<T>(eps), static_cast<T>(eps_sqrt),
+            be.const_data_ptr<T>(), shift, static_cast<T>(eps), static_cast<T>(eps_sqrt), ldv,
             split ? workspace.mutable_data_ptr<T>() : nullptr,
             grad_x.mutable_data_ptr<scalar_t>(),
             fc1 ? nullptr : grad_scores.mutable_data_ptr<scalar_t>(),
