@@ -458,7 +458,8 @@ struct BackwardJob {
     for (; f + kSumLanes <= F; f += kSumLanes) {
       prefetch(g_next + f, kSumLanes * sizeof(scalar_t));
       prefetch(o_next + f, kSumLanes * sizeof(scalar_t));
-      if (f * 4 < pf_bytes) prefetch(pf + f * 4, 64);  // a line of pf per step of 16
+      const int64_t line = f / kSumLanes * 64;  // a line of pf per step
+      if (line < pf_bytes) prefetch(pf + line, 64);
       ATTNPOOL_UNROLL
       for (int j = 0; j < J; ++j) {
         const dvec of = double_lanes<kVec, T>(o + f + j * W);
@@ -661,7 +662,6 @@ struct WeightGradJob {
   template <int kVec>
   ATTNPOOL_INLINE void run(int64_t t0, int64_t t1) const {
     using Tile = Tiling<kVec, T>;
-    constexpr int R = Tile::kRows;
     const int64_t K = s.B * s.L, F = s.F, N = s.N;
     const int64_t kc = std::max<int64_t>(1, kChunkBytes / (block * int64_t(sizeof(T))));
     thread_local std::vector<T> xs;
@@ -681,13 +681,8 @@ struct WeightGradJob {
             for (int64_t f = 0; f < fw; ++f) dst[f] = static_cast<T>(src[f]);
           }
         }
-        const int64_t panels = (N + R - 1) / R;
-        for (int64_t i = 0, r = 0; i < panels; ++i) {
-          const int64_t rows = balanced_part(N, panels, i);
-          gemm_panel_of<kVec, R, Tile::kVecs>(rows, fw, n, gs + r + k0 * N, 1, N, xs.data(), fw,
-                                              gw + r * F + f0, F, k0 > 0);
-          r += rows;
-        }
+        gemm<kVec, Tile::kRows, Tile::kVecs>(N, fw, n, gs + k0 * N, 1, N, xs.data(), fw, gw + f0,
+                                             F, /*pack_b=*/false, /*add=*/k0 > 0);
       }
     }
   }

@@ -216,10 +216,11 @@ ATTNPOOL_INLINE int64_t balanced_part(int64_t rows, int64_t parts, int64_t i) {
 // (the cluster's padded DV rows).
 // Every element is one in-order sum over k whatever the panel, block or chunk (between
 // chunks c holds the running sum in T, exactly as the register did), so none changes a bit.
+// add: c += a b (the caller's own chunks of a longer sum).
 template <int kVec, int R, int NV, typename T, typename Out>
 ATTNPOOL_INLINE void gemm(int64_t rows, int64_t cols, int64_t K, const T* a, int64_t ars,
                           int64_t aks, const T* b, int64_t ldb, Out* c, int64_t ldc,
-                          bool pack_b = true) {
+                          bool pack_b = true, bool add = false) {
   constexpr int W = NV * kVec / sizeof(T);
   const int64_t panels = (rows + R - 1) / R;
   int64_t w = 0;
@@ -240,7 +241,7 @@ ATTNPOOL_INLINE void gemm(int64_t rows, int64_t cols, int64_t K, const T* a, int
         for (int64_t i = 0, r = 0; i < panels; ++i) {
           const int64_t n = balanced_part(rows, panels, i);
           gemm_panel_of<kVec, R, NV>(n, W, kc, a + r * ars + k0 * aks, ars, aks, pk, W,
-                                     c + r * ldc + w, ldc, k0 > 0);
+                                     c + r * ldc + w, ldc, add || k0 > 0);
           r += n;
         }
       }
@@ -250,7 +251,7 @@ ATTNPOOL_INLINE void gemm(int64_t rows, int64_t cols, int64_t K, const T* a, int
   for (int64_t i = 0, r = 0; i < panels; ++i) {
     const int64_t n = balanced_part(rows, panels, i);
     gemm_panel_of<kVec, R, NV>(n, cols - w, K, a + r * ars, ars, aks, b + w, ldb,
-                               c + r * ldc + w, ldc);
+                               c + r * ldc + w, ldc, add);
     r += n;
   }
 }
