@@ -172,6 +172,40 @@ def test_many_frames(backend, lengths, dtype):
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("attention,shift", [("fc1", True), ("fc2", True), ("average", True),
+                                             ("fc1", False)])
+def test_long_clips(backend, attention, shift):
+    """A sample of 512 KiB of valid frames or more takes the cpp forward's long-clip path
+    (kLongClipBytes: V = A X as one gemm per task, then the per-unit epilogue), a short one
+    the panel path: both against the reference under every scoring layer and without shift,
+    and (cpp) bitwise the same with 1, 2 and 3 threads (B=1 splits the work over them)."""
+    mod, x, _, go, ga = make_case(3, 70, 2048, 4, attention=attention, shift=shift, hidden=4,
+                                  seed=5)
+    with torch.no_grad():  # scores of order 1, as with the default init (unit weights over
+        for w in (mod.weight, mod.weight1):  # 2048 features would make them ~45)
+            if w is not None:
+                w.mul_(w.shape[1] ** -0.5)
+    lens = torch.tensor([70, 64, 20])  # 64 frames of 2048 floats: exactly 512 KiB
+    check_backend((mod, x, lens, go, ga), backend, torch.float32)
+    # the cpp kernels' own promise; fc2's hidden layer runs through torch, whose GEMMs may
+    # change bits with the thread count (as may Triton's wrapper)
+    if backend != "cpp" or attention == "fc2":
+        return
+    threads = torch.get_num_threads()
+    try:
+        runs = []
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            runs.append(run(mod, x[:1], lens[:1], go[:1], ga[:1], backend=backend,
+                            dtype=torch.float32))
+    finally:
+        torch.set_num_threads(threads)
+    for got in runs[1:]:
+        for name in runs[0]:
+            assert torch.equal(got[name], runs[0][name]), name
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_clamped_norm(backend):
     """alpha = beta = 0 makes the norm 0 < eps: the clamped branch."""
     mod, x, lens, go, ga = make_case(2, 4, 5, 3, seed=1)
