@@ -154,6 +154,8 @@ def test_larger_than_one_tile(backend):
     """F, L and N beyond one block of the kernels, with padding."""
     case = make_case(2, 37, 300, 20, lengths=True, seed=3)
     check_backend(case, backend, torch.float32)
+    # 130 units: the cpp backward's grad_x gemm packs [DU; W] (2N >= 256 rows, few frames)
+    check_backend(make_case(3, 9, 40, 130, lengths=True, seed=6), backend, torch.float32)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)

@@ -642,8 +642,15 @@ struct BackwardJob {
       for (int64_t n = 0; n < N; ++n) row[n] = shift ? ab[n * L + l] * alpha[n] : ab[n * L + l];
       for (int64_t n = 0; n < N; ++n) row[N + n] = gso[l * N + n];
     }
+    // Packed from 128 units on, over a few panels of frames: a column block of [DU; W] (32 KiB
+    // and up) then comes from L1 for every panel, where unpacked each panel streamed all 2N
+    // rows, a page apart, from L2 (B=8, L=25, F=1024, N=256, backward: AVX-512 3.3 -> 2.9 ms,
+    // AVX2 4.9 -> 3.7; N=128 alike either way; at N=64 packing costs 4-10 %). Over many
+    // panels (long clips) the column-major order of the packed gemm scatters the writes of
+    // grad_x over as many rows and pages: 15-30 % slower at L=300, N=32.
     gemm<kVec, Tile::kRows, Tile::kVecs>(l1 - l0, F, 2 * N, ca, 2 * N, 1, dv, ldv,
-                                         grad_x + (b * L + l0) * F, F, /*pack_b=*/false);
+                                         grad_x + (b * L + l0) * F, F,
+                                         /*pack_b=*/2 * N >= 256 && l1 - l0 <= 64);
   }
 
   template <int kVec>
