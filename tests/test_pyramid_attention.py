@@ -149,6 +149,31 @@ def test_many_channels(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("B", [1, 5])
+def test_levels_of_several_head_chunks(backend, B):
+    """Levels of more channels than a cpp head chunk (256): sums over channels go by chunks.
+    B=1 runs the heads' steps over (sample, chunk) items across the threads, B=5 a task per
+    sample; both against the reference, and (cpp) bitwise the same with 1, 2 and 3 threads."""
+    case = make_case(B, None, [(20, 8, 8), (600, 4, 4), (257, 2, 2)], seed=14)
+    ref = run(case, "reference", torch.float64)
+    compare(run(case, backend, torch.float32), ref, run(case, "reference", torch.float32),
+            f"{backend}/B={B}")
+    if backend != "cpp":
+        return
+    threads = torch.get_num_threads()
+    try:
+        runs = []
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            runs.append(run(case, backend, torch.float32))
+    finally:
+        torch.set_num_threads(threads)
+    for got in runs[1:]:
+        for name in runs[0]:
+            assert torch.equal(got[name], runs[0][name]), name
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_low_precision(backend, dtype):
     if backends.why_not("pyramid_attention", backend, torch.device("cpu"), dtype):

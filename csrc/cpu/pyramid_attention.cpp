@@ -6,12 +6,13 @@
 //   pool   every frame plane of every level averaged to the common Ho x Wo grid (torch's
 //          adaptive windows), read once, rows summed first so the inner loop runs over
 //          contiguous W -> pooled [B, Ctot, n] (opmath). The only pass over the inputs.
-//   head   per sample, over the pooled maps only: scores y_s, the fused softmax a, out, the
-//          unit maps yh_s, the PCA term u_s and the level Gram matrix -> loss_b.
-// Backward, two parallel passes:
-//   head   per sample: the gradient gy_s of every level's scores, per-sample partials of
-//          grad_weights / grad_bias, and the three rank-1 factors of dP_s = gz (x) a +
-//          w (x) gy_s + kappa_s u_s (x) (yh_s - sig_s/n).
+//   head   over the pooled maps only: scores y_s, the fused softmax a, out, the unit maps
+//          yh_s, the PCA term u_s and the level Gram matrix -> loss_b; in phases over runs
+//          of channels (head_chunks), so that B=1 uses every thread.
+// Backward, two passes:
+//   head   the gradient gy_s of every level's scores, per-sample partials of grad_weights /
+//          grad_bias, and the three rank-1 factors of dP_s = gz (x) a + w (x) gy_s +
+//          kappa_s u_s (x) (yh_s - sig_s/n); in phases like the forward's.
 //   unpool grad_x = R^T dP, dP formed on the fly per plane: each input row is written once.
 // Work is split into tasks of about kTaskElems input elements (a run of channel planes of
 // one level and frame), so levels of very different sizes still balance across threads.
@@ -28,6 +29,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <optional>
 #include <vector>
 
 namespace attnpool {
@@ -253,44 +255,136 @@ C10_ALWAYS_INLINE void pca_projection(const T* P, int64_t C, int64_t n, const T*
   }
 }
 
+// The heads run over runs of at most kHeadChunk channels of one level ("chunks", fixed by the
+// shapes alone): a sum over channels (the scores, and the backward's ga and gyh) is summed per
+// chunk, then over the chunks in order. Batches under kHeadSplitBelow run each step over all
+// items (b, chunk) in parallel, then the next, so that B=1 keeps every thread busy (a task per
+// sample ran each head on one thread: 0.27 of the 0.8 ms of kernel time at B=1, fp32, the
+// benchmark's pyramid); larger ones run all steps of a sample in one task, while its pooled
+// maps stay in cache (by steps over the whole batch, B=8 was 10-15 % slower). The choice
+// depends on B alone, so the results do not depend on the thread count.
+constexpr int64_t kHeadChunk = 256;
+constexpr int64_t kHeadSplitBelow = 4;
+
+// Runs chunk_step(b, k) for every chunk k, then sample_step(b), then chunk_step2(b, k), for
+// every sample b (see kHeadSplitBelow).
+template <typename ChunkStep, typename SampleStep, typename ChunkStep2>
+void head_steps(int64_t B, int64_t K, const ChunkStep& chunk_step, const SampleStep& sample_step,
+                const ChunkStep2& chunk_step2) {
+  if (B < kHeadSplitBelow) {
+    parallel_run(B * K, Tasks([&](int64_t i) ATTNPOOL_INLINE_LAMBDA { chunk_step(i / K, i % K); }));
+    parallel_run(B, Tasks([&](int64_t b) ATTNPOOL_INLINE_LAMBDA { sample_step(b); }));
+    parallel_run(B * K, Tasks([&](int64_t i) ATTNPOOL_INLINE_LAMBDA { chunk_step2(i / K, i % K); }));
+  } else {
+    parallel_run(B, Tasks([&](int64_t b) ATTNPOOL_INLINE_LAMBDA {
+      for (int64_t k = 0; k < K; ++k) chunk_step(b, k);
+      sample_step(b);
+      for (int64_t k = 0; k < K; ++k) chunk_step2(b, k);
+    }));
+  }
+}
+
+struct Chunk {
+  int64_t s, c0, c1;  // level, channels [c0, c1) of Ctot
+};
+
+std::vector<Chunk> head_chunks(const Pyramid& p) {
+  std::vector<Chunk> chunks;
+  for (int64_t s = 0; s < p.S; ++s) {
+    const Level& l = p.levels[s];
+    for (int64_t c = 0; c < l.C; c += kHeadChunk)
+      chunks.push_back({s, l.off + c, l.off + std::min(l.C, c + kHeadChunk)});
+  }
+  return chunks;
+}
+
+// dst[i] = the sum over the chunks of level s (of every level: s < 0) of part[k][i], in
+// chunk order.
+template <typename T>
+C10_ALWAYS_INLINE void sum_chunks(const std::vector<Chunk>& chunks, int64_t s, const T* part,
+                                  int64_t n, T* dst) {
+  bool first = true;
+  for (size_t k = 0; k < chunks.size(); ++k) {
+    if (s >= 0 && chunks[k].s != s) continue;
+    const T* src = part + k * n;
+    for (int64_t i = 0; i < n; ++i) dst[i] = first ? src[i] : dst[i] + src[i];
+    first = false;
+  }
+}
+
+// Channels [c0, c1) (of all levels) of sample b: their means mu and PCA terms u (unscaled).
+template <typename T>
+C10_ALWAYS_INLINE void head_channels(const Pyramid& p, int64_t b, int64_t c0, int64_t c1,
+                                     const T* pooled, const T* y, const Sample<T>& sm, T* mu,
+                                     T* u) {
+  const int64_t n = p.n;
+  const T* Pb = pooled + b * p.Ctot * n;
+  for (int64_t s = 0; s < p.S; ++s) {
+    const Level& l = p.levels[s];
+    const int64_t lo = std::max(c0, l.off), hi = std::min(c1, l.off + l.C);
+    if (lo >= hi) continue;
+    row_means(Pb + lo * n, hi - lo, n, mu + b * p.Ctot + lo);
+    pca_projection(Pb + lo * n, hi - lo, n, y + (b * p.S + s) * n, sm.d[s],
+                   mu + b * p.Ctot + lo, u + b * p.Ctot + lo);
+  }
+}
+
+// Forward head: the scores y (per chunk, then summed), then out, mu and u (channels), then
+// the loss per sample. Returns the sum of the samples' losses, in order.
 template <typename scalar_t>
-C10_ALWAYS_INLINE at::opmath_type<scalar_t> head_forward(const Pyramid& p, int64_t b,
-                                       const std::vector<const scalar_t*>& w, const scalar_t* bias,
-                                       double eps, double lam,
+at::opmath_type<scalar_t> head_forward(const Pyramid& p, const std::vector<const scalar_t*>& w,
+                                       const scalar_t* bias, double eps, double lam,
                                        const at::opmath_type<scalar_t>* pooled,
                                        at::opmath_type<scalar_t>* y, scalar_t* out) {
   using T = at::opmath_type<scalar_t>;
-  const int64_t n = p.n, S = p.S;
-  const T* Pb = pooled + b * p.Ctot * n;
-  T* yb = y + b * S * n;
-  for (int64_t s = 0; s < S; ++s) {
-    const Level& l = p.levels[s];
-    T* ys = yb + s * n;
-    std::fill_n(ys, n, static_cast<T>(bias[s]));
-    for (int64_t c = 0; c < l.C; ++c) {
-      const T wc = static_cast<T>(w[s][c]);
-      const T* row = Pb + (l.off + c) * n;
-      for (int64_t i = 0; i < n; ++i) ys[i] += wc * row[i];
+  const int64_t n = p.n, S = p.S, Ct = p.Ctot;
+  const std::vector<Chunk> chunks = head_chunks(p);
+  const int64_t K = static_cast<int64_t>(chunks.size());
+  std::vector<T> part(p.B * K * n), mu(p.B * Ct), u(p.B * Ct);
+  std::vector<std::optional<Sample<T>>> samples(p.B);
+  auto scores = [&](int64_t b, int64_t k) ATTNPOOL_INLINE_LAMBDA {
+    const Chunk& ch = chunks[k];
+    T* ps = &part[(b * K + k) * n];
+    std::fill_n(ps, n, T(0));
+    for (int64_t c = ch.c0; c < ch.c1; ++c) {
+      const T wc = static_cast<T>(w[ch.s][c - p.levels[ch.s].off]);
+      const T* row = pooled + (b * Ct + c) * n;
+      for (int64_t i = 0; i < n; ++i) ps[i] += wc * row[i];
     }
+  };
+  auto sample = [&](int64_t b) ATTNPOOL_INLINE_LAMBDA {
+    for (int64_t s = 0; s < S; ++s) {
+      T* ys = y + (b * S + s) * n;
+      sum_chunks(chunks, s, &part[b * K * n], n, ys);
+      for (int64_t i = 0; i < n; ++i) ys[i] += static_cast<T>(bias[s]);
+    }
+    samples[b].emplace(p, y + b * S * n, eps);
+  };
+  auto channels = [&](int64_t b, int64_t k) ATTNPOOL_INLINE_LAMBDA {
+    const Chunk& ch = chunks[k];
+    const Sample<T>& sm = *samples[b];
+    const T* Pb = pooled + b * Ct * n;
+    for (int64_t c = ch.c0; c < ch.c1; ++c)
+      out[b * Ct + c] = static_cast<scalar_t>(dot_short(n, Pb + c * n, sm.a.data()));
+    head_channels(p, b, ch.c0, ch.c1, pooled, y, sm, mu.data(), u.data());
+  };
+  head_steps(p.B, K, scores, sample, channels);
+  T total = 0;
+  for (int64_t b = 0; b < p.B; ++b) {
+    const Sample<T>& sm = *samples[b];
+    T variance = 0;
+    for (int64_t s = 0; s < S; ++s) {
+      const Level& l = p.levels[s];
+      const T* us = &u[b * Ct + l.off];
+      variance += dot_short(l.C, us, us) / static_cast<T>(l.C);
+    }
+    T overlap = 0;
+    for (int64_t s = 0; s < S; ++s)
+      for (int64_t q = 0; q < S; ++q)
+        if (q != s) overlap += sm.gram[s * S + q] * sm.gram[s * S + q];
+    total += static_cast<T>(lam) * overlap - variance / static_cast<T>(S);
   }
-  Sample<T> sm(p, yb, eps);
-  for (int64_t c = 0; c < p.Ctot; ++c)
-    out[b * p.Ctot + c] = static_cast<scalar_t>(dot_short(n, Pb + c * n, sm.a.data()));
-  T variance = 0;
-  std::vector<T> u, mu;
-  for (int64_t s = 0; s < S; ++s) {
-    const Level& l = p.levels[s];
-    u.resize(l.C);
-    mu.resize(l.C);
-    row_means(Pb + l.off * n, l.C, n, mu.data());
-    pca_projection(Pb + l.off * n, l.C, n, yb + s * n, sm.d[s], mu.data(), u.data());
-    variance += dot_short(l.C, u.data(), u.data()) / static_cast<T>(l.C);
-  }
-  T overlap = 0;
-  for (int64_t s = 0; s < S; ++s)
-    for (int64_t q = 0; q < S; ++q)
-      if (q != s) overlap += sm.gram[s * S + q] * sm.gram[s * S + q];
-  return static_cast<T>(lam) * overlap - variance / static_cast<T>(S);
+  return total;
 }
 
 // ------------------------------------------------------------------------- backward
@@ -301,73 +395,89 @@ struct Factors {
   std::vector<T> a, gy, yc, gz, ku;
 };
 
+// Backward head, in the phases of head_forward: mu and u (channels); the chunk sums of ga and
+// gyh; gy and the factors (samples); grad_weights partials (channels).
 template <typename scalar_t>
-C10_ALWAYS_INLINE void head_backward(const Pyramid& p, int64_t b, double eps, double lam,
-                                     double gl, const scalar_t* grad_out,
-                                     const at::opmath_type<scalar_t>* pooled,
-                                     const at::opmath_type<scalar_t>* y,
-                                     Factors<at::opmath_type<scalar_t>>& f,
-                                     at::opmath_type<scalar_t>* gw_part,
-                                     at::opmath_type<scalar_t>* gb_part) {
+void head_backward(const Pyramid& p, double eps, double lam, double gl, const scalar_t* grad_out,
+                   const at::opmath_type<scalar_t>* pooled, const at::opmath_type<scalar_t>* y,
+                   Factors<at::opmath_type<scalar_t>>& f, at::opmath_type<scalar_t>* gw_part,
+                   at::opmath_type<scalar_t>* gb_part) {
   using T = at::opmath_type<scalar_t>;
-  const int64_t n = p.n, S = p.S;
-  const T* Pb = pooled + b * p.Ctot * n;
-  Sample<T> sm(p, y + b * S * n, eps);
-  T* gz = &f.gz[b * p.Ctot];
-  for (int64_t c = 0; c < p.Ctot; ++c) gz[c] = static_cast<T>(grad_out[b * p.Ctot + c]);
+  const int64_t n = p.n, S = p.S, Ct = p.Ctot;
+  const std::vector<Chunk> chunks = head_chunks(p);
+  const int64_t K = static_cast<int64_t>(chunks.size());
+  std::vector<T> mu(p.B * Ct), ga_part(p.B * K * n), gyh_part(p.B * K * n);
+  std::vector<Sample<T>> samples;
+  samples.reserve(p.B);
+  for (int64_t b = 0; b < p.B; ++b) samples.emplace_back(p, y + b * S * n, eps);
   // Sums over channels use P - mu (centred rows): the softmax and the PCA term are blind to a
   // channel's mean, and fp32 would lose them to cancellation against large means.
-  std::vector<T> mu(p.Ctot), ga(n, T(0));
-  row_means(Pb, p.Ctot, n, mu.data());
-  for (int64_t c = 0; c < p.Ctot; ++c) {
-    const T* row = Pb + c * n;
-    for (int64_t i = 0; i < n; ++i) ga[i] += gz[c] * (row[i] - mu[c]);
-  }
-  const T aga = dot_short(n, sm.a.data(), ga.data());
-  std::copy(sm.a.begin(), sm.a.end(), &f.a[b * n]);
-  std::vector<T> ge(n), gyh(n);
-  for (int64_t i = 0; i < n; ++i) ge[i] = sm.a[i] * (ga[i] - aga);
-  const T cross = static_cast<T>(4.0 * lam * gl);
-  for (int64_t s = 0; s < S; ++s) {
-    const Level& l = p.levels[s];
-    const T* Ps = Pb + l.off * n;
-    const T* mus = &mu[l.off];
-    const T* yh = &sm.yh[s * n];
-    T* u = &f.ku[b * p.Ctot + l.off];
-    pca_projection(Ps, l.C, n, y + (b * S + s) * n, sm.d[s], mus, u);
-    const T kappa = static_cast<T>(-2.0 * gl / static_cast<double>(S * l.C));
-    std::fill(gyh.begin(), gyh.end(), T(0));
-    for (int64_t c = 0; c < l.C; ++c) {
-      const T* row = Ps + c * n;
-      for (int64_t i = 0; i < n; ++i) gyh[i] += u[c] * (row[i] - mus[c]);
+  auto centred_sums = [&](int64_t b, int64_t k) ATTNPOOL_INLINE_LAMBDA {
+    const Chunk& ch = chunks[k];
+    const Sample<T>& sm = samples[b];
+    for (int64_t c = ch.c0; c < ch.c1; ++c)
+      f.gz[b * Ct + c] = static_cast<T>(grad_out[b * Ct + c]);
+    head_channels(p, b, ch.c0, ch.c1, pooled, y, sm, mu.data(), f.ku.data());
+    T* ga = &ga_part[(b * K + k) * n];
+    T* gyh = &gyh_part[(b * K + k) * n];
+    std::fill_n(ga, n, T(0));
+    std::fill_n(gyh, n, T(0));
+    for (int64_t c = ch.c0; c < ch.c1; ++c) {
+      const T* row = pooled + (b * Ct + c) * n;
+      const T m = mu[b * Ct + c], gz = f.gz[b * Ct + c], u = f.ku[b * Ct + c];
+      for (int64_t i = 0; i < n; ++i) {
+        ga[i] += gz * (row[i] - m);
+        gyh[i] += u * (row[i] - m);
+      }
     }
-    for (int64_t i = 0; i < n; ++i) gyh[i] *= kappa;
-    for (int64_t q = 0; q < S; ++q) {
-      if (q == s) continue;
-      const T g = cross * sm.gram[s * S + q];
-      const T* yq = &sm.yh[q * n];
-      for (int64_t i = 0; i < n; ++i) gyh[i] += g * yq[i];
+  };
+  auto factors = [&](int64_t b) ATTNPOOL_INLINE_LAMBDA {
+    const Sample<T>& sm = samples[b];
+    std::vector<T> ga(n), ge(n), g(n);
+    sum_chunks(chunks, -1, &ga_part[b * K * n], n, ga.data());
+    const T aga = dot_short(n, sm.a.data(), ga.data());
+    std::copy(sm.a.begin(), sm.a.end(), &f.a[b * n]);
+    for (int64_t i = 0; i < n; ++i) ge[i] = sm.a[i] * (ga[i] - aga);
+    const T cross = static_cast<T>(4.0 * lam * gl);
+    for (int64_t s = 0; s < S; ++s) {
+      const Level& l = p.levels[s];
+      const T kappa = static_cast<T>(-2.0 * gl / static_cast<double>(S * l.C));
+      sum_chunks(chunks, s, &gyh_part[b * K * n], n, g.data());
+      for (int64_t i = 0; i < n; ++i) g[i] *= kappa;
+      for (int64_t q = 0; q < S; ++q) {
+        if (q == s) continue;
+        const T c = cross * sm.gram[s * S + q];
+        const T* yq = &sm.yh[q * n];
+        for (int64_t i = 0; i < n; ++i) g[i] += c * yq[i];
+      }
+      // through yh = y / max(r, eps): clamp_min passes the gradient where r >= eps. The
+      // projection off the unit map is formed with the scores y themselves, yh (yh . g) =
+      // y (y . g) / r^2: gyh is often nearly parallel to yh, and the rounding of yh would
+      // otherwise dominate what is left after the cancellation.
+      T* gy = &f.gy[(b * S + s) * n];
+      const T* ys = y + (b * S + s) * n;
+      const bool big = sm.r[s] >= static_cast<T>(eps);
+      const T d = sm.d[s];  // r where big
+      const T proj = big ? dot_short(n, ys, g.data()) / (d * d) : T(0);
+      for (int64_t i = 0; i < n; ++i) gy[i] = ge[i] + (g[i] - ys[i] * proj) / d;
+      // with gy accurate (the centred sums above), the parameter gradients are its plain sums,
+      // as the reference forms them
+      gb_part[b * S + s] = sum_short(n, gy);
+      const T mean_yh = sm.sig[s] / static_cast<T>(n);
+      T* yc = &f.yc[(b * S + s) * n];
+      for (int64_t i = 0; i < n; ++i) yc[i] = sm.yh[s * n + i] - mean_yh;
     }
-    // through yh = y / max(r, eps): clamp_min passes the gradient where r >= eps. The
-    // projection off the unit map is formed with the scores y themselves, yh (yh . g) =
-    // y (y . g) / r^2: gyh is often nearly parallel to yh, and the rounding of yh would
-    // otherwise dominate what is left after the cancellation.
-    T* gy = &f.gy[(b * S + s) * n];
-    const T* ys = y + (b * S + s) * n;
-    const bool big = sm.r[s] >= static_cast<T>(eps);
-    const T d = sm.d[s];  // r where big
-    const T proj = big ? dot_short(n, ys, gyh.data()) / (d * d) : T(0);
-    for (int64_t i = 0; i < n; ++i) gy[i] = ge[i] + (gyh[i] - ys[i] * proj) / d;
-    // with gy accurate (the centred sums above), the parameter gradients are its plain sums,
-    // as the reference forms them
-    gb_part[b * S + s] = sum_short(n, gy);
-    for (int64_t c = 0; c < l.C; ++c)
-      gw_part[b * p.Ctot + l.off + c] = dot_short(n, gy, Ps + c * n);
-    const T mean_yh = sm.sig[s] / static_cast<T>(n);
-    T* yc = &f.yc[(b * S + s) * n];
-    for (int64_t i = 0; i < n; ++i) yc[i] = yh[i] - mean_yh;
-    for (int64_t c = 0; c < l.C; ++c) u[c] *= kappa;
-  }
+  };
+  auto weight_parts = [&](int64_t b, int64_t k) ATTNPOOL_INLINE_LAMBDA {
+    const Chunk& ch = chunks[k];
+    const T kappa = static_cast<T>(-2.0 * gl / static_cast<double>(S * p.levels[ch.s].C));
+    const T* gy = &f.gy[(b * S + ch.s) * n];
+    for (int64_t c = ch.c0; c < ch.c1; ++c) {
+      gw_part[b * Ct + c] = dot_short(n, gy, pooled + (b * Ct + c) * n);
+      f.ku[b * Ct + c] *= kappa;
+    }
+  };
+  head_steps(p.B, K, centred_sums, factors, weight_parts);
 }
 
 template <typename scalar_t>
@@ -488,16 +598,10 @@ PyramidForward pyramid_attention_forward_cpu(const std::vector<at::Tensor>& xs_i
     parallel_run(static_cast<int64_t>(tasks.size()), Tasks([&](int64_t k) ATTNPOOL_INLINE_LAMBDA {
       pool_task<scalar_t>(p, tasks[k], x[tasks[k].s], P);
     }));
-    const auto w = level_ptrs<const scalar_t>(weights);
-    std::vector<Op> loss_b(B);
-    Op* yp = y.mutable_data_ptr<Op>();
-    scalar_t* outp = out.mutable_data_ptr<scalar_t>();
-    parallel_run(B, Tasks([&](int64_t b) ATTNPOOL_INLINE_LAMBDA {
-      loss_b[b] = head_forward<scalar_t>(p, b, w, bias.const_data_ptr<scalar_t>(), eps, lam, P,
-                                         yp, outp);
-    }));
-    Op total = 0;
-    for (int64_t b = 0; b < B; ++b) total += loss_b[b];
+    const Op total = head_forward<scalar_t>(p, level_ptrs<const scalar_t>(weights),
+                                            bias.const_data_ptr<scalar_t>(), eps, lam, P,
+                                            y.mutable_data_ptr<Op>(),
+                                            out.mutable_data_ptr<scalar_t>());
     *loss.mutable_data_ptr<scalar_t>() = static_cast<scalar_t>(total / static_cast<Op>(B));
   });
   return {out, loss, pooled, y};
@@ -553,9 +657,7 @@ PyramidBackward pyramid_attention_backward_cpu(const at::Tensor& grad_out_in,
     const Op* yp = y.const_data_ptr<Op>();
     Op* gw = gw_part.mutable_data_ptr<Op>();
     Op* gb = gb_part.mutable_data_ptr<Op>();
-    parallel_run(B, Tasks([&](int64_t b) ATTNPOOL_INLINE_LAMBDA {
-      head_backward<scalar_t>(p, b, eps, lam, gl, go, P, yp, f, gw, gb);
-    }));
+    head_backward<scalar_t>(p, eps, lam, gl, go, P, yp, f, gw, gb);
     const std::vector<Task> tasks = plane_tasks(p);
     parallel_run(static_cast<int64_t>(tasks.size()), Tasks([&](int64_t k) ATTNPOOL_INLINE_LAMBDA {
       unpool_task<scalar_t>(p, tasks[k], w, f, gx[tasks[k].s]);
