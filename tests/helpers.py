@@ -82,3 +82,18 @@ class torch_ops:
 
     def __getattr__(self, name: str):
         return getattr(torch.ops.attnpool, name + self.suffix)
+
+
+def assert_same_with_threads(run, counts=(1, 2, 3)) -> None:
+    """run() -> dict of tensors: bitwise the same with each intra-op thread count."""
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for n in counts:
+            torch.set_num_threads(n)
+            results.append(run())
+    finally:
+        torch.set_num_threads(threads)
+    for n, got in zip(counts[1:], results[1:]):
+        for name, want in results[0].items():
+            assert torch.equal(got[name], want), f"{name}: {n} threads differ from {counts[0]}"

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 import torch
-from helpers import assert_close, backends_for, rounded_to, torch_ops
+from helpers import assert_close, assert_same_with_threads, backends_for, rounded_to, torch_ops
 from hypothesis import given
 from hypothesis import strategies as st
 from op_suite import OpSuite
@@ -193,18 +193,8 @@ def test_long_clips(backend, attention, shift):
     # change bits with the thread count (as may Triton's wrapper)
     if backend != "cpp" or attention == "fc2":
         return
-    threads = torch.get_num_threads()
-    try:
-        runs = []
-        for n in (1, 2, 3):
-            torch.set_num_threads(n)
-            runs.append(run(mod, x[:1], lens[:1], go[:1], ga[:1], backend=backend,
-                            dtype=torch.float32))
-    finally:
-        torch.set_num_threads(threads)
-    for got in runs[1:]:
-        for name in runs[0]:
-            assert torch.equal(got[name], runs[0][name]), name
+    assert_same_with_threads(lambda: run(mod, x[:1], lens[:1], go[:1], ga[:1], backend=backend,
+                                         dtype=torch.float32))
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import assert_close, backends_for, rounded_to, torch_ops
+from helpers import assert_close, assert_same_with_threads, backends_for, rounded_to, torch_ops
 from hypothesis import given
 from hypothesis import strategies as st
 from op_suite import OpSuite
@@ -160,17 +160,7 @@ def test_levels_of_several_head_chunks(backend, B):
             f"{backend}/B={B}")
     if backend != "cpp":
         return
-    threads = torch.get_num_threads()
-    try:
-        runs = []
-        for n in (1, 2, 3):
-            torch.set_num_threads(n)
-            runs.append(run(case, backend, torch.float32))
-    finally:
-        torch.set_num_threads(threads)
-    for got in runs[1:]:
-        for name in runs[0]:
-            assert torch.equal(got[name], runs[0][name]), name
+    assert_same_with_threads(lambda: run(case, backend, torch.float32))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
