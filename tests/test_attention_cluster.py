@@ -154,8 +154,12 @@ def test_larger_than_one_tile(backend):
     """F, L and N beyond one block of the kernels, with padding."""
     case = make_case(2, 37, 300, 20, lengths=True, seed=3)
     check_backend(case, backend, torch.float32)
-    # 130 units: the cpp backward's grad_x gemm packs [DU; W] (2N >= 256 rows, few frames)
-    check_backend(make_case(3, 9, 40, 130, lengths=True, seed=6), backend, torch.float32)
+    # 130 units: the cpp backward's grad_x gemm packs [DU; W] (2N >= 256 rows, at most 64
+    # frames; B=8 keeps a task per sample up to 4 threads, 20 frames make several panels)
+    many = make_case(8, 20, 40, 130, lengths=True, seed=6)
+    check_backend(many, backend, torch.float32)
+    if backend == "cpp":
+        assert_same_with_threads(lambda: run(*many, backend=backend, dtype=torch.float32))
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -177,17 +181,19 @@ def test_many_frames(backend, lengths, dtype):
 @pytest.mark.parametrize("attention,shift", [("fc1", True), ("fc2", True), ("average", True),
                                              ("fc1", False)])
 def test_long_clips(backend, attention, shift):
-    """A sample of 512 KiB of valid frames or more takes the cpp forward's long-clip path
+    """Samples of 512 KiB of valid frames or more take the cpp forward's long-clip path
     (kLongClipBytes: V = A X as one gemm per task, then the per-unit epilogue), a short one
-    the panel path: both against the reference under every scoring layer and without shift,
-    and (cpp) bitwise the same with 1, 2 and 3 threads (B=1 splits the work over them)."""
-    mod, x, _, go, ga = make_case(3, 70, 2048, 4, attention=attention, shift=shift, hidden=4,
+    the panel path: against the reference under every scoring layer and without shift. 300
+    and 260 frames cross the gemm's chunks of K, F = 521 leaves a vector and a scalar tail,
+    and 40 units split into blocks that change with the thread count at B=1: (cpp) bitwise
+    the same with 1, 2 and 3 threads."""
+    mod, x, _, go, ga = make_case(3, 300, 521, 40, attention=attention, shift=shift, hidden=4,
                                   seed=5)
     with torch.no_grad():  # scores of order 1, as with the default init (unit weights over
-        for w in (mod.weight, mod.weight1):  # 2048 features would make them ~45)
+        for w in (mod.weight, mod.weight1):  # 521 features would make them ~23)
             if w is not None:
                 w.mul_(w.shape[1] ** -0.5)
-    lens = torch.tensor([70, 64, 20])  # 64 frames of 2048 floats: exactly 512 KiB
+    lens = torch.tensor([300, 260, 20])  # 260 frames of 521 floats: 529 KiB
     check_backend((mod, x, lens, go, ga), backend, torch.float32)
     # the cpp kernels' own promise; fc2's hidden layer runs through torch, whose GEMMs may
     # change bits with the thread count (as may Triton's wrapper)

@@ -307,8 +307,8 @@ def test_results_do_not_depend_on_thread_count(name, backend):
     """Outputs and gradients are bitwise the same with 1, 2 and 3 intra-op threads, for small
     batches (where the kernels split samples across threads) and larger ones."""
     make, inputs = CASES[name]
-    # 100 frames: the cpp cluster's d-attention gemm (64 valid frames or more), units and
-    # frames split over the threads at B=1
+    # 100 frames: the cpp cluster's d-attention gemm (64 valid frames or more), and at B=1
+    # the backward's frames split over the threads
     clips = [(torch.randn(1, 100, 6, dtype=torch.float64), torch.tensor([100])),
              (torch.randn(6, 100, 6, dtype=torch.float64), torch.tensor([100, 64, 63, 70, 1, 90]))]
     big = {"AttentionalPooling": [(torch.randn(1, 5, 14, 14, dtype=torch.float64),)],

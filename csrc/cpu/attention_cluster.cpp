@@ -15,7 +15,8 @@
 //
 // Forward: a task is (sample, block of units), so a small batch still keeps every core busy.
 // Units go in panels of a few: their v rows wait in a small buffer only until their norms are
-// known, then out is written once.
+// known, then out is written once. Long clips (kLongClipBytes) form V of the task's whole
+// block of units with one packed gemm first (unit_block).
 // Backward: a task is one sample; its DV [N, F] (fc1: DU) lives in a per-thread buffer and
 // one thread writes its grad_x (no races). With too few samples to keep the threads busy, the
 // task's two halves (units: dv, grad_scores; frames: grad_x) run as two parallel phases over
@@ -66,10 +67,11 @@ ATTNPOOL_INLINE void affine_tile(int64_t K, const T* a, int64_t aks, const T* b,
 // Units and frames are split between tasks in multiples of this (the largest kRows).
 constexpr int64_t kRowAlign = 8;
 
-// From this many bytes of valid frames per sample on, the forward's V = A X runs as one gemm
-// per task (ForwardJob::unit_block). Forward, AVX2, F = 1024, N = 32, B = 8, against the
-// panel path: L = 64 and 100 (256 and 400 KiB) 3-10 % slower, L = 200 (800 KiB) 5 % faster,
-// L = 300 11 % faster (AVX-512: 5 %).
+// From this many bytes of a sample's valid frames in opmath (the x the tiles read: float for
+// half / bfloat16 inputs) on, the forward's V = A X runs as one gemm per task
+// (ForwardJob::unit_block). Forward, AVX2, F = 1024, N = 32, B = 8, against the panel path:
+// L = 64 and 100 (256 and 400 KiB) 3-10 % slower, L = 200 (800 KiB) 5 % faster, L = 300 11 %
+// faster (AVX-512: 5 %).
 constexpr int64_t kLongClipBytes = 512 * 1024;
 
 // ---------------------------------------------------------------- small helpers
@@ -181,6 +183,11 @@ struct ForwardJob {
   scalar_t* out;
   T* attn;
   T* norm;
+
+  // Whether `len` valid frames take the long-clip path (kLongClipBytes).
+  ATTNPOOL_INLINE bool long_clip(int64_t len) const {
+    return len * s.F * int64_t(sizeof(T)) >= kLongClipBytes;
+  }
 
   // Softmax of the units [n0, n0 + nb) over the valid frames, into at[l*nb + r] (frame-major:
   // the units' scores at a frame are contiguous, so the loops run across units in SIMD) and
@@ -308,9 +315,10 @@ struct ForwardJob {
     constexpr int R = Tile::kRows;
     const int64_t L = s.L, F = s.F, N = s.N;
     // Per-thread scratch: the opmath copy of a sample's x; the block's weights (frame-major)
-    // and their per-unit max and sum; u of one panel of units.
+    // and their per-unit max and sum; u of one panel of units (long clips: of the block).
     std::vector<T> xs(std::is_same_v<scalar_t, T> ? 0 : L * F);
-    std::vector<T> a(units.block * L + 2 * units.block), u((L * F * int64_t(sizeof(T)) >= kLongClipBytes ? units.block : R) * F);
+    std::vector<T> a(units.block * L + 2 * units.block);
+    std::vector<T> u((long_clip(L) ? units.block : R) * F);
     constexpr int V = kVec / sizeof(T);
     std::vector<T> sc(weight_t != nullptr ? (units.block + V) * L : 0);
     T* mx = a.data() + units.block * L;
@@ -332,7 +340,7 @@ struct ForwardJob {
       } else {
         softmax(scores + b * L * N + n0, N, b, n0, nb, len, a.data(), mx, sum);
       }
-      if (len * F * int64_t(sizeof(T)) >= kLongClipBytes) {
+      if (long_clip(len)) {
         unit_block<kVec>(b, n0, nb, len, a.data(), xb, u.data());
         continue;
       }
@@ -388,8 +396,9 @@ struct BackwardJob {
   T eps_sqrt;
   // Rows of DV (fc1: [DU; W]) ldv apart: F rounded up to a cache line, plus one line where that
   // is a multiple of 512 bytes, so that the rows a gemm tile streams (4 KiB apart at
-  // F = 1024) do not share an L1 set and grad_x's gemm runs unpacked (packing DV took 8 % of
-  // the AVX2 backward at B=32, L=25, F=1024, N=32).
+  // F = 1024) do not share an L1 set and grad_x's gemm can run unpacked (packing DV took 8 %
+  // of the AVX2 backward at B=32, L=25, F=1024, N=32); it packs from 128 units on
+  // (do_frames).
   int64_t ldv;
   T* workspace;  // kUnits -> kFrames: DV of every sample [B, N, ldv] (fc1: [B, 2N, ldv], DU; W)
   scalar_t* grad_x;

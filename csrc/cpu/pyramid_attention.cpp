@@ -262,7 +262,10 @@ C10_ALWAYS_INLINE void pca_projection(const T* P, int64_t C, int64_t n, const T*
 // sample ran each head on one thread: 0.27 of the 0.8 ms of kernel time at B=1, fp32, the
 // benchmark's pyramid); larger ones run all steps of a sample in one task, while its pooled
 // maps stay in cache (by steps over the whole batch, B=8 was 10-15 % slower). The choice
-// depends on B alone, so the results do not depend on the thread count.
+// depends on B alone, so the results do not depend on the thread count; the two ways are
+// compiled apart, so a sample's last bits may differ between batches of 3 and of 4.
+// The per-sample quantities (Sample: softmax, norms, Gram matrix; a few S x n sums) are
+// built once per sample outside the tasks.
 constexpr int64_t kHeadChunk = 256;
 constexpr int64_t kHeadSplitBelow = 4;
 
@@ -299,10 +302,11 @@ std::vector<Chunk> head_chunks(const Pyramid& p) {
 }
 
 // dst[i] = the sum over the chunks of level s (of every level: s < 0) of part[k][i], in
-// chunk order.
+// chunk order; 0 for a level without channels (the raw op does not reject one).
 template <typename T>
 C10_ALWAYS_INLINE void sum_chunks(const std::vector<Chunk>& chunks, int64_t s, const T* part,
                                   int64_t n, T* dst) {
+  std::fill_n(dst, n, T(0));
   bool first = true;
   for (size_t k = 0; k < chunks.size(); ++k) {
     if (s >= 0 && chunks[k].s != s) continue;
@@ -344,7 +348,7 @@ at::opmath_type<scalar_t> head_forward(const Pyramid& p, const std::vector<const
   std::vector<std::optional<Sample<T>>> samples(p.B);
   auto scores = [&](int64_t b, int64_t k) ATTNPOOL_INLINE_LAMBDA {
     const Chunk& ch = chunks[k];
-    T* ps = &part[(b * K + k) * n];
+    T* ps = part.data() + (b * K + k) * n;
     std::fill_n(ps, n, T(0));
     for (int64_t c = ch.c0; c < ch.c1; ++c) {
       const T wc = static_cast<T>(w[ch.s][c - p.levels[ch.s].off]);
@@ -355,7 +359,7 @@ at::opmath_type<scalar_t> head_forward(const Pyramid& p, const std::vector<const
   auto sample = [&](int64_t b) ATTNPOOL_INLINE_LAMBDA {
     for (int64_t s = 0; s < S; ++s) {
       T* ys = y + (b * S + s) * n;
-      sum_chunks(chunks, s, &part[b * K * n], n, ys);
+      sum_chunks(chunks, s, part.data() + b * K * n, n, ys);
       for (int64_t i = 0; i < n; ++i) ys[i] += static_cast<T>(bias[s]);
     }
     samples[b].emplace(p, y + b * S * n, eps);
@@ -375,7 +379,7 @@ at::opmath_type<scalar_t> head_forward(const Pyramid& p, const std::vector<const
     T variance = 0;
     for (int64_t s = 0; s < S; ++s) {
       const Level& l = p.levels[s];
-      const T* us = &u[b * Ct + l.off];
+      const T* us = u.data() + b * Ct + l.off;
       variance += dot_short(l.C, us, us) / static_cast<T>(l.C);
     }
     T overlap = 0;
@@ -418,8 +422,8 @@ void head_backward(const Pyramid& p, double eps, double lam, double gl, const sc
     for (int64_t c = ch.c0; c < ch.c1; ++c)
       f.gz[b * Ct + c] = static_cast<T>(grad_out[b * Ct + c]);
     head_channels(p, b, ch.c0, ch.c1, pooled, y, sm, mu.data(), f.ku.data());
-    T* ga = &ga_part[(b * K + k) * n];
-    T* gyh = &gyh_part[(b * K + k) * n];
+    T* ga = ga_part.data() + (b * K + k) * n;
+    T* gyh = gyh_part.data() + (b * K + k) * n;
     std::fill_n(ga, n, T(0));
     std::fill_n(gyh, n, T(0));
     for (int64_t c = ch.c0; c < ch.c1; ++c) {
@@ -434,15 +438,15 @@ void head_backward(const Pyramid& p, double eps, double lam, double gl, const sc
   auto factors = [&](int64_t b) ATTNPOOL_INLINE_LAMBDA {
     const Sample<T>& sm = samples[b];
     std::vector<T> ga(n), ge(n), g(n);
-    sum_chunks(chunks, -1, &ga_part[b * K * n], n, ga.data());
+    sum_chunks(chunks, -1, ga_part.data() + b * K * n, n, ga.data());
     const T aga = dot_short(n, sm.a.data(), ga.data());
-    std::copy(sm.a.begin(), sm.a.end(), &f.a[b * n]);
+    std::copy(sm.a.begin(), sm.a.end(), f.a.data() + b * n);
     for (int64_t i = 0; i < n; ++i) ge[i] = sm.a[i] * (ga[i] - aga);
     const T cross = static_cast<T>(4.0 * lam * gl);
     for (int64_t s = 0; s < S; ++s) {
       const Level& l = p.levels[s];
       const T kappa = static_cast<T>(-2.0 * gl / static_cast<double>(S * l.C));
-      sum_chunks(chunks, s, &gyh_part[b * K * n], n, g.data());
+      sum_chunks(chunks, s, gyh_part.data() + b * K * n, n, g.data());
       for (int64_t i = 0; i < n; ++i) g[i] *= kappa;
       for (int64_t q = 0; q < S; ++q) {
         if (q == s) continue;
@@ -454,7 +458,7 @@ void head_backward(const Pyramid& p, double eps, double lam, double gl, const sc
       // projection off the unit map is formed with the scores y themselves, yh (yh . g) =
       // y (y . g) / r^2: gyh is often nearly parallel to yh, and the rounding of yh would
       // otherwise dominate what is left after the cancellation.
-      T* gy = &f.gy[(b * S + s) * n];
+      T* gy = f.gy.data() + (b * S + s) * n;
       const T* ys = y + (b * S + s) * n;
       const bool big = sm.r[s] >= static_cast<T>(eps);
       const T d = sm.d[s];  // r where big
@@ -464,14 +468,14 @@ void head_backward(const Pyramid& p, double eps, double lam, double gl, const sc
       // as the reference forms them
       gb_part[b * S + s] = sum_short(n, gy);
       const T mean_yh = sm.sig[s] / static_cast<T>(n);
-      T* yc = &f.yc[(b * S + s) * n];
+      T* yc = f.yc.data() + (b * S + s) * n;
       for (int64_t i = 0; i < n; ++i) yc[i] = sm.yh[s * n + i] - mean_yh;
     }
   };
   auto weight_parts = [&](int64_t b, int64_t k) ATTNPOOL_INLINE_LAMBDA {
     const Chunk& ch = chunks[k];
     const T kappa = static_cast<T>(-2.0 * gl / static_cast<double>(S * p.levels[ch.s].C));
-    const T* gy = &f.gy[(b * S + ch.s) * n];
+    const T* gy = f.gy.data() + (b * S + ch.s) * n;
     for (int64_t c = ch.c0; c < ch.c1; ++c) {
       gw_part[b * Ct + c] = dot_short(n, gy, pooled + (b * Ct + c) * n);
       f.ku[b * Ct + c] *= kappa;
@@ -488,9 +492,9 @@ C10_ALWAYS_INLINE void unpool_task(const Pyramid& p, const Task& k,
   const Level& l = p.levels[k.s];
   const int64_t H = l.H, W = l.W, HW = H * W, Ho = p.Ho, Wo = p.Wo, HoWo = Ho * Wo;
   const int64_t pos = k.t * HoWo;
-  const T* a = &f.a[k.b * p.n + pos];
-  const T* gy = &f.gy[(k.b * p.S + k.s) * p.n + pos];
-  const T* yc = &f.yc[(k.b * p.S + k.s) * p.n + pos];
+  const T* a = f.a.data() + k.b * p.n + pos;
+  const T* gy = f.gy.data() + (k.b * p.S + k.s) * p.n + pos;
+  const T* yc = f.yc.data() + (k.b * p.S + k.s) * p.n + pos;
   const std::vector<T> inv = inverse_counts<T>(p, l);
   std::vector<T> d(HoWo), rows(Ho * W), line(W);
   for (int64_t c = k.c0; c < k.c1; ++c) {

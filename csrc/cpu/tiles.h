@@ -213,7 +213,7 @@ ATTNPOOL_INLINE int64_t balanced_part(int64_t rows, int64_t parts, int64_t i) {
 // (measured on a sum over 800 rows of b: 10-13 % faster than one pass).
 // pack_b = false skips the copy where b's rows are short and adjacent (a narrow b laid out
 // for the call, as the cluster's transposed scoring weight) or spaced off 4 KiB multiples
-// (the cluster's padded DV rows).
+// and few enough to stay in cache between panels (the cluster's padded DV rows).
 // Every element is one in-order sum over k whatever the panel, block or chunk (between
 // chunks c holds the running sum in T, exactly as the register did), so none changes a bit.
 // add: c += a b (the caller's own chunks of a longer sum).
