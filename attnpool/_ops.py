@@ -141,60 +141,81 @@ def _register_vmap(op) -> None:
 
 
 # ---------------------------------------------------------------- autograd, torch.func
-_FUNC_TRANSFORMS: dict = {}  # forward Op -> its torch.autograd.Function for torch.func
-_EAGER: dict = {}  # forward Op -> its torch.autograd.Function for plain eager calls
+_FUNC_TRANSFORMS: dict = {}  # forward Op -> (flatten, its torch.autograd.Function for torch.func)
+_EAGER: dict = {}  # forward Op -> (flatten, its torch.autograd.Function for plain eager calls)
 
 
 def register_autograd(op: Op, backward, setup, *, eager: bool = True) -> None:
     """The autograd of both of ``op``'s registrations, and the twins that :func:`call` uses:
-    in plain eager calls (unless ``eager`` is False: tensor-list arguments) and inside
-    torch.func transforms."""
+    in plain eager calls (unless ``eager`` is False: the backward ops, which are never called
+    that way) and inside torch.func transforms."""
     for variant in op.variants():
         torch.library.register_autograd(variant, backward, setup_context=setup)
 
-    if eager:
-        # Plain eager calls: torch.library's own autograd of the op (a Python kernel at the
-        # Autograd key, redispatching below it) costs more per forward + backward than this
-        # Function around the same op, called below the Autograd key (benchmarks/NOTES.md,
-        # "One call path"). The op is still what runs, so dispatch modes, fake tensors and
-        # subclasses see it as under any other call.
-        def forward(ctx, *inputs):
-            output = _below_autograd(op, inputs)
-            setup(ctx, inputs, output)
-            return output
+    # A Function differentiates only its direct Tensor arguments, so tensor lists (pyramid
+    # levels) are flattened into them; `spec` holds each argument's list length (None: not a
+    # list), or is None for an op without list arguments (arguments as they are).
+    def is_list(t):
+        return isinstance(t, torch.ListType) or (
+            isinstance(t, torch.OptionalType) and isinstance(t.getElementType(), torch.ListType))
 
-        _EAGER[op] = type(f"{op.name}_eager", (torch.autograd.Function,), {
-            "forward": staticmethod(forward), "backward": staticmethod(backward)})
+    # the schema of the op (an OpOverload) or of its Triton twin (a custom_op's definition)
+    lists = any(is_list(arg.type) for variant in op.variants()[:1]
+                for arg in getattr(variant, "_opoverload", variant)._schema.arguments)
 
-    # torch.func needs an autograd.Function with setup_context, which torch.library's own
-    # autograd of the op lacks (torch.func.grad fails there, and jvp gives zero tangents
-    # silently). This one calls the op (its vmap rule batches it) and has no jvp, so forward
-    # mode raises. Tensor lists (pyramid levels) are flattened: a Function differentiates
-    # only its direct Tensor arguments; `spec` holds each list's length (None: no list).
     def flatten(values):
+        if not lists:
+            return None, values
         spec = tuple(len(v) if isinstance(v, (list, tuple)) else None for v in values)
         flat = [t for v in values for t in (v if isinstance(v, (list, tuple)) else [v])]
         return spec, flat
 
     def unflatten(spec, flat):
+        if spec is None:
+            return flat
         values, i = [], 0
         for n in spec:
             values.append(list(flat[i:i + n]) if n is not None else flat[i])
             i += 1 if n is None else n
         return values
 
-    def func_forward(spec, *flat):
-        output = op(*unflatten(spec, flat))
+    def flat_backward(ctx, *grads):
+        grads = backward(ctx, *grads)
+        if ctx.spec is None:
+            return (None, *grads)
+        return (None, *(g for n, g in zip(ctx.spec, grads)
+                        for g in ([g] if n is None else (g if g is not None else [None] * n))))
+
+    def tuple_of(output):
         return tuple(output) if isinstance(output, list) else output
+
+    if eager:
+        # Plain eager calls: torch.library's own autograd of the op (a Python kernel at the
+        # Autograd key, which flattens the arguments as pytrees, fills defaults and
+        # redispatches) costs more per forward + backward than this Function around the same
+        # op, called below the Autograd key (benchmarks/NOTES.md, "One call path"; the
+        # pyramid's four levels: 0.15 ms per forward). The op is still what runs, so dispatch
+        # modes, fake tensors and subclasses see it as under any other call.
+        def forward(ctx, spec, *flat):
+            inputs = unflatten(spec, flat)
+            output = _below_autograd(op, inputs)
+            ctx.spec = spec
+            setup(ctx, inputs, output)
+            return tuple_of(output)
+
+        _EAGER[op] = (flatten, type(f"{op.name}_eager", (torch.autograd.Function,), {
+            "forward": staticmethod(forward), "backward": staticmethod(flat_backward)}))
+
+    # torch.func needs an autograd.Function with setup_context, which torch.library's own
+    # autograd of the op lacks (torch.func.grad fails there, and jvp gives zero tangents
+    # silently). This one calls the op (its vmap rule batches it) and has no jvp, so forward
+    # mode raises.
+    def func_forward(spec, *flat):
+        return tuple_of(op(*unflatten(spec, flat)))
 
     def func_setup(ctx, inputs, output):
         ctx.spec = inputs[0]
         setup(ctx, unflatten(inputs[0], inputs[1:]), output)
-
-    def func_backward(ctx, *grads):
-        grads = backward(ctx, *grads)
-        return (None, *(g for n, g in zip(ctx.spec, grads)
-                        for g in ([g] if n is None else (g if g is not None else [None] * n))))
 
     def func_jvp(ctx, *tangents):
         raise NotImplementedError(
@@ -203,7 +224,7 @@ def register_autograd(op: Op, backward, setup, *, eager: bool = True) -> None:
 
     _FUNC_TRANSFORMS[op] = (flatten, type(f"{op.name}_func", (torch.autograd.Function,), {
         "forward": staticmethod(func_forward), "setup_context": staticmethod(func_setup),
-        "backward": staticmethod(func_backward), "jvp": staticmethod(func_jvp),
+        "backward": staticmethod(flat_backward), "jvp": staticmethod(func_jvp),
         "generate_vmap_rule": True}))
 
 
@@ -229,10 +250,11 @@ def call(op: Op, *args):
         flatten, function = _FUNC_TRANSFORMS[op]
         spec, flat = flatten(args)
         return function.apply(spec, *flat)
-    function = _EAGER.get(op)
-    if function is None or torch.compiler.is_compiling() or torch.jit.is_tracing():
+    if op not in _EAGER or torch.compiler.is_compiling() or torch.jit.is_tracing():
         return op(*args)
-    return function.apply(*args)
+    flatten, function = _EAGER[op]
+    spec, flat = flatten(args)
+    return function.apply(spec, *flat)
 
 
 def _below_autograd(op: Op, args):

@@ -145,7 +145,7 @@ def _pyramid_backward_by_autograd(grad_out, grad_loss, pooled, bias, weights, ep
     return [g.to(dtype) for g in grad_xs + list(grads[len(weights):])]
 
 
-_ops.register_autograd(pyramid_attention_op, _pyramid_backward, _pyramid_setup, eager=False)
+_ops.register_autograd(pyramid_attention_op, _pyramid_backward, _pyramid_setup)
 _ops.register_backward_op(pyramid_attention_backward)
 
 

@@ -8,6 +8,7 @@ backend available here:
 * float64 ``gradcheck``;
 * the op and its backward op registered as ``attnpool::<name>`` / ``<name>_backward``, with
   the backend as the last argument, and the kernels in the backend registry under the name;
+  an eager forward + backward runs both ops where a dispatch mode sees them;
 * determinism: the same input twice gives bitwise the same outputs and gradients;
 * autocast: under CPU bf16 autocast the outputs are bf16;
 * empty batch: B = 0 gives the reference's (empty) outputs, and a backward;
@@ -111,6 +112,31 @@ class OpSuite:
                 assert str(schema).replace("_triton(", "(", 1) == compiled, f"{schema}, {compiled}"
         if backend != "reference":
             assert backend in backends._REGISTRY[self.op]
+
+    def test_suite_eager_call_runs_the_ops(self, backend):
+        # plain eager calls take a shortcut around torch.library's autograd (attnpool/_ops.py),
+        # but the ops themselves still run, where a dispatch mode sees them
+        if backend == "reference":
+            return
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        seen = []
+
+        class Record(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                seen.append(func._schema.name)
+                return func(*args, **(kwargs or {}))
+
+        inputs = [t.detach().requires_grad_() if t.is_floating_point() else t
+                  for t in self.inputs(2, seed=6)]
+        with Record():
+            outs = [o for o in self._outputs(backend, inputs) if o.requires_grad]
+            sum(o.sum() for o in outs).backward()
+        forward = getattr(torch_ops(backend), self.op).default._schema.name
+        assert forward in seen, f"{forward} not run: {seen}"
+        # the backward op, or a variant of it (the cluster's fused fc1 CPU backward)
+        assert any(name.startswith(f"attnpool::{self.op}") and "backward" in name
+                   for name in seen), f"no backward op of {self.op} run: {seen}"
 
     def test_suite_deterministic(self, backend):
         a = self._run(backend, torch.float32, seed=3)
