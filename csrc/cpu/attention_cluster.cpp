@@ -378,6 +378,46 @@ ATTNPOOL_INLINE typename Simd<kVec, double>::type double_lanes(const scalar_t* p
   return load<kVec, double>(lanes);
 }
 
+// sxy = sum_f x_f y_f and sy = sum_f y_f over f < F in double, in kSumLanes lanes folded by
+// fold<kSumLanes> (lane l sums f = l mod kSumLanes in order; the tail's scalar sum is added to
+// the fold), so that the result does not depend on the SIMD width. The lanes stay in
+// registers: 2 * kSumLanes / W of them (AVX2: 8), where one pass over four sums (16 on AVX2,
+// every ymm register) kept them on the stack, a load and a store per add (a fifth of the AVX2
+// backward at B=32, L=25, F=1024, N=32). kSame: x and y are the same row (one conversion).
+// step(f) runs once per kSumLanes block (prefetches).
+template <int kVec, typename T, bool kSame, typename scalar_t, typename Step>
+ATTNPOOL_INLINE void lane_sums(int64_t F, const scalar_t* x, const scalar_t* y, double& sxy,
+                               double& sy, const Step& step) {
+  using dvec = typename Simd<kVec, double>::type;
+  constexpr int W = kVec / int(sizeof(double)), J = kSumLanes / W;
+  dvec axy[J] = {}, ay[J] = {};
+  int64_t f = 0;
+  for (; f + kSumLanes <= F; f += kSumLanes) {
+    step(f);
+    ATTNPOOL_UNROLL
+    for (int j = 0; j < J; ++j) {
+      const dvec yf = double_lanes<kVec, T>(y + f + j * W);
+      const dvec xf = kSame ? yf : double_lanes<kVec, T>(x + f + j * W);
+      axy[j] += xf * yf;
+      ay[j] += yf;
+    }
+  }
+  double txy = 0, ty = 0;
+  for (; f < F; ++f) {
+    const double xf = static_cast<T>(x[f]), yf = static_cast<T>(y[f]);
+    txy += xf * yf;
+    ty += yf;
+  }
+  double lanes[2][kSumLanes];
+  ATTNPOOL_UNROLL
+  for (int j = 0; j < J; ++j) {
+    store<kVec, double>(lanes[0] + j * W, axy[j]);
+    store<kVec, double>(lanes[1] + j * W, ay[j]);
+  }
+  sxy = txy + fold<kSumLanes>(lanes[0]);
+  sy = ty + fold<kSumLanes>(lanes[1]);
+}
+
 template <typename scalar_t>
 struct BackwardJob {
   using T = at::opmath_type<scalar_t>;
@@ -491,8 +531,6 @@ struct BackwardJob {
   template <int kVec>
   ATTNPOOL_INLINE void unit_du(int64_t b, int64_t n, T* du, const char* pf,
                                int64_t pf_bytes) const {
-    using dvec = typename Simd<kVec, double>::type;
-    constexpr int W = kVec / int(sizeof(double)), J = kSumLanes / W;
     const int64_t F = s.F;
     const scalar_t* g = grad_out + (b * s.N + n) * F;
     double* part = partials + (b * s.N + n) * 2;
@@ -503,52 +541,31 @@ struct BackwardJob {
     }
     const scalar_t* o = out + (b * s.N + n) * F;
     const bool more = n + 1 < s.N;
-    const scalar_t* g_next = more ? g + F : g;
-    const scalar_t* o_next = more ? o + F : o;
-    // Sums over f of o g, o, g, o o, in kSumLanes lanes (J registers each).
-    dvec acc[4][J] = {};
-    double sums[4] = {};
-    int64_t f = 0;
-    for (; f + kSumLanes <= F; f += kSumLanes) {
-      prefetch(g_next + f, kSumLanes * sizeof(scalar_t));
-      prefetch(o_next + f, kSumLanes * sizeof(scalar_t));
+    // Sums over f of o o, o (pass 1) and of o g, g (pass 2, which prefetches the next unit's
+    // rows and the slice of pf).
+    double oo, so, og, sg;
+    lane_sums<kVec, T, true>(F, o, o, oo, so, [](int64_t) {});
+    lane_sums<kVec, T, false>(F, o, g, og, sg, [&](int64_t f) ATTNPOOL_INLINE_LAMBDA {
+      if (more) {
+        prefetch(g + F + f, kSumLanes * sizeof(scalar_t));
+        prefetch(o + F + f, kSumLanes * sizeof(scalar_t));
+      }
       const int64_t line = f / kSumLanes * 64;  // a line of pf per step
       if (line < pf_bytes) prefetch(pf + line, 64);
-      ATTNPOOL_UNROLL
-      for (int j = 0; j < J; ++j) {
-        const dvec of = double_lanes<kVec, T>(o + f + j * W);
-        const dvec gf = double_lanes<kVec, T>(g + f + j * W);
-        acc[0][j] += of * gf;
-        acc[1][j] += of;
-        acc[2][j] += gf;
-        acc[3][j] += of * of;
-      }
-    }
-    for (; f < F; ++f) {
-      const double of = static_cast<T>(o[f]), gf = static_cast<T>(g[f]);
-      sums[0] += of * gf;
-      sums[1] += of;
-      sums[2] += gf;
-      sums[3] += of * of;
-    }
-    for (int i = 0; i < 4; ++i) {
-      double lanes[kSumLanes];
-      for (int j = 0; j < J; ++j) std::memcpy(lanes + j * W, &acc[i][j], kVec);
-      sums[i] += fold<kSumLanes>(lanes);
-    }
+    });
     const double r = norm[b * s.N + n];
     const bool unclamped = !(r < eps);  // a NaN norm stays NaN this way
     const double d1 = 1.0 / (std::sqrt(static_cast<double>(s.N)) * (unclamped ? r : eps));
     // o = 0 (u = 0 with eps in the root): no projection, as k = 0 / r^2 in unit_backward
-    const double k = unclamped && sums[3] != 0.0
-                         ? sums[0] / sums[3] * (1.0 - static_cast<double>(eps_sqrt) / (r * r))
+    const double k = unclamped && oo != 0.0
+                         ? og / oo * (1.0 - static_cast<double>(eps_sqrt) / (r * r))
                          : 0.0;
-    part[1] = d1 * (sums[2] - k * sums[1]);  // sum_f du
+    part[1] = d1 * (sg - k * so);  // sum_f du
     const T p = static_cast<T>(d1), q = static_cast<T>(d1 * k);
     if (k == 0.0) {  // g alone: an Inf in o must not turn du NaN through 0 * Inf
-      for (f = 0; f < F; ++f) du[f] = p * static_cast<T>(g[f]);
+      for (int64_t f = 0; f < F; ++f) du[f] = p * static_cast<T>(g[f]);
     } else {
-      for (f = 0; f < F; ++f) du[f] = p * static_cast<T>(g[f]) - q * static_cast<T>(o[f]);
+      for (int64_t f = 0; f < F; ++f) du[f] = p * static_cast<T>(g[f]) - q * static_cast<T>(o[f]);
     }
   }
 
@@ -803,10 +820,7 @@ ClusterForward forward_impl(const at::Tensor& x, const at::Tensor* scores,
   // that every block of units computes whole registers of scores.
   const int64_t ldw = (N + 16 + 15) / 16 * 16;
   at::Tensor wt;
-  if (weight != nullptr) {
-    wt = at::zeros({s.F, ldw}, x.options().dtype(opmath));
-    wt.narrow(1, 0, N).copy_(weight->t());
-  }
+  if (weight != nullptr) wt = at::empty({s.F, ldw}, x.options().dtype(opmath));
   at::Tensor out = at::empty({s.B, s.N * s.F}, x.options());
   at::Tensor attn = at::empty({s.B, s.N, s.L}, x.options().dtype(opmath));
   at::Tensor norm = at::empty({s.B, s.N}, x.options().dtype(opmath));
@@ -815,6 +829,18 @@ ClusterForward forward_impl(const at::Tensor& x, const at::Tensor* scores,
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(),
                                   "attention_cluster_forward_cpu", [&] {
     using T = at::opmath_type<scalar_t>;
+    if (weight != nullptr) {  // wt = weight^T, blocks of kRows rows of wt per task
+      // (torch's strided copy into a zeroed wt took 0.1 ms at F = 1024, N = 128, one thread)
+      constexpr int64_t kRows = 64;
+      const scalar_t* w = weight->const_data_ptr<scalar_t>();
+      T* wtp = wt.mutable_data_ptr<T>();
+      parallel_run((s.F + kRows - 1) / kRows, Tasks([&](int64_t i) ATTNPOOL_INLINE_LAMBDA {
+        const int64_t f0 = i * kRows, f1 = std::min(s.F, f0 + kRows);
+        for (int64_t f = f0; f < f1; ++f) std::fill(wtp + f * ldw + N, wtp + (f + 1) * ldw, T(0));
+        for (int64_t n = 0; n < N; ++n)
+          for (int64_t f = f0; f < f1; ++f) wtp[f * ldw + n] = static_cast<T>(w[n * s.F + f]);
+      }));
+    }
     const ForwardJob<scalar_t> job{s, Split(s.B, s.N, kRowAlign), x.const_data_ptr<scalar_t>(),
                                    scores ? scores->const_data_ptr<T>() : nullptr,
                                    weight ? wt.const_data_ptr<T>() : nullptr, ldw, len,
