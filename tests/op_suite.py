@@ -134,9 +134,20 @@ class OpSuite:
             sum(o.sum() for o in outs).backward()
         forward = getattr(torch_ops(backend), self.op).default._schema.name
         assert forward in seen, f"{forward} not run: {seen}"
-        # the backward op, or a variant of it (the cluster's fused fc1 CPU backward)
-        assert any(name.startswith(f"attnpool::{self.op}") and "backward" in name
-                   for name in seen), f"no backward op of {self.op} run: {seen}"
+        # the backward op of the backend, or a variant of it (the cluster's fused fc1 CPU
+        # backward)
+        suffix = "_triton" if backend == "triton" else ""
+        assert any(name.startswith(f"attnpool::{self.op}") and name.endswith(f"backward{suffix}")
+                   for name in seen), f"no {backend} backward op of {self.op} run: {seen}"
+        # and through the shortcut, not torch.library's autograd
+        nodes, seen_nodes, names = [o.grad_fn for o in outs], set(), set()
+        while nodes:
+            node = nodes.pop()
+            if node is not None and node not in seen_nodes:
+                seen_nodes.add(node)
+                names.add(type(node).__name__)
+                nodes.extend(f for f, _ in node.next_functions)
+        assert f"{self.op}_eagerBackward" in names, f"{self.op}: the graph holds {names}"
 
     def test_suite_deterministic(self, backend):
         a = self._run(backend, torch.float32, seed=3)
