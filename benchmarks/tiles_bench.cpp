@@ -10,6 +10,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <random>
+#include <type_traits>
 #include <vector>
 
 using namespace attnpool;
@@ -46,27 +47,45 @@ int main(int argc, char** argv) {
   auto report = [&](const char* name, double ms, double products) {
     std::printf("%-34s %8.3f ms %6.0f GFLOP/s\n", name, ms, products * gflop / ms * 1e3);
   };
-  report("scores = x W^T (gemm, padded W^T)", best_ms([&] {
-    for (int64_t b = 0; b < B; ++b)
-      gemm<kVec, Tile::kRows, Tile::kVecs>(L, (N + Tile::kLanes - 1) / Tile::kLanes * Tile::kLanes,
-                                           F, x.data() + b * L * F, F, 1, wt.data(), ldw,
-                                           scores.data(), ldw, false);
-  }), 1);
-  report("v = A x (gemm)", best_ms([&] {
-    for (int64_t b = 0; b < B; ++b)
-      gemm<kVec, Tile::kRows, Tile::kVecs>(N, F, L, attn.data() + b * N * L, L, 1,
-                                           x.data() + b * L * F, F, v.data(), F);
-  }), 1);
+  // Each with the kernels' tile and, on AVX-512 (where the shapes differ), the other one.
+  auto scores_ms = [&](auto R, auto NV) {
+    return best_ms([&] {
+      for (int64_t b = 0; b < B; ++b)
+        gemm<kVec, R.value, NV.value>(L, (N + Tile::kLanes - 1) / Tile::kLanes * Tile::kLanes, F,
+                                      x.data() + b * L * F, F, 1, wt.data(), ldw, scores.data(),
+                                      ldw, false);
+    });
+  };
+  auto v_ms = [&](auto R, auto NV) {
+    return best_ms([&] {
+      for (int64_t b = 0; b < B; ++b)
+        gemm<kVec, R.value, NV.value>(N, F, L, attn.data() + b * N * L, L, 1,
+                                      x.data() + b * L * F, F, v.data(), F);
+    });
+  };
+  auto grad_x_ms = [&](auto R, auto NV) {
+    return best_ms([&] {
+      for (int64_t b = 0; b < B; ++b)
+        gemm<kVec, R.value, NV.value>(L, F, 2 * N, ca.data() + b * L * 2 * N, 2 * N, 1,
+                                      dvw.data(), F, gx.data() + b * L * F, F);
+    });
+  };
+  using Rows = std::integral_constant<int, Tile::kRows>;
+  using Vecs = std::integral_constant<int, Tile::kVecs>;
+  using WideRows = std::integral_constant<int, Tile::kWideRows>;
+  using WideVecs = std::integral_constant<int, Tile::kWideVecs>;
+  constexpr bool kOwnShapes = Tile::kWideVecs != Tile::kVecs;
+  report("scores = x W^T (gemm, padded W^T)", scores_ms(Rows{}, Vecs{}), 1);
+  if (kOwnShapes) report("  ... 14 x kVecs tiles", scores_ms(std::integral_constant<int, 14>{}, Vecs{}), 1);
+  report("v = A x (gemm)", v_ms(Rows{}, Vecs{}), 1);
+  if (kOwnShapes) report("  ... kWideRows x kWideVecs tiles", v_ms(WideRows{}, WideVecs{}), 1);
   report("da = DV x^T (dot tiles)", best_ms([&] {
     for (int64_t b = 0; b < B; ++b)
       dots<kVec, Tile::kDotRows, Tile::kDotCols>(N, L, F, dvw.data(), F, x.data() + b * L * F, F,
                                                  da.data(), L);
   }), 1);
-  report("grad_x = [A^T|GS] [DV; W] (gemm)", best_ms([&] {
-    for (int64_t b = 0; b < B; ++b)
-      gemm<kVec, Tile::kRows, Tile::kVecs>(L, F, 2 * N, ca.data() + b * L * 2 * N, 2 * N, 1,
-                                           dvw.data(), F, gx.data() + b * L * F, F);
-  }), 2);
+  report("grad_x = [A^T|GS] [DV; W] (gemm)", grad_x_ms(WideRows{}, WideVecs{}), 2);
+  if (kOwnShapes) report("  ... kRows x kVecs tiles", grad_x_ms(Rows{}, Vecs{}), 2);
   report("grad_w = GS^T x (gemm, K = B*L)", best_ms([&] {
     for (int64_t f0 = 0; f0 < F; f0 += 64)
       gemm<kVec, Tile::kRows, Tile::kVecs>(N, std::min<int64_t>(64, F - f0), B * L, gs.data(), 1,

@@ -658,8 +658,9 @@ struct BackwardJob {
     using Tile = Tiling<kVec, T>;
     const int64_t L = s.L, F = s.F, N = s.N;
     if (weight == nullptr) {
-      gemm<kVec, Tile::kRows, Tile::kVecs>(l1 - l0, F, N, attn + b * N * L + l0, 1, L, dv, ldv,
-                                           grad_x + (b * L + l0) * F, F, /*pack_b=*/false);
+      gemm<kVec, Tile::kWideRows, Tile::kWideVecs>(l1 - l0, F, N, attn + b * N * L + l0, 1, L,
+                                                   dv, ldv, grad_x + (b * L + l0) * F, F,
+                                                   /*pack_b=*/false);
       return;
     }
     const T* ab = attn + b * N * L;
@@ -675,9 +676,9 @@ struct BackwardJob {
     // AVX2 4.9 -> 3.7; N=128 alike either way; at N=64 packing costs 4-10 %). Over many
     // panels (long clips) the column-major order of the packed gemm scatters the writes of
     // grad_x over as many rows and pages: 15-30 % slower at L=300, N=32.
-    gemm<kVec, Tile::kRows, Tile::kVecs>(l1 - l0, F, 2 * N, ca, 2 * N, 1, dv, ldv,
-                                         grad_x + (b * L + l0) * F, F,
-                                         /*pack_b=*/2 * N >= 256 && l1 - l0 <= 64);
+    gemm<kVec, Tile::kWideRows, Tile::kWideVecs>(l1 - l0, F, 2 * N, ca, 2 * N, 1, dv, ldv,
+                                                 grad_x + (b * L + l0) * F, F,
+                                                 /*pack_b=*/2 * N >= 256 && l1 - l0 <= 64);
   }
 
   template <int kVec>

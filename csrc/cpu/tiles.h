@@ -86,6 +86,14 @@ struct Tiling {
   static constexpr int kLanes = kVec / sizeof(T);
   static constexpr int kRows = kVec == 64 ? 8 : kVec == 32 ? 6 : 4;
   static constexpr int kVecs = 2;
+  // Wider tiles where b is many registers wide and K short (the cluster's grad_x, K = 2N):
+  // AVX-512's 32 registers hold 6 x 4, where each broadcast of a feeds 4 FMAs rather than 2.
+  // One thread (benchmarks/tiles_bench.cpp, fp32, F=1024): 3-5 % over 8 x 2, 2 % behind at
+  // N=128; in the op the difference is smaller than two copies of one build differ by
+  // (benchmarks/NOTES.md, "Larger AVX-512 tiles"). The scores in 14 x 2 and V in 6 x 4 gained
+  // nothing in the op; on AVX2 (16 registers) no other shape was ahead on every product.
+  static constexpr int kWideRows = kVec == 64 ? 6 : kRows;
+  static constexpr int kWideVecs = kVec == 64 ? 4 : kVecs;
   static constexpr int kDotRows = kVec == 64 ? 4 : 3;
   static constexpr int kDotCols = kVec == 64 ? 6 : 4;
 };
