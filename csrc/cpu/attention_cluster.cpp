@@ -688,11 +688,11 @@ struct BackwardJob {
     const int64_t D = dv_rows();
     // Kept by the thread between calls: allocated afresh, its pages came back zeroed from the
     // kernel on most calls (minor faults, ~0.1 ms per backward at B=32, L=25, F=1024, N=32).
-    thread_local std::vector<T> dv;
-    if (phase == kSample && static_cast<int64_t>(dv.size()) < D * ldv) dv.resize(D * ldv);
+    thread_local Scratch<T> dv_scratch;
+    T* dv = phase == kSample ? dv_scratch.get(D * ldv) : nullptr;
     if (weight != nullptr && phase == kSample)
       for (int64_t n = 0; n < N; ++n)
-        std::memcpy(dv.data() + (N + n) * ldv, weight + n * F, F * sizeof(T));
+        std::memcpy(dv + (N + n) * ldv, weight + n * F, F * sizeof(T));
     std::vector<T> da(phase == kFrames ? 0 : N * L);
     std::vector<T> ca(weight != nullptr && phase != kUnits ? 2 * N * L : 0);
     // One call site each for do_units and do_frames, whatever the phase: GCC compiles every
@@ -701,7 +701,7 @@ struct BackwardJob {
     // thread count, which picks the phases.
     for (int64_t t = t0; t < t1; ++t) {
       int64_t b = t, n0 = 0, n1 = N, l0 = 0, l1 = L;
-      T* dvb = phase == kSample ? dv.data() : nullptr;
+      T* dvb = dv;
       if (phase == kUnits) {
         b = t / units.blocks;
         n0 = (t % units.blocks) * units.block;
